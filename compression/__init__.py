@@ -1,0 +1,1 @@
+"""The ``compression`` command and what its subcommands share (local servers, logging)."""

@@ -1,0 +1,202 @@
+"""Real Mosquitto and InfluxDB as plain processes on loopback, for the demo, tests and bench.
+
+Never system services and never on their default ports: each server gets free
+ports and a folder of its own under the project's data folder (``var/``).
+The binaries come from Debian's ``mosquitto`` and ``influxdb`` packages
+(``scripts/bootstrap`` installs them).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MOSQUITTO_BIN = os.environ.get("COMPRESSION_MOSQUITTO_BIN", "/usr/sbin/mosquitto")
+INFLUXD_BIN = os.environ.get("COMPRESSION_INFLUXD_BIN", "/usr/bin/influxd")
+
+
+class ServerError(RuntimeError):
+    """A local server would not start or stop."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class LocalServer:
+    """A server process with a fixed port and data folder, restartable in place."""
+
+    name: str
+    folder: Path
+    port: int
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the process and wait until it serves."""
+        if shutil.which(self.argv[0]) is None:
+            raise ServerError(f"{self.argv[0]} not found: run scripts/bootstrap (installs {self.name})")
+        log = (self.folder / f"{self.name}.out").open("ab")
+        self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"{self.name} exited with {self.process.returncode}; see {log.name}")
+            if self.ready():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise ServerError(f"{self.name} did not serve on port {self.port} within {timeout:.0f} s")
+
+    def ready(self) -> bool:
+        """True once the server accepts connections."""
+        return _port_open(self.port)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (a clean shutdown, persistence saved), then SIGKILL if it hangs."""
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self._wait_port_free()
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash looks like."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._wait_port_free()
+
+    def _wait_port_free(self) -> None:
+        deadline = time.monotonic() + 10
+        while _port_open(self.port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+@dataclass
+class Mosquitto(LocalServer):
+    """Mosquitto with persistence and limits fit for an ack-after-write consumer."""
+
+    @property
+    def url(self) -> str:
+        """``mqtt://127.0.0.1:PORT``."""
+        return f"mqtt://127.0.0.1:{self.port}"
+
+
+@dataclass
+class InfluxDB(LocalServer):
+    """InfluxDB 1.x (Debian's 1.6.7) with its HTTP API on a free port."""
+
+    def ready(self) -> bool:
+        """True once ``/ping`` answers."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/ping", timeout=0.5) as resp:
+                return bool(resp.status < 300)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://127.0.0.1:{self.port}"
+
+
+def mosquitto_config(folder: Path, port: int, autosave_s: int = 1, extra: str = "") -> str:
+    """The broker configuration used locally: see ``deploy/mosquitto/mosquitto.conf`` for the why."""
+    return f"""# written by compression.localservers
+listener {port} 127.0.0.1
+allow_anonymous true
+persistence true
+persistence_location {folder}/
+autosave_interval {autosave_s}
+max_queued_messages 1000000
+max_queued_bytes 0
+max_inflight_messages 1000
+set_tcp_nodelay true
+log_dest file {folder}/mosquitto.log
+log_type error
+log_type warning
+log_type notice
+{extra}
+"""
+
+
+def start_mosquitto(root: Path, port: int | None = None, extra: str = "") -> Mosquitto:
+    """Start a broker with its own folder under ``root``."""
+    port = port or free_port()
+    folder = root / f"mosquitto-{port}"
+    folder.mkdir(parents=True, exist_ok=True)
+    conf = folder / "mosquitto.conf"
+    conf.write_text(mosquitto_config(folder, port, extra=extra))
+    server = Mosquitto("mosquitto", folder, port, [MOSQUITTO_BIN, "-c", str(conf)])
+    server.start()
+    return server
+
+
+def influxdb_config(folder: Path, http_port: int, rpc_port: int, auth: bool = False) -> str:
+    """InfluxDB 1.x configuration: loopback only, quiet, no phoning home."""
+    return f"""# written by compression.localservers
+reporting-disabled = true
+bind-address = "127.0.0.1:{rpc_port}"
+[meta]
+  dir = "{folder}/meta"
+  logging-enabled = false
+[data]
+  dir = "{folder}/data"
+  wal-dir = "{folder}/wal"
+  query-log-enabled = false
+  trace-logging-enabled = false
+[coordinator]
+  log-queries-after = "0s"
+[retention]
+  enabled = true
+[monitor]
+  store-enabled = false
+[http]
+  enabled = true
+  bind-address = "127.0.0.1:{http_port}"
+  auth-enabled = {"true" if auth else "false"}
+  log-enabled = false
+  max-body-size = 0
+[logging]
+  level = "warn"
+[continuous_queries]
+  log-enabled = false
+[subscriber]
+  enabled = false
+"""
+
+
+def start_influxdb(root: Path, port: int | None = None, auth: bool = False) -> InfluxDB:
+    """Start InfluxDB with its own folder under ``root``."""
+    port = port or free_port()
+    folder = root / f"influxdb-{port}"
+    folder.mkdir(parents=True, exist_ok=True)
+    conf = folder / "influxdb.conf"
+    conf.write_text(influxdb_config(folder, port, free_port(), auth))
+    server = InfluxDB("influxdb", folder, port, [INFLUXD_BIN, "-config", str(conf)])
+    server.start(timeout=60)
+    return server

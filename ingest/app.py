@@ -1,0 +1,214 @@
+"""The ingester: consume -> decode -> batch -> write -> ack, wired together.
+
+Each MQTT message is acknowledged only after every line it produced (its
+samples, or its dead letter) is durably written to InfluxDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from devices.protocol import TimeWindow
+from ingest.batch import Batch, Batcher, Entry, OrderedAcker
+from ingest.consume import MqttConsumer
+from ingest.decode import DecodeConfig, Decoder
+from ingest.encode import rejected_line
+from ingest.metrics import IngestMetrics
+from ingest.settings import IngestSettings, redact_url
+from ingest.write import InfluxWriter, RefusedLine, StoppedError
+
+log = logging.getLogger(__name__)
+
+_CHANNEL_OF = {"telemetry": "telemetry", "event": "event", "status": "status"}
+
+
+class Ingester:
+    """One ingester process: owns the consumer, the batcher and the writers."""
+
+    def __init__(self, settings: IngestSettings, metrics: IngestMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or IngestMetrics()
+        window = TimeWindow(settings.max_future_s * 1000, settings.max_age_s * 1000)
+        self._decoder = Decoder(DecodeConfig(settings.mqtt_topic_root, window, settings.max_wear_gap_s))
+        self._batcher = Batcher(settings.batch_size, settings.flush_interval_ms / 1000)
+        self._stop = asyncio.Event()
+        self._consumer: MqttConsumer | None = None
+        self._acker: OrderedAcker | None = None
+        self._received = {c: self.metrics.received.labels(c) for c in ("telemetry", "event", "status", "unknown")}
+        self._metrics_runner: web.AppRunner | None = None
+        self._busy = 0
+        self.metrics_port: int | None = None
+
+    def stop(self) -> None:
+        """Ask for a clean shutdown: flush, write, ack, disconnect."""
+        self._stop.set()
+
+    # -- the message path -------------------------------------------------
+    def _on_message(self, topic: str, payload: bytes, entry: Entry) -> None:
+        try:
+            decoded = self._decoder.decode(topic, payload, time.time_ns())
+        except Exception as exc:  # noqa: BLE001 - a bug must not kill the stream
+            log.exception("decoder failed on a message from %r", topic[:200])
+            decoded = self._decoder.internal_error(topic, payload, time.time_ns(), exc)
+        channel = topic.rsplit("/", 1)[-1]
+        self._received[_CHANNEL_OF.get(channel, "unknown")].inc()
+        for reason in decoded.rejections:
+            self.metrics.rejected.labels(reason).inc()
+        self._batcher.add(entry, decoded.lines, decoded.samples, decoded.newest_ms)
+        consumer = self._consumer
+        if consumer is not None and consumer.unacked >= self.settings.inflight_max:
+            # Nothing more arrives until acks go out: write now.
+            self._batcher.cut()
+
+    async def _write_loop(self, writer: InfluxWriter) -> None:
+        assert self._acker is not None
+        while True:
+            batch = await self._batcher.queue.get()
+            self._busy += 1
+            try:
+                await self._write_batch(writer, batch)
+            finally:
+                self._busy -= 1
+
+    async def _write_batch(self, writer: InfluxWriter, batch: Batch) -> None:
+        assert self._acker is not None
+        started = time.monotonic()
+        refused = await writer.write(batch.lines)
+        if refused:
+            await self._dead_letter_refused(writer, refused)
+        self.metrics.batch_latency.observe(time.monotonic() - started)
+        self.metrics.batch_lines.observe(len(batch.lines))
+        self.metrics.lines_written.inc(len(batch.lines) - len(refused))
+        self.metrics.samples_written.inc(batch.samples - _refused_samples(refused))
+        if batch.newest_sample_ms:
+            self.metrics.lag.set(time.time() - batch.newest_sample_ms / 1000)
+        self._acker.complete(batch)
+
+    async def _dead_letter_refused(self, writer: InfluxWriter, refused: list[RefusedLine]) -> None:
+        now = time.time_ns()
+        letters = []
+        for i, item in enumerate(refused):
+            self.metrics.rejected.labels("influx_rejected").inc()
+            letters.append(rejected_line(
+                device=_device_of(item.line), channel="write", reason="influx_rejected",
+                detail=item.error, raw=item.line.encode(), ts_ns=now + i))  # fmt: skip
+        log.warning("InfluxDB refused %d line(s); dead-lettered: %s", len(refused), refused[0].error[:300])
+        still = await writer.write(letters)
+        if still:
+            self._fallback_file(still)
+
+    def _fallback_file(self, refused: list[RefusedLine]) -> None:
+        path = Path(self.settings.dead_letter_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as fh:
+            for item in refused:
+                fh.write(json.dumps({"line": item.line, "error": item.error, "at_ns": time.time_ns()}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.metrics.dead_letter_fallback.inc(len(refused))
+        log.error("%d dead letter(s) refused by InfluxDB too; kept in %s", len(refused), path)
+
+    # -- lifecycle ----------------------------------------------------------
+    async def run(self) -> None:
+        """Run until :meth:`stop` (or SIGTERM/SIGINT when installed by the CLI)."""
+        s = self.settings
+        log.info("ingest starting: mqtt=%s influx=%s db=%s batch=%d flush=%dms window=%d",
+                 redact_url(s.mqtt_url), s.influx_url, s.influx_database, s.batch_size,
+                 s.flush_interval_ms, s.inflight_max)  # fmt: skip
+        async with InfluxWriter(s, self.metrics) as writer:
+            if s.influx_create_database and not s.influx_token:
+                await writer.ensure_database()
+            await self._start_metrics(writer)
+            consumer = MqttConsumer(s, self.metrics, self._on_message)
+            self._consumer = consumer
+            self._acker = OrderedAcker(consumer.ack)
+            tasks = [asyncio.create_task(self._write_loop(writer)) for _ in range(s.write_concurrency)]
+            tasks += [asyncio.create_task(consumer.run()), asyncio.create_task(self._batcher.run_timer())]
+            try:
+                await self._supervise(tasks)
+            finally:
+                await self._shutdown(writer, consumer, tasks)
+
+    async def _supervise(self, tasks: list[asyncio.Task[None]]) -> None:
+        stop = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stop and task.exception() is not None:
+                stop.cancel()
+                raise task.exception()  # type: ignore[misc]
+        stop.cancel()
+
+    async def _shutdown(self, writer: InfluxWriter, consumer: MqttConsumer, tasks: list[asyncio.Task[None]]) -> None:
+        log.info("shutting down: flushing what was received")
+        consumer.pause_for_shutdown()
+        self._batcher.cut()
+        try:
+            await asyncio.wait_for(self._drain(), timeout=15)
+        except TimeoutError:
+            log.warning("shutdown: writes still pending after 15 s; the broker will redeliver them")
+        writer.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await consumer.close()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+        log.info("ingest stopped: %d messages acked, %d samples written",
+                 int(self.metrics.value("compression_ingest_messages_acked_total")),
+                 int(self.metrics.value("compression_ingest_samples_written_total")))  # fmt: skip
+
+    async def _drain(self) -> None:
+        while not self._batcher.queue.empty() or self._busy or (self._acker and self._acker.waiting):
+            await asyncio.sleep(0.02)
+
+    async def _start_metrics(self, writer: InfluxWriter) -> None:
+        if not self.settings.metrics_enabled:
+            return
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_handler)
+        app.router.add_get("/healthz", self._health_handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.metrics_host, self.settings.metrics_port)
+        await site.start()
+        self._metrics_runner = runner
+        sockets = site._server.sockets if site._server else ()  # type: ignore[union-attr]
+        self.metrics_port = sockets[0].getsockname()[1] if sockets else self.settings.metrics_port
+        log.info("metrics on http://%s:%s/metrics", self.settings.metrics_host, self.metrics_port)
+
+    async def _metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain")
+
+    async def _health_handler(self, request: web.Request) -> web.Response:
+        ok = self._consumer is not None and self._consumer.is_connected
+        return web.json_response({"broker_connected": ok}, status=200 if ok else 503)
+
+
+def _device_of(line: str) -> str:
+    start = line.find(",device=")
+    if start < 0:
+        return "_unknown"
+    start += len(",device=")
+    end = min((i for i in (line.find(",", start), line.find(" ", start)) if i >= 0), default=len(line))
+    return line[start:end] or "_unknown"
+
+
+def _refused_samples(refused: list[RefusedLine]) -> int:
+    return sum(1 for r in refused if r.line.startswith("sample,"))
+
+
+async def run_ingester(settings: IngestSettings) -> None:
+    """Run one ingester with SIGTERM/SIGINT wired to a clean shutdown."""
+    ingester = Ingester(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, ingester.stop)
+    await ingester.run()

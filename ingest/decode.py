@@ -1,0 +1,109 @@
+"""Decode stage: one MQTT message in, the lines to store (data and dead letters) out.
+
+Never raises on bad input: every rejection becomes a ``rejected`` point (the
+dead letter, stored durably in InfluxDB like the data) and is counted by reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from devices.protocol import (
+    ProtocolError,
+    TimeWindow,
+    decode_event,
+    decode_status,
+    decode_telemetry,
+    parse_topic,
+)
+from ingest.encode import (
+    DEFAULT_MAX_WEAR_GAP_S,
+    event_line,
+    rejected_line,
+    status_line,
+    telemetry_lines,
+)
+
+UNKNOWN_DEVICE: Final = "_invalid"
+
+
+@dataclass(slots=True)
+class Decoded:
+    """What one message turned into."""
+
+    lines: list[str]
+    samples: int = 0
+    newest_ms: int = 0
+    rejections: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeConfig:
+    """Knobs of the decode stage (from the settings)."""
+
+    topic_root: str = "garments/v1"
+    window: TimeWindow = TimeWindow()
+    max_wear_gap_s: float = DEFAULT_MAX_WEAR_GAP_S
+
+
+class Decoder:
+    """Turns (topic, payload) into line protocol; stateless apart from a tie-breaker."""
+
+    def __init__(self, config: DecodeConfig = DecodeConfig()) -> None:
+        self._config = config
+        # Dead letters are stamped with the receive time; a counter keeps two
+        # rejections in the same nanosecond from overwriting each other.
+        self._tiebreak = 0
+
+    def decode(self, topic: str, payload: bytes, received_ns: int) -> Decoded:
+        """Decode one message; rejections become dead-letter lines."""
+        try:
+            where = parse_topic(topic, self._config.topic_root)
+        except ProtocolError as exc:
+            return self._reject(UNKNOWN_DEVICE, "unknown", exc, topic.encode(), received_ns)
+        try:
+            if where.channel == "telemetry":
+                return self._telemetry(where.device_id, payload, received_ns)
+            if where.channel == "event":
+                now_ms = received_ns // 1_000_000
+                event = decode_event(payload, where.device_id, now_ms, self._config.window)
+                return Decoded([event_line(event)])
+            status = decode_status(payload)
+            return Decoded([status_line(where.device_id, status, received_ns // 1_000_000)])
+        except ProtocolError as exc:
+            return self._reject(where.device_id, where.channel, exc, payload, received_ns)
+
+    def _telemetry(self, device_id: str, payload: bytes, received_ns: int) -> Decoded:
+        now_ms = received_ns // 1_000_000
+        result = decode_telemetry(payload, device_id, now_ms, self._config.window)
+        lines = telemetry_lines(result.message, self._config.max_wear_gap_s)
+        newest = max((sample.t for sample in result.message.samples), default=0)
+        out = Decoded(lines, samples=len(lines), newest_ms=newest)
+        for bad in result.rejected:
+            out.lines.append(
+                rejected_line(
+                    device=device_id, channel="telemetry", reason=bad.reason, detail=bad.detail,
+                    raw=bad.raw, ts_ns=self._stamp(received_ns), sample_index=bad.index,
+                )  # fmt: skip
+            )
+            out.rejections.append(bad.reason)
+        return out
+
+    def internal_error(self, topic: str, payload: bytes, received_ns: int, exc: Exception) -> Decoded:
+        """Dead-letter a message the decoder itself failed on (a bug, never the sender's)."""
+        error = ProtocolError("internal_error", f"{type(exc).__name__}: {exc}")
+        return self._reject(UNKNOWN_DEVICE, "unknown", error, topic.encode() + b" " + payload, received_ns)
+
+    def _reject(
+        self, device: str, channel: str, exc: ProtocolError, raw: bytes, received_ns: int
+    ) -> Decoded:
+        dead = rejected_line(
+            device=device, channel=channel, reason=exc.reason, detail=exc.detail,
+            raw=raw, ts_ns=self._stamp(received_ns),
+        )  # fmt: skip
+        return Decoded([dead], rejections=[exc.reason])
+
+    def _stamp(self, received_ns: int) -> int:
+        self._tiebreak = (self._tiebreak + 1) % 1000
+        return received_ns - received_ns % 1000 + self._tiebreak

@@ -1,0 +1,1 @@
+"""Simulated garments: the built-in load publisher now; socks, boots and clinical scenarios next."""
