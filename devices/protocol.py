@@ -294,9 +294,7 @@ def _apply_time_window(
     return TelemetryResult(message=message, rejected=tuple(rejected))
 
 
-def decode_event(
-    payload: bytes, expected_device_id: str, now_ms: int, window: TimeWindow = TimeWindow()
-) -> Event:
+def decode_event(payload: bytes, expected_device_id: str, now_ms: int, window: TimeWindow = TimeWindow()) -> Event:
     """Decode and validate an event payload, or raise :class:`ProtocolError`."""
     event = _decode(payload, _EVENT_DECODER)
     if event.device_id != expected_device_id:

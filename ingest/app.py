@@ -23,7 +23,7 @@ from ingest.decode import DecodeConfig, Decoder
 from ingest.encode import rejected_line
 from ingest.metrics import IngestMetrics
 from ingest.settings import IngestSettings, redact_url
-from ingest.write import InfluxWriter, RefusedLine, StoppedError
+from ingest.write import InfluxWriter, RefusedLine
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Ingester:
     def _on_message(self, topic: str, payload: bytes, entry: Entry) -> None:
         try:
             decoded = self._decoder.decode(topic, payload, time.time_ns())
-        except Exception as exc:  # noqa: BLE001 - a bug must not kill the stream
+        except Exception as exc:
             log.exception("decoder failed on a message from %r", topic[:200])
             decoded = self._decoder.internal_error(topic, payload, time.time_ns(), exc)
         channel = topic.rsplit("/", 1)[-1]
@@ -166,7 +166,8 @@ class Ingester:
                  int(self.metrics.value("compression_ingest_samples_written_total")))  # fmt: skip
 
     async def _drain(self) -> None:
-        while not self._batcher.queue.empty() or self._busy or (self._acker and self._acker.waiting):
+        # Polled: three conditions, checked only during a bounded shutdown.
+        while not self._batcher.queue.empty() or self._busy or (self._acker and self._acker.waiting):  # noqa: ASYNC110
             await asyncio.sleep(0.02)
 
     async def _start_metrics(self, writer: InfluxWriter) -> None:
@@ -180,8 +181,7 @@ class Ingester:
         site = web.TCPSite(runner, self.settings.metrics_host, self.settings.metrics_port)
         await site.start()
         self._metrics_runner = runner
-        sockets = site._server.sockets if site._server else ()  # type: ignore[union-attr]
-        self.metrics_port = sockets[0].getsockname()[1] if sockets else self.settings.metrics_port
+        self.metrics_port = _bound_port(runner, self.settings.metrics_port)
         log.info("metrics on http://%s:%s/metrics", self.settings.metrics_host, self.metrics_port)
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:
@@ -190,6 +190,14 @@ class Ingester:
     async def _health_handler(self, request: web.Request) -> web.Response:
         ok = self._consumer is not None and self._consumer.is_connected
         return web.json_response({"broker_connected": ok}, status=200 if ok else 503)
+
+
+def _bound_port(runner: web.AppRunner, configured: int) -> int:
+    """The port actually bound (differs from the setting when that is 0)."""
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return configured
 
 
 def _device_of(line: str) -> str:

@@ -20,14 +20,13 @@ import logging
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -98,7 +97,7 @@ class MqttConsumer:
     def _connect_properties(self) -> Properties | None:
         if self._settings.mqtt_protocol != "5":
             return None
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self._settings.mqtt_session_expiry_s
         props.ReceiveMaximum = self._window
         return props
@@ -203,7 +202,7 @@ class MqttConsumer:
             self.unacked += 1
             if self.unacked > self._window:
                 self._set_paused(True)
-        self._handler(message.topic, message.payload, entry)
+        self._handler(message.topic, bytes(message.payload), entry)
 
     # -- flow control -----------------------------------------------------
     def _set_paused(self, paused: bool) -> None:
@@ -299,10 +298,6 @@ class MqttConsumer:
             if self._sock is not None:
                 self._client.loop_misc()
 
-    async def wait_connected(self, timeout: float) -> None:
-        """Wait until subscribed and connected (for tests and start-up checks)."""
-        await asyncio.wait_for(self._connected.wait(), timeout)
-
     @property
     def is_connected(self) -> bool:
         """True while the broker connection is up."""
@@ -314,6 +309,7 @@ class MqttConsumer:
         if self._sock is None:
             return
         self._client.disconnect()
-        deadline = time.monotonic() + 5
-        while self._sock is not None and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        try:
+            await asyncio.wait_for(self._disconnected.wait(), timeout=5)
+        except TimeoutError:
+            log.warning("broker did not close the connection within 5 s")

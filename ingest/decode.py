@@ -43,15 +43,15 @@ class DecodeConfig:
     """Knobs of the decode stage (from the settings)."""
 
     topic_root: str = "garments/v1"
-    window: TimeWindow = TimeWindow()
+    window: TimeWindow = field(default_factory=TimeWindow)
     max_wear_gap_s: float = DEFAULT_MAX_WEAR_GAP_S
 
 
 class Decoder:
     """Turns (topic, payload) into line protocol; stateless apart from a tie-breaker."""
 
-    def __init__(self, config: DecodeConfig = DecodeConfig()) -> None:
-        self._config = config
+    def __init__(self, config: DecodeConfig | None = None) -> None:
+        self._config = config or DecodeConfig()
         # Dead letters are stamped with the receive time; a counter keeps two
         # rejections in the same nanosecond from overwriting each other.
         self._tiebreak = 0
@@ -83,9 +83,14 @@ class Decoder:
         for bad in result.rejected:
             out.lines.append(
                 rejected_line(
-                    device=device_id, channel="telemetry", reason=bad.reason, detail=bad.detail,
-                    raw=bad.raw, ts_ns=self._stamp(received_ns), sample_index=bad.index,
-                )  # fmt: skip
+                    device=device_id,
+                    channel="telemetry",
+                    reason=bad.reason,
+                    detail=bad.detail,
+                    raw=bad.raw,
+                    ts_ns=self._stamp(received_ns),
+                    sample_index=bad.index,
+                )
             )
             out.rejections.append(bad.reason)
         return out
@@ -95,9 +100,7 @@ class Decoder:
         error = ProtocolError("internal_error", f"{type(exc).__name__}: {exc}")
         return self._reject(UNKNOWN_DEVICE, "unknown", error, topic.encode() + b" " + payload, received_ns)
 
-    def _reject(
-        self, device: str, channel: str, exc: ProtocolError, raw: bytes, received_ns: int
-    ) -> Decoded:
+    def _reject(self, device: str, channel: str, exc: ProtocolError, raw: bytes, received_ns: int) -> Decoded:
         dead = rejected_line(
             device=device, channel=channel, reason=exc.reason, detail=exc.detail,
             raw=raw, ts_ns=self._stamp(received_ns),

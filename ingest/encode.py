@@ -31,12 +31,8 @@ NOMINAL_PERIOD_S: Final = {"sock": 60.0, "boot": 2.0}
 RAW_LIMIT: Final = 2048
 
 _MEASUREMENT_ESCAPES: Final = str.maketrans({",": r"\,", " ": r"\ ", "\n": r"\n", "\r": r"\r"})
-_KEY_ESCAPES: Final = str.maketrans(
-    {",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\n", "\r": r"\r", "\\": "\\\\"}
-)
-_STRING_ESCAPES: Final = str.maketrans(
-    {'"': r"\"", "\\": "\\\\", "\n": r"\n", "\r": r"\r"}
-)
+_KEY_ESCAPES: Final = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\n", "\r": r"\r", "\\": "\\\\"})
+_STRING_ESCAPES: Final = str.maketrans({'"': r"\"", "\\": "\\\\", "\n": r"\n", "\r": r"\r"})
 
 
 class EncodeError(ValueError):
@@ -82,9 +78,7 @@ def format_field(value: bool | int | float | str) -> str:
     return escape_string(value)
 
 
-def line(
-    measurement: str, tags: dict[str, str], fields: dict[str, bool | int | float | str], ts_ns: int
-) -> str:
+def line(measurement: str, tags: dict[str, str], fields: dict[str, bool | int | float | str], ts_ns: int) -> str:
     """Encode one point generically, escaping every part (slow path for rare points)."""
     if not fields:
         raise EncodeError("a point needs at least one field")

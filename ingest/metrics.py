@@ -19,14 +19,24 @@ class IngestMetrics:
         self.received = Counter(f"{PREFIX}_messages_received", "MQTT messages received, by channel",
                                 ["channel"], registry=r)  # fmt: skip
         self.samples_written = Counter(f"{PREFIX}_samples_written", "Telemetry samples durably written", registry=r)
-        self.lines_written = Counter(f"{PREFIX}_lines_written", "Line-protocol points written (data and dead letters)", registry=r)
+        self.lines_written = Counter(
+            f"{PREFIX}_lines_written", "Line-protocol points written (data and dead letters)", registry=r
+        )
         self.rejected = Counter(f"{PREFIX}_rejected", "Messages or samples rejected, by reason",
                                 ["reason"], registry=r)  # fmt: skip
         self.acked = Counter(f"{PREFIX}_messages_acked", "Messages acknowledged after their write", registry=r)
-        self.ack_skipped = Counter(f"{PREFIX}_acks_skipped", "Acks not sent: the message came on a connection that is gone (the broker redelivers it)", registry=r)
+        self.ack_skipped = Counter(
+            f"{PREFIX}_acks_skipped",
+            "Acks not sent: the message came on a connection that is gone (the broker redelivers it)",
+            registry=r,
+        )
         self.inflight = Gauge(f"{PREFIX}_inflight_messages", "Messages received and not yet acknowledged", registry=r)
-        self.inflight_limit = Gauge(f"{PREFIX}_inflight_limit", "The in-flight window (MQTT Receive Maximum)", registry=r)
-        self.paused = Counter(f"{PREFIX}_backpressure_pauses", "Times reading stopped because the window was full", registry=r)
+        self.inflight_limit = Gauge(
+            f"{PREFIX}_inflight_limit", "The in-flight window (MQTT Receive Maximum)", registry=r
+        )
+        self.paused = Counter(
+            f"{PREFIX}_backpressure_pauses", "Times reading stopped because the window was full", registry=r
+        )
         self.batch_latency = Histogram(f"{PREFIX}_batch_write_seconds", "Time to write one batch, retries included",
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
                                        registry=r)  # fmt: skip
@@ -34,10 +44,18 @@ class IngestMetrics:
                                      buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 20000), registry=r)  # fmt: skip
         self.write_errors = Counter(f"{PREFIX}_write_errors", "Failed write attempts, by kind (connection, server, client)",
                                     ["kind"], registry=r)  # fmt: skip
-        self.reconnects = Counter(f"{PREFIX}_broker_reconnects", "Connections to the broker after the first", registry=r)
+        self.reconnects = Counter(
+            f"{PREFIX}_broker_reconnects", "Connections to the broker after the first", registry=r
+        )
         self.connected = Gauge(f"{PREFIX}_broker_connected", "1 while connected to the broker", registry=r)
-        self.dead_letter_fallback = Counter(f"{PREFIX}_dead_letter_fallback", "Dead letters InfluxDB refused, kept in the local file", registry=r)
-        self.lag = Gauge(f"{PREFIX}_last_sample_lag_seconds", "Receive time minus sample time of the newest written batch's last sample", registry=r)
+        self.dead_letter_fallback = Counter(
+            f"{PREFIX}_dead_letter_fallback", "Dead letters InfluxDB refused, kept in the local file", registry=r
+        )
+        self.lag = Gauge(
+            f"{PREFIX}_last_sample_lag_seconds",
+            "Receive time minus sample time of the newest written batch's last sample",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

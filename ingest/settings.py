@@ -60,42 +60,101 @@ class IngestSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="COMPRESSION_", extra="ignore")
 
-    mqtt_url: str = "mqtt://127.0.0.1:1883"
-    mqtt_client_id: str = "compression-ingest"
-    mqtt_protocol: Literal["5", "3.1.1"] = "5"
-    mqtt_share_group: str | None = None
-    mqtt_topic_root: str = "garments/v1"
-    mqtt_keepalive_s: int = Field(30, ge=5, le=3600)
-    mqtt_session_expiry_s: int = Field(7 * 24 * 3600, ge=60)
-    mqtt_tls_ca_file: str | None = None
-    mqtt_tls_insecure: bool = False
+    mqtt_url: str = Field(
+        "mqtt://127.0.0.1:1883",
+        description="Broker URL: mqtt://[user:password@]host[:port], mqtts:// for TLS. No credentials: anonymous.",
+    )
+    mqtt_client_id: str = Field(
+        "compression-ingest",
+        description="Fixed MQTT client id; the broker keeps this ingester's persistent session under it. Give each replica its own.",
+    )
+    mqtt_protocol: Literal["5", "3.1.1"] = Field(
+        "5",
+        description="MQTT protocol version. 5 sends Receive Maximum (the in-flight window) and a session expiry; 3.1.1 relies on the broker's max_inflight_messages.",
+    )
+    mqtt_share_group: str | None = Field(
+        None, description="If set, subscribe through $share/<group>/... so several ingesters split the load."
+    )
+    mqtt_topic_root: str = Field(
+        "garments/v1", description="Topic root of the garment protocol (tests use their own roots)."
+    )
+    mqtt_keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive in seconds.")
+    mqtt_session_expiry_s: int = Field(
+        7 * 24 * 3600,
+        ge=60,
+        description="MQTT 5 session expiry: how long the broker keeps queueing for this ingester while it is away.",
+    )
+    mqtt_tls_ca_file: str | None = Field(
+        None, description="CA bundle to verify the broker's certificate (mqtts://); the system store if unset."
+    )
+    mqtt_tls_insecure: bool = Field(False, description="Skip the broker certificate's host-name check (testing only).")
 
-    influx_url: str = "http://127.0.0.1:8086"
-    influx_database: str = "compression"
-    influx_retention_policy: str | None = None
-    influx_username: str | None = None
-    influx_password: str | None = None
-    influx_token: str | None = None
-    influx_create_database: bool = True
-    influx_timeout_s: float = Field(30.0, gt=0)
+    influx_url: str = Field(
+        "http://127.0.0.1:8086",
+        description="InfluxDB base URL; its v1 API (/write, /query) is used, served by InfluxDB 1.x, 2.x and 3.x.",
+    )
+    influx_database: str = Field(
+        "compression", description="Database (1.x), or the database name mapped to a bucket (2.x DBRP, 3.x)."
+    )
+    influx_retention_policy: str | None = Field(
+        None, description="Retention policy to write into (1.x); the database default if unset."
+    )
+    influx_username: str | None = Field(None, description="InfluxDB 1.x user (basic auth).")
+    influx_password: str | None = Field(None, description="InfluxDB 1.x password.")
+    influx_token: str | None = Field(
+        None,
+        description="InfluxDB 2.x/3.x API token (sent as 'Authorization: Token ...'); takes precedence over user/password.",
+    )
+    influx_create_database: bool = Field(
+        True, description="Create the database at start-up if missing (InfluxDB 1.x; skipped with a token)."
+    )
+    influx_timeout_s: float = Field(30.0, gt=0, description="Timeout of one HTTP request to InfluxDB.")
 
-    batch_size: int = Field(5000, ge=1, le=100_000)
-    flush_interval_ms: int = Field(200, ge=1, le=60_000)
-    inflight_max: int = Field(1000, ge=1, le=65_535)
-    write_concurrency: int = Field(2, ge=1, le=16)
-    retry_initial_s: float = Field(0.2, gt=0)
-    retry_max_s: float = Field(10.0, gt=0)
+    batch_size: int = Field(
+        5000, ge=1, le=100_000, description="Lines per write; a batch is written when it has this many lines."
+    )
+    flush_interval_ms: int = Field(
+        200, ge=1, le=60_000, description="...or when its oldest message has waited this long (sets latency, not CPU)."
+    )
+    inflight_max: int = Field(
+        1000,
+        ge=1,
+        le=65_535,
+        description="Messages received but not yet acknowledged (MQTT 5 Receive Maximum). Reading pauses beyond it; it should hold about two batches.",
+    )
+    write_concurrency: int = Field(
+        2, ge=1, le=16, description="Batches written to InfluxDB at the same time (acks still go out in order)."
+    )
+    retry_initial_s: float = Field(
+        0.2, gt=0, description="First retry delay after a failed write or broker connection (doubles each time)."
+    )
+    retry_max_s: float = Field(10.0, gt=0, description="Longest retry delay.")
 
-    max_future_s: int = Field(300, ge=0)
-    max_age_s: int = Field(30 * 24 * 3600, ge=60)
-    max_wear_gap_s: float = Field(120.0, gt=0)
+    max_future_s: int = Field(
+        300,
+        ge=0,
+        description="Samples more than this far ahead of the ingester's clock are rejected (timestamp_in_future).",
+    )
+    max_age_s: int = Field(
+        30 * 24 * 3600, ge=60, description="Samples older than this are rejected (timestamp_too_old)."
+    )
+    max_wear_gap_s: float = Field(
+        120.0,
+        gt=0,
+        description="A worn sample counts for the time to the next sample, capped at this: a gap in the data is not wear time.",
+    )
 
-    metrics_enabled: bool = True
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(9410, ge=0, le=65_535)
-    dead_letter_file: str = "var/ingest-dead-letter.jsonl"
-    log_level: str = "INFO"
-    log_format: Literal["json", "console"] = "console"
+    metrics_enabled: bool = Field(True, description="Serve Prometheus /metrics and /healthz.")
+    metrics_host: str = Field("127.0.0.1", description="Address of the metrics endpoint (0.0.0.0 inside a container).")
+    metrics_port: int = Field(9410, ge=0, le=65_535, description="Port of the metrics endpoint (0: any free port).")
+    dead_letter_file: str = Field(
+        "var/ingest-dead-letter.jsonl",
+        description="Local file for dead letters that InfluxDB itself refuses (last resort; normally dead letters are stored in InfluxDB).",
+    )
+    log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
+    log_format: Literal["json", "console"] = Field(
+        "console", description="Log format: json (one object per line) or console."
+    )
 
     @field_validator("mqtt_url")
     @classmethod

@@ -59,7 +59,7 @@ class Backoff:
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based)."""
         base = min(self.max_s, self.initial_s * 2 ** min(attempt - 1, 30))
-        return base * random.uniform(0.5, 1.0)
+        return float(base * random.uniform(0.5, 1.0))
 
 
 class InfluxWriter:
@@ -190,4 +190,3 @@ class InfluxWriter:
         except TimeoutError:
             return
         raise StoppedError("writer stopped during retry")
-

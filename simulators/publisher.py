@@ -110,7 +110,7 @@ class Publisher:
             self._client.tls_set()
         self._client.max_inflight_messages_set(window)
         self._client.max_queued_messages_set(0)
-        self._client.reconnect_delay_set(0.1, 2.0)
+        self._client.reconnect_delay_set(1, 2)
         self._client.on_publish = self._on_publish
         self._window = threading.BoundedSemaphore(window)
         self._lock = threading.Lock()

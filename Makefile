@@ -1,0 +1,25 @@
+# The two commands of the README. Each sets itself up on a fresh Debian/Ubuntu
+# machine (scripts/bootstrap: OS packages, .venv, the package), then runs.
+.PHONY: demo test lint bench bootstrap clean
+
+bootstrap:
+	@scripts/bootstrap
+
+demo: bootstrap
+	.venv/bin/compression demo
+
+test: bootstrap
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+	.venv/bin/python -m pytest
+
+lint: bootstrap
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+bench: bootstrap
+	.venv/bin/python bench/ingest_bench.py
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache .hypothesis
