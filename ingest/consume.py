@@ -67,6 +67,7 @@ class MqttConsumer:
         self._stopping = False
         self._client = self._make_client()
         metrics.inflight_limit.set(self._window)
+        metrics.inflight.set_function(lambda: self.unacked)
 
     # -- set-up ---------------------------------------------------------
     def _make_client(self) -> paho.Client:
@@ -172,7 +173,6 @@ class MqttConsumer:
             return
         self.generation += 1
         self.unacked = 0
-        self._metrics.inflight.set(0)
         options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
         if self._settings.mqtt_protocol == "5":
             client.subscribe([(f, options) for f in self.topic_filters()])
@@ -190,7 +190,6 @@ class MqttConsumer:
         self._connected.clear()
         self._set_paused(False)
         self.unacked = 0
-        self._metrics.inflight.set(0)
         if not self._stopping:
             log.warning("disconnected from broker: %s", reason)
         self._disconnected.set()
@@ -237,7 +236,6 @@ class MqttConsumer:
         self.unacked -= acked
         self._metrics.acked.inc(acked)
         self._metrics.ack_skipped.inc(skipped)
-        self._metrics.inflight.set(self.unacked)
         if self._paused and self.unacked <= self._window and not self._shutting_down:
             self._set_paused(False)
 
