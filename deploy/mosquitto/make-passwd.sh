@@ -1,0 +1,104 @@
+#!/bin/sh
+# Make the broker's password file from environment variables, install the ACL
+# beside it, then run the given command (the image's entrypoint and mosquitto).
+#
+# docker-compose.yml runs it as the entrypoint of the mosquitto service, so the
+# password file is made anew at every start and no secret is ever committed:
+#
+#   MQTT_INGEST_PASSWORD       required: the ingester's account, svc.ingest.
+#                              Only A-Z a-z 0-9 . _ ~ - (it goes into the
+#                              ingester's mqtt:// URL unencoded).
+#   MQTT_DEMO_DEVICE_ID        optional: a garment account for trying the
+#   MQTT_DEMO_DEVICE_PASSWORD  platform out; both or neither.
+#
+# The account svc.healthcheck gets a random password, kept in
+# $MOSQUITTO_CONFIG_DIR/healthcheck-password (mode 0600) for the health check;
+# a rerun keeps the password of that file, so the health check does not fail
+# between the rerun and the reload.
+# The ACL is copied from beside this script (mounted read-only at /deploy).
+#
+# After changing the ACL or the passwords of a running broker:
+#   docker-compose exec mosquitto sh /deploy/make-passwd.sh
+#   docker-compose kill -s HUP mosquitto
+# (a changed .env reaches the container only when it is recreated:
+#  docker-compose up -d mosquitto).
+#
+# Files are written to temporary names and renamed into place, so that a
+# reload never reads half a file; as root they are given to the mosquitto
+# user with mode 0600 (mosquitto >= 2.0.16 warns about any other owner or mode).
+# Note: mosquitto_passwd -b takes the password as an argument, visible to the
+# processes of this container for the instant it runs.
+set -eu
+
+config_dir=${MOSQUITTO_CONFIG_DIR:-/mosquitto/config}
+deploy_dir=${MOSQUITTO_DEPLOY_DIR:-$(dirname "$0")}
+ingest_user=svc.ingest
+health_user=svc.healthcheck
+
+fail() {
+    echo "make-passwd.sh: $*" >&2
+    exit 1
+}
+
+ingest_password=${MQTT_INGEST_PASSWORD:-}
+[ -n "$ingest_password" ] || fail "MQTT_INGEST_PASSWORD is not set (set it in .env)"
+case $ingest_password in
+    *[!A-Za-z0-9._~-]*) fail "MQTT_INGEST_PASSWORD may use only A-Z a-z 0-9 . _ ~ - (it is part of a URL)" ;;
+esac
+
+device_id=${MQTT_DEMO_DEVICE_ID:-}
+device_password=${MQTT_DEMO_DEVICE_PASSWORD:-}
+if [ -n "$device_id" ] || [ -n "$device_password" ]; then
+    if [ -z "$device_id" ] || [ -z "$device_password" ]; then
+        fail "set both MQTT_DEMO_DEVICE_ID and MQTT_DEMO_DEVICE_PASSWORD, or neither"
+    fi
+    # The device-id rule of protocol v1, ^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$, checked
+    # without grep: grep matches line by line and would let "sock-0001<newline>" pass.
+    case $device_id in
+        [!A-Za-z0-9]* | *[!A-Za-z0-9_-]*) fail "MQTT_DEMO_DEVICE_ID '$device_id' is not a valid device id" ;;
+    esac
+    if [ "${#device_id}" -lt 3 ] || [ "${#device_id}" -gt 64 ]; then
+        fail "MQTT_DEMO_DEVICE_ID '$device_id' is not a valid device id (3 to 64 characters)"
+    fi
+fi
+
+mkdir -p "$config_dir"
+umask 077
+
+# Give a finished file its owner and mode, then move it into place atomically.
+install_file() {
+    if [ "$(id -u)" = 0 ] && id mosquitto >/dev/null 2>&1; then
+        chown mosquitto:mosquitto "$1"
+    fi
+    chmod 0600 "$1"
+    mv -f "$1" "$2"
+}
+
+health_password=$(cat "$config_dir/healthcheck-password" 2>/dev/null || true)
+case $health_password in
+    "" | *[!0-9a-f]*) health_password=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n') ;;
+esac
+
+passwd_tmp=$(mktemp "$config_dir/.passwd.XXXXXX")
+acl_tmp=$(mktemp "$config_dir/.acl.XXXXXX")
+health_tmp=$(mktemp "$config_dir/.healthcheck-password.XXXXXX")
+trap 'rm -f "$passwd_tmp" "$acl_tmp" "$health_tmp"' EXIT
+
+mosquitto_passwd -b "$passwd_tmp" "$ingest_user" "$ingest_password"
+mosquitto_passwd -b "$passwd_tmp" "$health_user" "$health_password"
+if [ -n "$device_id" ]; then
+    mosquitto_passwd -b "$passwd_tmp" "$device_id" "$device_password"
+fi
+printf '%s\n' "$health_password" >"$health_tmp"
+cp "$deploy_dir/acl" "$acl_tmp"
+
+install_file "$health_tmp" "$config_dir/healthcheck-password"
+install_file "$acl_tmp" "$config_dir/acl"
+install_file "$passwd_tmp" "$config_dir/passwd"
+trap - EXIT
+
+echo "make-passwd.sh: $config_dir/passwd has ${ingest_user}, ${health_user}${device_id:+ and $device_id}"
+
+if [ "$#" -gt 0 ]; then
+    exec "$@"
+fi

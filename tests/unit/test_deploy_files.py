@@ -1,0 +1,351 @@
+"""The deployment files stay in step with the code they deploy.
+
+.env.example documents every setting of ``ingest.settings.IngestSettings`` with
+its default; docker-compose.yml wires the three services with health checks and
+passes every setting to the ingester; the broker configuration keeps the
+limits an ack-after-write consumer needs. No server and no Docker engine are
+needed: docker-compose.yml is parsed with PyYAML when this environment has it,
+otherwise with the ``docker-compose`` binary (``docker-compose config``, which
+works offline), and those tests are skipped, saying why, when neither exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import TypeAdapter
+
+from compression.localservers import mosquitto_config
+from ingest.settings import IngestSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV_EXAMPLE = ROOT / ".env.example"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+MOSQUITTO_DIR = ROOT / "deploy" / "mosquitto"
+MOSQUITTO_CONF = MOSQUITTO_DIR / "mosquitto.conf"
+ACL_FILE = MOSQUITTO_DIR / "acl"
+MAKE_PASSWD = MOSQUITTO_DIR / "make-passwd.sh"
+
+FIELDS = IngestSettings.model_fields
+SETTING_VARS = {f"COMPRESSION_{name.upper()}": name for name in FIELDS}
+# The secrets that docker-compose.yml requires (${VAR:?...}) and .env.example leaves empty.
+REQUIRED_SECRETS = ("MQTT_INGEST_PASSWORD", "INFLUXDB_ADMIN_PASSWORD", "INFLUXDB_INGEST_PASSWORD")
+INGEST_ACCOUNT = "svc.ingest"
+SERVICES = ("mosquitto", "influxdb", "ingest")
+
+ASSIGNMENT = re.compile(r"^(?P<commented>#\s*)?(?P<name>[A-Z][A-Z0-9_]*)=(?P<value>.*)$")
+COMPOSE_VARIABLE = re.compile(r"(?<!\$)\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?])?(?P<arg>[^}]*)\}")
+
+
+# -- .env.example ---------------------------------------------------------------
+
+
+def env_example() -> dict[str, tuple[bool, str, str]]:
+    """Each variable of .env.example: (commented out, value, the comment line above it)."""
+    lines = ENV_EXAMPLE.read_text(encoding="utf-8").splitlines()
+    found: dict[str, tuple[bool, str, str]] = {}
+    for i, line in enumerate(lines):
+        match = ASSIGNMENT.match(line)
+        if match is None:
+            continue
+        name = match["name"]
+        assert name not in found, f"{name} appears twice in .env.example"
+        above = lines[i - 1] if i > 0 else ""
+        found[name] = (match["commented"] is not None, match["value"], above)
+    return found
+
+
+@pytest.fixture
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No COMPRESSION_* variable of the developer's shell or CI leaks into the settings."""
+    for name in list(os.environ):
+        if name.startswith("COMPRESSION_"):
+            monkeypatch.delenv(name)
+
+
+def test_every_setting_is_in_env_example_and_nothing_else() -> None:
+    documented = {name for name in env_example() if name.startswith("COMPRESSION_")}
+    assert len(SETTING_VARS) >= 30, "IngestSettings lost its fields?"
+    assert sorted(set(SETTING_VARS) - documented) == [], "settings missing from .env.example"
+    assert sorted(documented - set(SETTING_VARS)) == [], "variables in .env.example that no setting reads"
+
+
+def test_env_example_gives_each_setting_its_default() -> None:
+    entries = env_example()
+    for var, name in SETTING_VARS.items():
+        field = FIELDS[name]
+        commented, value, _ = entries[var]
+        adapter: TypeAdapter[Any] = TypeAdapter(field.annotation)
+        if field.default is None:
+            # Set but empty would be the string "", not "unset".
+            assert commented, f"{var} has no default: its line must be commented out"
+            if value:
+                adapter.validate_python(value)  # the example must be a valid value
+        else:
+            assert not commented, f"{var} must be set to its default {field.default!r}"
+            assert adapter.validate_python(value) == field.default, f"{var}={value} is not the default"
+
+
+def test_env_example_read_by_the_settings_is_the_defaults(clean_environ: None, tmp_path: Path) -> None:
+    from_file = IngestSettings(_env_file=ENV_EXAMPLE)  # type: ignore[call-arg]
+    assert from_file.model_dump() == IngestSettings().model_dump()
+    # ...and the file is really read (the comparison above is not vacuous).
+    changed = tmp_path / "changed.env"
+    changed.write_text(ENV_EXAMPLE.read_text().replace("COMPRESSION_BATCH_SIZE=5000", "COMPRESSION_BATCH_SIZE=1234"))
+    assert IngestSettings(_env_file=changed).batch_size == 1234  # type: ignore[call-arg]
+
+
+def test_env_example_comments_every_variable() -> None:
+    entries = env_example()
+    for name, (commented, value, above) in entries.items():
+        assert above.startswith("# ") and ASSIGNMENT.match(above) is None, f"{name} has no comment above it"
+        assert above.rstrip().endswith("."), f"the comment of {name} is not a full sentence: {above!r}"
+        if commented:
+            continue
+        if value:
+            assert f"Default: {value}" in above, f"the comment of {name} does not state its default {value}"
+        else:
+            assert name in REQUIRED_SECRETS, f"{name} is set but empty"
+            assert above.startswith("# Required:"), f"{name} is empty: its comment must say it is required"
+
+
+# -- docker-compose.yml ---------------------------------------------------------------
+
+
+def filled_env_file(tmp_path: Path, leave_empty: str | None = None) -> Path:
+    """.env.example with the required secrets filled in (but ``leave_empty``)."""
+    text = ENV_EXAMPLE.read_text(encoding="utf-8")
+    for secret in REQUIRED_SECRETS:
+        if secret != leave_empty:
+            text = re.sub(rf"^{secret}=$", f"{secret}=test-{secret.lower().replace('_', '-')}", text, flags=re.M)
+    path = tmp_path / f"filled-{leave_empty or 'all'}.env"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def compose_binary() -> str:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose is not installed (Debian package docker-compose): cannot run `config`")
+    return exe
+
+
+def run_compose_config(env_file: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``docker-compose config`` offline, with nothing of the caller's environment but PATH."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(env_file.parent)}
+    argv = [compose_binary(), "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "config", *extra]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False)
+
+
+def yaml_to_json_via_compose(exe: str, text: str) -> Any:
+    """Parse YAML with the PyYAML of the Python that runs docker-compose 1.x (it needs it)."""
+    first = Path(exe).read_bytes()[:200].split(b"\n", 1)[0].decode(errors="replace")
+    if not (first.startswith("#!") and "python" in first):
+        pytest.skip(f"{exe} is not the Python docker-compose 1.x and PyYAML is not installed here")
+    interpreter = first[2:].strip().split()
+    code = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
+    done = subprocess.run([*interpreter, "-c", code], input=text, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def compose(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """docker-compose.yml as a dict: PyYAML if installed here, else `docker-compose config`."""
+    try:
+        import yaml  # type: ignore[import-untyped]
+    except ImportError:
+        env_file = filled_env_file(tmp_path_factory.mktemp("compose"))
+        done = run_compose_config(env_file)
+        assert done.returncode == 0, done.stderr
+        data = yaml_to_json_via_compose(compose_binary(), done.stdout)
+    else:
+        data = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def test_compose_config_validates_offline(tmp_path: Path) -> None:
+    done = run_compose_config(filled_env_file(tmp_path), "--quiet")
+    assert done.returncode == 0, done.stderr
+    services = run_compose_config(filled_env_file(tmp_path), "--services")
+    assert services.returncode == 0, services.stderr
+    assert set(SERVICES) <= set(services.stdout.split())
+
+
+@pytest.mark.parametrize("secret", REQUIRED_SECRETS)
+def test_compose_refuses_to_run_without_each_secret(tmp_path: Path, secret: str) -> None:
+    done = run_compose_config(filled_env_file(tmp_path, leave_empty=secret), "--quiet")
+    assert done.returncode != 0
+    assert f"set {secret} in .env" in done.stderr + done.stdout
+
+
+def test_compose_services_have_health_checks_and_wait_for_them(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(SERVICES) <= set(services)
+    for name in SERVICES:
+        test = services[name]["healthcheck"]["test"]
+        assert test and test[0] in ("CMD", "CMD-SHELL"), f"{name} has no real health check: {test!r}"
+        assert services[name]["restart"] == "unless-stopped"
+    assert services["ingest"]["depends_on"] == {
+        "mosquitto": {"condition": "service_healthy"},
+        "influxdb": {"condition": "service_healthy"},
+    }
+    assert "build" in services["ingest"]
+    assert any("/healthz" in part for part in services["ingest"]["healthcheck"]["test"])
+    assert any("/ping" in part for part in services["influxdb"]["healthcheck"]["test"])
+
+
+def test_compose_gives_every_setting_to_the_ingester(compose: dict[str, Any]) -> None:
+    environment = compose["services"]["ingest"]["environment"]
+    assert isinstance(environment, dict)
+    assert sorted(set(SETTING_VARS) - set(environment)) == [], "settings that never reach the ingest container"
+    assert sorted(k for k in environment if k not in SETTING_VARS) == []
+    assert f"//{INGEST_ACCOUNT}:" in environment["COMPRESSION_MQTT_URL"]
+    assert str(environment["COMPRESSION_METRICS_HOST"]) == "0.0.0.0"
+
+
+def test_compose_variables_are_all_documented() -> None:
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    used = {m["name"]: m["op"] for m in COMPOSE_VARIABLE.finditer(text)}
+    assert used, "no ${...} variable found in docker-compose.yml"
+    entries = env_example()
+    assert sorted(set(used) - set(entries)) == [], "variables of docker-compose.yml missing from .env.example"
+    required = {name for name, op in used.items() if op and op.endswith("?")}
+    assert required == set(REQUIRED_SECRETS)
+    for name in REQUIRED_SECRETS:
+        assert entries[name][:2] == (False, ""), f"{name} must be present and empty in .env.example"
+    # Where docker-compose.yml repeats a setting's default, it is the same default.
+    for match in COMPOSE_VARIABLE.finditer(text):
+        name = match["name"]
+        if name in SETTING_VARS and match["op"] == ":-" and name != "COMPRESSION_LOG_FORMAT":
+            field = FIELDS[SETTING_VARS[name]]
+            assert TypeAdapter(field.annotation).validate_python(match["arg"]) == field.default, name
+
+
+# -- Dockerfile ----------------------------------------------------------------------------
+
+
+def test_dockerfile_installs_every_package_and_runs_unprivileged() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert packages
+    for package in packages:
+        assert re.search(rf"^COPY {package}/ {package}/$", text, re.M), f"the Dockerfile does not copy {package}/"
+    users = re.findall(r"^USER (\S+)$", text, re.M)
+    assert users and users[-1] not in ("root", "0"), "the image must not run as root"
+    assert re.search(r'^ENTRYPOINT \["compression"\]$', text, re.M)
+    assert re.search(r'^CMD \["ingest"\]$', text, re.M)
+    assert "/healthz" in text and "HEALTHCHECK" in text
+    assert not re.search(r"^COPY \. ", text, re.M), "COPY . would put .env and .venv into the image"
+
+
+# -- Mosquitto ------------------------------------------------------------------------------
+
+
+def mosquitto_options(text: str) -> dict[str, list[str]]:
+    options: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.strip().partition(" ")
+            options.setdefault(key, []).append(value.strip())
+    return options
+
+
+def duration_s(value: str) -> int:
+    units = {"h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400, "y": 365 * 86400}
+    return int(value[:-1]) * units[value[-1]]
+
+
+def test_mosquitto_conf_keeps_what_it_acknowledged() -> None:
+    options = mosquitto_options(MOSQUITTO_CONF.read_text(encoding="utf-8"))
+    (queued,) = options["max_queued_messages"]
+    assert int(queued) > 1000, "the stock 1000 drops a slow consumer's messages after their PUBACK"
+    (queued_bytes,) = options["max_queued_bytes"]
+    assert int(queued_bytes) == 0 or int(queued_bytes) >= 100 * 2**20
+    (autosave,) = options["autosave_interval"]
+    assert 0 < int(autosave) < 60, "a killed broker loses what arrived since the last save"
+    assert options["persistence"] == ["true"]
+    assert options["persistence_location"] == ["/mosquitto/data/"]
+    assert options["allow_anonymous"] == ["false"]
+    assert options["password_file"] == ["/mosquitto/config/passwd"]
+    assert options["acl_file"] == ["/mosquitto/config/acl"]
+    (inflight,) = options["max_inflight_messages"]
+    assert int(inflight) >= FIELDS["inflight_max"].default, "the 3.1.1 window must cover the ingester's"
+    (expiration,) = options["persistent_client_expiration"]
+    assert duration_s(expiration) > FIELDS["mqtt_session_expiry_s"].default
+    assert options["log_dest"] == ["stdout"]
+    assert options["listener"] == ["1883"]
+
+
+def test_mosquitto_conf_explains_every_line() -> None:
+    lines = MOSQUITTO_CONF.read_text(encoding="utf-8").splitlines()
+    directives = [i for i, line in enumerate(lines) if line.strip() and not line.startswith("#")]
+    assert len(directives) >= 15
+    for i in directives:
+        assert lines[i - 1].startswith("# "), f"no comment above line {i + 1}: {lines[i]!r}"
+    assert any(line.startswith("#listener 8883") for line in lines), "the TLS listener stanza is missing"
+
+
+def test_local_broker_runs_the_deployed_queue_limits(tmp_path: Path) -> None:
+    deployed = mosquitto_options(MOSQUITTO_CONF.read_text(encoding="utf-8"))
+    local = mosquitto_options(mosquitto_config(tmp_path, 1883))
+    for key in ("max_queued_messages", "max_inflight_messages", "persistence"):
+        assert local[key] == deployed[key], key
+
+
+def test_acl_lets_the_ingester_read_and_each_garment_write_only_its_own_topics() -> None:
+    lines = [line.strip() for line in ACL_FILE.read_text(encoding="utf-8").splitlines()]
+    rules = [line for line in lines if line and not line.startswith("#")]
+    assert rules[0].startswith("user "), "rules before the first user line would apply to anonymous clients"
+    start = rules.index(f"user {INGEST_ACCOUNT}")
+    end = next((i for i in range(start + 1, len(rules)) if rules[i].startswith("user ")), len(rules))
+    root = FIELDS["mqtt_topic_root"].default
+    ingester = set(rules[start + 1 : end])
+    assert ingester == {f"topic read {root}/+/{channel}" for channel in ("telemetry", "event", "status")}
+    patterns = [rule for rule in rules if rule.startswith("pattern ")]
+    assert patterns == [f"pattern write {root}/%u/#"]
+    device_id = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{2,63}")
+    for rule in rules:
+        if rule.startswith("user "):
+            assert not device_id.fullmatch(rule.split()[1]), f"{rule}: a service account must not look like a device"
+
+
+def test_make_passwd_writes_the_accounts_and_refuses_bad_input(tmp_path: Path) -> None:
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto_passwd is not installed (Debian package mosquitto)")
+    config = tmp_path / "config"
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MOSQUITTO_CONFIG_DIR": str(config)}
+
+    def run(**env: str) -> subprocess.CompletedProcess[str]:
+        argv = ["sh", str(MAKE_PASSWD), "sh", "-c", "echo started"]
+        return subprocess.run(argv, env={**base, **env}, capture_output=True, text=True, timeout=60, check=False)
+
+    done = run(MQTT_INGEST_PASSWORD="pw-1", MQTT_DEMO_DEVICE_ID="sock-0001", MQTT_DEMO_DEVICE_PASSWORD="x y")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("started"), "the command after the options was not run"
+    users = {line.split(":", 1)[0] for line in (config / "passwd").read_text().splitlines()}
+    assert users == {INGEST_ACCOUNT, "svc.healthcheck", "sock-0001"}
+    assert (config / "acl").read_text() == ACL_FILE.read_text()
+    assert re.fullmatch(r"[0-9a-f]{48}\n", (config / "healthcheck-password").read_text())
+    for path in ("passwd", "acl", "healthcheck-password"):
+        assert (config / path).stat().st_mode & 0o077 == 0, f"{path} is readable by others"
+
+    for bad in (
+        {},
+        {"MQTT_INGEST_PASSWORD": "p@ss/word"},
+        {"MQTT_INGEST_PASSWORD": "pw", "MQTT_DEMO_DEVICE_ID": "sock-0001"},
+        {"MQTT_INGEST_PASSWORD": "pw", "MQTT_DEMO_DEVICE_ID": "sock-0001\n", "MQTT_DEMO_DEVICE_PASSWORD": "x"},
+        {"MQTT_INGEST_PASSWORD": "pw", "MQTT_DEMO_DEVICE_ID": "sock/1", "MQTT_DEMO_DEVICE_PASSWORD": "x"},
+    ):
+        refused = run(**bad)
+        assert refused.returncode != 0, f"accepted {bad}"
+        assert "started" not in refused.stdout
