@@ -119,12 +119,17 @@ def whole_bad(draw: st.DrawFn, device: str) -> Case:
     other = draw(DEVICE_ID.filter(lambda d: d != device))
     table: list[tuple[Any, str]] = [
         (draw(st.binary(max_size=200).filter(_not_json)), "not_json"),
-        (b'{"v":1,"device_id":"%s","kind":"sock","seq":1,"samples":[{"t":1,"worn":true,"pressure_mmhg":{"ankle":NaN}}]}'
-         % device.encode(), "not_json"),
+        (
+            b'{"v":1,"device_id":"%s","kind":"sock","seq":1,"samples":[{"t":1,"worn":true,"pressure_mmhg":{"ankle":NaN}}]}'
+            % device.encode(),
+            "not_json",
+        ),
         (dumps(envelope(device, good, v=2)), "unsupported_version"),
         (dumps(envelope(device, good, v="1")), "unsupported_version"),
-        (dumps(envelope(device, good, kind=draw(st.text(max_size=10).filter(lambda k: k not in ("sock", "boot"))))),
-         "invalid_kind"),
+        (
+            dumps(envelope(device, good, kind=draw(st.text(max_size=10).filter(lambda k: k not in ("sock", "boot"))))),
+            "invalid_kind",
+        ),
         (dumps(envelope(other, good)), "device_id_mismatch"),
         (dumps(envelope(draw(BAD_IDS), good)), "invalid_device_id"),
         (dumps(envelope(device, [])), "invalid_samples"),
@@ -152,7 +157,9 @@ def _not_json(data: bytes) -> bool:
 
 
 def _deliverable_topic_level(text: str) -> bool:
-    return not any(c in text for c in "/+#") and text.isprintable() and not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+    return (
+        not any(c in text for c in "/+#") and text.isprintable() and not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+    )
 
 
 @st.composite

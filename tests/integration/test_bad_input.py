@@ -41,8 +41,8 @@ async def ingest_corpus(mq: Mosquitto, db: InfluxDB, names: Names, cases: list[C
         await asyncio.to_thread(publish)
         await wait_for_count(db, names.database, "SELECT count(raw_bytes) FROM rejected", expected_dead)
         # The good messages after the corpus prove the ingester is still alive and reading.
-        await wait_for_count(db, names.database, f"SELECT count(ankle_mmhg) FROM sample WHERE device =~ /^{good.prefix}/",
-                             good.total_samples)  # fmt: skip
+        alive = f"SELECT count(ankle_mmhg) FROM sample WHERE device =~ /^{good.prefix}/"
+        await wait_for_count(db, names.database, alive, good.total_samples)
         acked = ingester.metrics.value("compression_ingest_messages_acked_total")
         assert acked == len(messages), "every message, bad or good, is acknowledged once handled"
         return {
