@@ -33,8 +33,8 @@ def worn_day(device: str, root: str, day: datetime, seq0: int) -> list[Outgoing]
         out.append(Outgoing(topic_for(device, "telemetry", root), encode(message), 10))
     night = int(day.replace(hour=22).timestamp() * 1000)
     off = [Sample(t=night + i * 60_000, worn=False, pressure_mmhg={"ankle": 0.0}) for i in range(10)]
-    out.append(Outgoing(topic_for(device, "telemetry", root),
-                        encode(Telemetry(v=1, device_id=device, kind="sock", seq=seq0 + 60, samples=off)), 10))  # fmt: skip
+    night_message = Telemetry(v=1, device_id=device, kind="sock", seq=seq0 + 60, samples=off)
+    out.append(Outgoing(topic_for(device, "telemetry", root), encode(night_message), 10))
     return out
 
 
