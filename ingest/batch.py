@@ -76,19 +76,6 @@ class Batcher:
         self._seq += 1
         self._current = Batch(seq=self._seq)
 
-    def drop_generation_before(self, generation: int) -> int:
-        """Forget unwritten messages of lost connections (the broker resends them).
-
-        Only the batch being filled is trimmed; batches already queued are
-        written anyway (idempotent) and their stale acks skipped.
-        """
-        batch = self._current
-        if not batch.entries or all(e.generation >= generation for e in batch.entries):
-            return 0
-        dropped = len(batch.entries)
-        self._current = Batch(seq=batch.seq)
-        return dropped
-
     async def run_timer(self) -> None:
         """Cut the current batch once its oldest message has waited long enough."""
         while True:

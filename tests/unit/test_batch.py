@@ -39,14 +39,6 @@ async def test_cut_without_entries_sends_nothing() -> None:
     assert batcher.queue.empty()
 
 
-async def test_drop_generation_before() -> None:
-    batcher = Batcher(batch_size=100, flush_interval_s=60)
-    batcher.add(entry(1, generation=1), ["a"], samples=1)
-    assert batcher.drop_generation_before(2) == 1
-    batcher.cut()
-    assert batcher.queue.empty()
-
-
 def test_acks_go_out_in_batch_order_whatever_order_writes_finish() -> None:
     acked: list[int] = []
     acker = OrderedAcker(lambda entries: acked.extend(e.mid for e in entries))
