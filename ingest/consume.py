@@ -47,6 +47,42 @@ class BrokerError(ConnectionError):
     """The broker could not be reached or refused us."""
 
 
+class BufferedClient(paho.Client):
+    """paho's client with buffered socket reads.
+
+    paho reads each packet with three to four unbuffered ``recv`` calls (one
+    byte of command, the length bytes one by one, the body). Measured in the
+    benchmark, socket reads were a third of the ingester's CPU. This reads up
+    to 64 KiB at a time and serves paho from the buffer; the buffer is dropped
+    with its socket, so no byte of one connection reaches the next.
+    """
+
+    READ_SIZE = 65_536
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rbuf = b""
+        self._rpos = 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            chunk = super()._sock_recv(self.READ_SIZE)
+            if not chunk:
+                return chunk  # connection closed: paho handles the empty read
+            self._rbuf, self._rpos = chunk, 0
+        out = self._rbuf[self._rpos : self._rpos + bufsize]
+        self._rpos += len(out)
+        return out
+
+    def _sock_close(self) -> None:
+        self._rbuf, self._rpos = b"", 0
+        super()._sock_close()
+
+    def has_buffered(self) -> bool:
+        """True if bytes already read from the socket wait to be parsed."""
+        return self._rpos < len(self._rbuf)
+
+
 class MqttConsumer:
     """Subscribes to the garment topics and hands each message to ``handler``."""
 
@@ -70,10 +106,10 @@ class MqttConsumer:
         metrics.inflight.set_function(lambda: self.unacked)
 
     # -- set-up ---------------------------------------------------------
-    def _make_client(self) -> paho.Client:
+    def _make_client(self) -> BufferedClient:
         s = self._settings
         v5 = s.mqtt_protocol == "5"
-        client = paho.Client(
+        client = BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=s.mqtt_client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
@@ -159,8 +195,12 @@ class MqttConsumer:
             before = self._received
             self._client.loop_read()
             reads += 1
+        if self._paused or self._sock is None:
+            return
+        # Bytes already read (into our buffer, or decrypted inside an SSL socket)
+        # do not make the socket readable again: come back for them.
         sock = self._sock
-        if isinstance(sock, ssl.SSLSocket) and sock.pending() and not self._paused:
+        if self._client.has_buffered() or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
             self._loop.call_soon(self._read)
 
     _received = 0
@@ -215,6 +255,7 @@ class MqttConsumer:
             self._loop.remove_reader(self._sock)
         else:
             self._loop.add_reader(self._sock, self._read)
+            self._loop.call_soon(self._read)  # what was buffered before the pause
 
     def pause_for_shutdown(self) -> None:
         """Stop reading new messages; acks still go out."""
