@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -95,6 +96,7 @@ def _summary(db: InfluxDB, ingester: Ingester, spec: LoadSpec) -> int:
 def run_demo(devices: int, messages: int, data_dir: str, keep: bool, started: float) -> int:
     """Start local servers, ingest a simulated fleet, print a summary; 0 on success."""
     root = Path(data_dir)
+    _forget_previous_runs(root)
     _say(f"starting Mosquitto and InfluxDB on free loopback ports under {root}/")
     mq = start_mosquitto(root)
     db = start_influxdb(root)
@@ -111,6 +113,13 @@ def run_demo(devices: int, messages: int, data_dir: str, keep: bool, started: fl
     finally:
         mq.stop()
         db.stop()
+
+
+def _forget_previous_runs(root: Path) -> None:
+    """Remove the server folders of earlier demo runs (each run uses new ports, so new folders)."""
+    for folder in [*root.glob("mosquitto-*"), *root.glob("influxdb-*")]:
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _wait_forever() -> None:
