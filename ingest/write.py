@@ -13,6 +13,7 @@ are idempotent.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import random
 from collections.abc import Sequence
@@ -95,7 +96,8 @@ class InfluxWriter:
         if s.influx_token:
             return {"Authorization": f"Token {s.influx_token}"}
         if s.influx_username:
-            return {"Authorization": aiohttp.BasicAuth(s.influx_username, s.influx_password or "").encode()}
+            credentials = f"{s.influx_username}:{s.influx_password or ''}".encode()
+            return {"Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")}
         return {}
 
     @property
