@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +138,16 @@ async def wait_for_count(db: InfluxDB, database: str, query: str, expected: int,
             return value
         await asyncio.sleep(0.1)
     return value
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 30) -> bool:
+    """Poll ``predicate`` until it holds or time runs out; return its last value."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 class IngestProcess:

@@ -11,7 +11,7 @@ import pytest
 from compression.influxql import rows
 from compression.localservers import InfluxDB, Mosquitto
 from simulators.publisher import LoadSpec, Outgoing, Publisher, generate
-from tests.integration.conftest import Names, running, settings_for, wait_for_count
+from tests.integration.conftest import Names, eventually, running, settings_for, wait_for_count
 from tests.strategies import Case, collect_corpus
 
 pytestmark = pytest.mark.integration
@@ -43,8 +43,10 @@ async def ingest_corpus(mq: Mosquitto, db: InfluxDB, names: Names, cases: list[C
         # The good messages after the corpus prove the ingester is still alive and reading.
         alive = f"SELECT count(ankle_mmhg) FROM sample WHERE device =~ /^{good.prefix}/"
         await wait_for_count(db, names.database, alive, good.total_samples)
-        acked = ingester.metrics.value("compression_ingest_messages_acked_total")
-        assert acked == len(messages), "every message, bad or good, is acknowledged once handled"
+        value = ingester.metrics.value
+        assert await eventually(lambda: value("compression_ingest_messages_acked_total") == len(messages)), (
+            "every message, bad or good, is acknowledged once handled"
+        )
         return {
             reason: ingester.metrics.value("compression_ingest_rejected_total", reason=reason)
             for reason in {c.whole_reason for c in cases} | {r for c in cases for r in c.sample_reasons.values()}
