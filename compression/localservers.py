@@ -9,6 +9,7 @@ The binaries come from Debian's ``mosquitto`` and ``influxdb`` packages
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -124,11 +125,34 @@ class InfluxDB(LocalServer):
         return f"http://127.0.0.1:{self.port}"
 
 
-def mosquitto_config(folder: Path, port: int, autosave_s: int = 1, extra: str = "") -> str:
+@dataclass(frozen=True)
+class BrokerAccess:
+    """Who may connect: anonymous, or the users of a password file; optionally TLS only."""
+
+    password_file: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def lines(self) -> str:
+        """The listener's access lines of mosquitto.conf."""
+        out = [f"allow_anonymous {'false' if self.password_file else 'true'}"]
+        if self.password_file:
+            out.append(f"password_file {self.password_file}")
+        if self.tls_cert and self.tls_key:
+            out += [f"certfile {self.tls_cert}", f"keyfile {self.tls_key}"]
+            if self.tls_ca:
+                out.append(f"cafile {self.tls_ca}")
+        return "\n".join(out)
+
+
+def mosquitto_config(
+    folder: Path, port: int, autosave_s: int = 1, extra: str = "", access: BrokerAccess | None = None
+) -> str:
     """The broker configuration used locally: see ``deploy/mosquitto/mosquitto.conf`` for the why."""
     return f"""# written by compression.localservers
 listener {port} 127.0.0.1
-allow_anonymous true
+{(access or BrokerAccess()).lines()}
 persistence true
 persistence_location {folder}/
 autosave_interval {autosave_s}
@@ -144,16 +168,36 @@ log_type notice
 """
 
 
-def start_mosquitto(root: Path, port: int | None = None, extra: str = "") -> Mosquitto:
+def start_mosquitto(
+    root: Path, port: int | None = None, extra: str = "", access: BrokerAccess | None = None
+) -> Mosquitto:
     """Start a broker with its own folder under ``root``."""
     port = port or free_port()
     folder = root / f"mosquitto-{port}"
     folder.mkdir(parents=True, exist_ok=True)
     conf = folder / "mosquitto.conf"
-    conf.write_text(mosquitto_config(folder, port, extra=extra))
+    conf.write_text(mosquitto_config(folder, port, extra=extra, access=access))
+    _hand_to_broker_user(folder)
     server = Mosquitto("mosquitto", folder, port, [MOSQUITTO_BIN, "-c", str(conf)])
     server.start()
     return server
+
+
+def _hand_to_broker_user(folder: Path) -> None:
+    """Let a broker started as root write its folder.
+
+    Mosquitto started as root drops to the ``mosquitto`` user; without this it
+    could not write its persistence file or log into a root-owned folder, and a
+    restart would silently lose what it held.
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        entry = pwd.getpwnam("mosquitto")
+    except KeyError:
+        return
+    for path in [folder, *folder.rglob("*")]:
+        os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
 def influxdb_config(folder: Path, http_port: int, rpc_port: int, auth: bool = False) -> str:

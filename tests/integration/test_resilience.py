@@ -116,6 +116,7 @@ async def test_broker_restart_midstream_loses_nothing(own_mosquitto: Mosquitto, 
         while ingester.metrics.value("compression_ingest_samples_written_total") < spec.total_samples * 0.3:
             await asyncio.sleep(0.05)
         await asyncio.to_thread(own_mosquitto.stop)  # SIGTERM: Mosquitto saves its persistence file
+        assert (own_mosquitto.folder / "mosquitto.db").stat().st_size > 0, "persistence is on and writable"
         await asyncio.sleep(2)
         await asyncio.to_thread(own_mosquitto.start)
         await asyncio.to_thread(publisher.join)
