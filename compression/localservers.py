@@ -134,6 +134,18 @@ class BrokerAccess:
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
+    def copied_into(self, folder: Path) -> BrokerAccess:
+        """The same access with its files copied into the broker's own folder (readable by the broker)."""
+
+        def copy(path: Path | None) -> Path | None:
+            if path is None:
+                return None
+            target = folder / path.name
+            shutil.copyfile(path, target)
+            return target
+
+        return BrokerAccess(copy(self.password_file), copy(self.tls_ca), copy(self.tls_cert), copy(self.tls_key))
+
     def lines(self) -> str:
         """The listener's access lines of mosquitto.conf."""
         out = [f"allow_anonymous {'false' if self.password_file else 'true'}"]
@@ -176,6 +188,7 @@ def start_mosquitto(
     folder = root / f"mosquitto-{port}"
     folder.mkdir(parents=True, exist_ok=True)
     conf = folder / "mosquitto.conf"
+    access = access.copied_into(folder) if access else None
     conf.write_text(mosquitto_config(folder, port, extra=extra, access=access))
     _hand_to_broker_user(folder)
     server = Mosquitto("mosquitto", folder, port, [MOSQUITTO_BIN, "-c", str(conf)])

@@ -98,7 +98,14 @@ class PublishReport:
 class Publisher:
     """A QoS 1 publisher with its own in-flight window and a persistent session."""
 
-    def __init__(self, mqtt_url: str, client_id: str, window: int = 1000, protocol: str = "3.1.1") -> None:
+    def __init__(
+        self,
+        mqtt_url: str,
+        client_id: str,
+        window: int = 1000,
+        protocol: str = "3.1.1",
+        tls_ca_file: str | None = None,
+    ) -> None:
         endpoint = parse_mqtt_url(mqtt_url)
         v5 = protocol == "5"
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -107,7 +114,7 @@ class Publisher:
         if endpoint.username:
             self._client.username_pw_set(endpoint.username, endpoint.password)
         if endpoint.tls:
-            self._client.tls_set()
+            self._client.tls_set(ca_certs=tls_ca_file)
         self._client.max_inflight_messages_set(window)
         self._client.max_queued_messages_set(0)
         self._client.reconnect_delay_set(1, 2)
