@@ -12,7 +12,9 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -124,8 +126,11 @@ class Ingester:
                  redact_url(s.mqtt_url), s.influx_url, s.influx_database, s.batch_size,
                  s.flush_interval_ms, s.inflight_max)  # fmt: skip
         async with InfluxWriter(s, self.metrics) as writer:
-            if s.influx_create_database and not s.influx_token:
-                await writer.ensure_database()
+            if s.influx_create_database and not s.influx_token and not await self._unless_stopped(
+                writer.ensure_database()
+            ):
+                log.info("stopped before InfluxDB answered")
+                return
             await self._start_metrics(writer)
             consumer = MqttConsumer(s, self.metrics, self._on_message)
             self._consumer = consumer
@@ -136,6 +141,19 @@ class Ingester:
                 await self._supervise(tasks)
             finally:
                 await self._shutdown(writer, consumer, tasks)
+
+    async def _unless_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Run ``work`` unless a stop comes first (start-up waits must honour SIGTERM)."""
+        task = asyncio.create_task(work)
+        stop = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return False
+        task.result()
+        return True
 
     async def _supervise(self, tasks: list[asyncio.Task[None]]) -> None:
         stop = asyncio.create_task(self._stop.wait())

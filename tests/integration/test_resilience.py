@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ import psutil
 import pytest
 
 from compression.influxql import scalar
-from compression.localservers import InfluxDB, Mosquitto
+from compression.localservers import InfluxDB, Mosquitto, free_port
 from simulators.publisher import LoadSpec, Publisher, PublishReport, generate
 from tests.integration.conftest import IngestProcess, Names, running, settings_for, wait_for_count
 
@@ -153,3 +155,16 @@ def test_sigterm_flushes_and_acks(mosquitto: Mosquitto, influx: InfluxDB, names:
     assert ingester.terminate() == 0
     assert scalar(influx.url, names.database, COUNT) == spec.total_samples
     assert "20 messages acked" in (tmp_path / "ingest.log").read_text()
+
+
+def test_sigterm_during_startup_wait_for_influxdb(mosquitto: Mosquitto, names: Names, tmp_path: Path) -> None:
+    nowhere = InfluxDB("influxdb", tmp_path, free_port(), [])  # nothing listens there
+    ingester = IngestProcess(settings_for(mosquitto, nowhere, names), tmp_path / "ingest.log")
+    ingester.proc = subprocess.Popen([sys.executable, "-m", "compression", "ingest"], env=ingester.env(),
+                                     stdout=(tmp_path / "ingest.log").open("ab"), stderr=subprocess.STDOUT)  # fmt: skip
+    time.sleep(1.5)
+    assert ingester.proc.poll() is None, "waits for InfluxDB instead of exiting"
+    started = time.monotonic()
+    assert ingester.terminate(timeout=10) == 0
+    assert time.monotonic() - started < 5
+    assert "stopped before InfluxDB answered" in (tmp_path / "ingest.log").read_text()
