@@ -374,7 +374,7 @@ class DeviceClient:
         self._wake.set()
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if self._connected.is_set():
+        if self._connected.is_set() and not self._stopping.is_set():
             log.warning("%s disconnected: %s; reconnecting with backoff", self.client_id, reason)
         self._connected.clear()
 
