@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,6 @@ pytestmark = pytest.mark.integration
 SAMPLES = 10
 PERIOD_MS = 60_000
 COUNT = "SELECT count(ankle_mmhg) FROM sample"
-FAST = {"reconnect_min_s": 1, "reconnect_max_s": 1}
 
 
 def make_telemetry(device: str, seq: int, start_ms: int) -> Telemetry:
@@ -212,7 +211,14 @@ async def test_broker_restart_midstream_loses_nothing(
     messages = 300
     start_ms = minutes_ago(messages * SAMPLES)
     async with running(settings_for(own_mosquitto, influx, names)):
-        client = DeviceClient(own_mosquitto.url, device, tmp_path / "outbox.db", topic_root=names.topic_root, **FAST)
+        client = DeviceClient(
+            own_mosquitto.url,
+            device,
+            tmp_path / "outbox.db",
+            topic_root=names.topic_root,
+            reconnect_min_s=1,
+            reconnect_max_s=1,
+        )
         with client:
 
             def sensor_loop() -> None:
@@ -308,7 +314,7 @@ async def test_offline_for_days_then_backfill_oldest_first(
         with Subscriber(own_mosquitto.port, topic, client_id=f"order-{names.client_id}") as sub:
             await asyncio.to_thread(own_mosquitto.stop)
             client = DeviceClient(own_mosquitto.url, device, tmp_path / "outbox.db", topic_root=names.topic_root,
-                                  **FAST)  # fmt: skip
+                                  reconnect_min_s=1, reconnect_max_s=1)  # fmt: skip
             with client:
                 for seq in range(messages):
                     client.publish_telemetry(device, make_telemetry(device, seq, start_ms))
@@ -376,7 +382,15 @@ def test_tls_and_credentials(mosquitto: Mosquitto, names: Names, tmp_path: Path,
             assert client.stats().acked == 10
         # A wrong password: refused, retried, never a crash; the queue keeps the message.
         bad = f"mqtts://{device}:wrong@127.0.0.1:{broker.port}"
-        with DeviceClient(bad, device, ":memory:", topic_root=names.topic_root, tls_ca_file=str(ca), **FAST) as client:
+        with DeviceClient(
+            bad,
+            device,
+            ":memory:",
+            topic_root=names.topic_root,
+            tls_ca_file=str(ca),
+            reconnect_min_s=1,
+            reconnect_max_s=1,
+        ) as client:
             client.publish_telemetry(device, make_telemetry(device, 0, minutes_ago(200)))
             assert not client.flush(2)
             assert client.queue_depth == 1 and not client.connected
@@ -384,8 +398,7 @@ def test_tls_and_credentials(mosquitto: Mosquitto, names: Names, tmp_path: Path,
         broker.stop()
 
 
-def eventually_sync(predicate: object, timeout: float = 10) -> bool:
-    assert callable(predicate)
+def eventually_sync(predicate: Callable[[], bool], timeout: float = 10) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
