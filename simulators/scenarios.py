@@ -1,0 +1,516 @@
+"""The scenario library: named, seeded patients and garments, their messages and their ground truth.
+
+Typical use (the CLI wires this)::
+
+    fleet = build_fleet(socks=20, boots=5, seed=7, days=14, end=now)
+    for message in fleet.messages():        # time-ordered by publish_at_ms
+        publish(message.topic, message.payload, retain=message.retain)
+    fleet.write_ground_truth("truth.json")  # what the monitor must conclude
+
+Everything is a pure function of (scenario, seed, days, end, time zone): the
+same arguments give byte-identical payloads and the same truth.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import random
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+from zoneinfo import ZoneInfo
+
+from devices.protocol import Channel, Kind, Telemetry, encode, topic_for
+from simulators.badfirmware import CATALOGUE, corrupter
+from simulators.garments import (
+    BootPlan,
+    Item,
+    Period,
+    SockPlan,
+    Transport,
+    boot_items,
+    plan_sessions,
+    sock_items,
+)
+from simulators.groundtruth import FORMAT, MODES, Mode, Stored, evaluate_days, flags_as_of, store
+from simulators.physiology import (
+    DAY_MS,
+    Battery,
+    BootPrescription,
+    Interval,
+    SockPrescription,
+    WearDay,
+    fit_in_class,
+    local_midnight_ms,
+    local_wall_ms,
+    plan_wear_day,
+)
+from simulators.publisher import Outgoing
+
+DEFAULT_TZ: Final = "America/Edmonton"
+CLOCK_SKEW_MS: Final = 390_000
+OFFLINE_MS: Final = 2 * DAY_MS
+BAD_EVERY: Final = 97
+
+Plan = SockPlan | BootPlan
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """A named clinical or transport situation for one garment."""
+
+    name: str
+    kind: Kind
+    description: str
+    build: Callable[[random.Random, Period], Plan]
+
+
+# --- socks ----------------------------------------------------------------------------------------------------------
+
+
+def _sock_rx(rng: random.Random) -> SockPrescription:
+    # Class 2 is what most clinics prescribe; the others keep every band honest.
+    cls = rng.choice(("RAL2", "RAL2", "US2", "US2", "RAL1", "RAL3", "US1", "US3"))
+    return SockPrescription(cls, rng.choice(("knee_high", "thigh_high")), 8.0)
+
+
+def _complete_days(period: Period) -> list[date]:
+    return [d for d in period.days if period.day_bounds(d).end_ms <= period.end_ms] or list(period.days)
+
+
+def _wear(
+    rng: random.Random, period: Period, hours: Callable[[], float], rolled: Callable[[], float] = lambda: 0.0
+) -> tuple[WearDay, ...]:
+    return tuple(plan_wear_day(rng, day, period.tz, hours(), rng.randint(0, 2), rolled()) for day in period.days)
+
+
+def _sock(
+    rng: random.Random,
+    period: Period,
+    *,
+    offset_widths: float = 0.0,
+    loss_per_day: float | None = None,
+    hours: tuple[float, float] = (8.75, 10.5),
+    rolled: Callable[[], float] = lambda: 0.0,
+    battery: Battery | None = None,
+    charge_until_ms: int | None = None,
+    transport: Transport | None = None,
+) -> SockPlan:
+    rx = _sock_rx(rng)
+    fit = fit_in_class(rng, rx.pressure_class, offset_widths)
+    if loss_per_day is not None:
+        fit = type(fit)(**{**_asdict(fit), "loss_per_day": loss_per_day})
+    wear = _wear(rng, period, lambda: rng.uniform(*hours), rolled)
+    return SockPlan(rx, fit, wear, battery or Battery(level=rng.uniform(60, 100)), charge_until_ms,
+                    transport or Transport())  # fmt: skip
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in obj.__slots__}
+
+
+def _compliant(rng: random.Random, period: Period) -> Plan:
+    return _sock(rng, period)
+
+
+def _under_use(rng: random.Random, period: Period) -> Plan:
+    return _sock(rng, period, hours=(4.5, 5.5))
+
+
+def _worn_out(rng: random.Random, period: Period) -> Plan:
+    # About 2.5 % of its pressure a day: below the class within a week or two.
+    return _sock(rng, period, offset_widths=-0.1, loss_per_day=0.025)
+
+
+def _too_tight(rng: random.Random, period: Period) -> Plan:
+    # A size too small: the whole worn signal sits above the band.
+    return _sock(rng, period, offset_widths=0.9)
+
+
+def _rolled_down(rng: random.Random, period: Period) -> Plan:
+    return _sock(rng, period, rolled=lambda: rng.uniform(45, 150) if rng.random() < 0.8 else 0.0)
+
+
+def _silent(rng: random.Random, period: Period) -> Plan:
+    days = _complete_days(period)
+    stop = local_midnight_ms(days[max(0, len(days) - 6)], period.tz)
+    # An old cell drains in about two days once the patient stops charging it.
+    return _sock(rng, period, battery=Battery(level=rng.uniform(80, 100), use_per_h=3.0, idle_per_h=1.5),
+                 charge_until_ms=stop)  # fmt: skip
+
+
+def _offline_backfill(rng: random.Random, period: Period) -> Plan:
+    days = _complete_days(period)
+    start = local_wall_ms(days[max(0, len(days) - 4)], 12 * 60, period.tz)
+    return _sock(rng, period, transport=Transport(offline=Interval(start, start + OFFLINE_MS)))
+
+
+def _clock_skew(rng: random.Random, period: Period) -> Plan:
+    days = _complete_days(period)
+    resync = local_wall_ms(days[max(0, len(days) - 2)], 3 * 60, period.tz)
+    return _sock(rng, period, transport=Transport(skew_ms=CLOCK_SKEW_MS, skew_until_ms=resync))
+
+
+def _bad_firmware(rng: random.Random, period: Period) -> Plan:
+    return _sock(rng, period, transport=Transport(corrupt=corrupter(BAD_EVERY, rng.randrange(BAD_EVERY))))
+
+
+# --- boots ----------------------------------------------------------------------------------------------------------
+
+
+def _boot_rx(rng: random.Random) -> BootPrescription:
+    target = float(rng.choice((40, 50, 60, 70, 80)))
+    chambers = rng.choice((("foot", "ankle", "calf", "thigh"), ("foot", "ankle", "calf", "knee", "thigh")))
+    return BootPrescription(program=rng.choice(("recovery", "lymphedema")), target_mmhg=target,
+                            max_mmhg=min(110.0, target + 10.0), sessions_per_week=7, session_min_s=1200,
+                            session_max_s=1800, chambers=chambers)  # type: ignore[arg-type]  # fmt: skip
+
+
+def _boot(
+    rng: random.Random,
+    period: Period,
+    on_day: Callable[[BootPrescription, int], bool] = lambda rx, i: True,
+    length_s: Callable[[BootPrescription, int], int] = lambda rx, i: 0,
+    pressure: Callable[[BootPrescription, int], float] = lambda rx, i: rx.target_mmhg,
+) -> Plan:
+    rx = _boot_rx(rng)
+    sessions = plan_sessions(rng, period, rx, lambda i: on_day(rx, i), lambda i: length_s(rx, i),
+                             lambda i: pressure(rx, i))  # fmt: skip
+    return BootPlan(rx, sessions, rng.uniform(31.0, 33.0))
+
+
+def _boot_compliant(rng: random.Random, period: Period) -> Plan:
+    return _boot(rng, period)
+
+
+def _boot_overpressure(rng: random.Random, period: Period) -> Plan:
+    def pressure(rx: BootPrescription, i: int) -> float:
+        # A leaking pressure sensor makes the pump overshoot well past the maximum.
+        return rx.max_mmhg + rng.uniform(8, 20) if i == 1 or rng.random() < 0.35 else rx.target_mmhg
+
+    return _boot(rng, period, pressure=pressure)
+
+
+def _boot_short(rng: random.Random, period: Period) -> Plan:
+    def length(rx: BootPrescription, i: int) -> int:
+        return rng.randrange(240, 660, 2) if i == 0 or rng.random() < 0.7 else 0
+
+    return _boot(rng, period, length_s=length)
+
+
+def _boot_missed(rng: random.Random, period: Period) -> Plan:
+    return _boot(rng, period, on_day=lambda rx, i: i != 1 and rng.random() < 0.45)
+
+
+SCENARIOS: Final[dict[str, Scenario]] = {
+    s.name: s
+    for s in (
+        Scenario("compliant", "sock", "sock worn 8.75-10.5 h a day at its class's pressure (8 h prescribed)",
+                 _compliant),
+        Scenario("under_use", "sock", "sock worn 4.5-5.5 h a day of 8 h prescribed", _under_use),
+        Scenario("worn_out", "sock", "ankle pressure loses 2.5 %/day and drifts below the class", _worn_out),
+        Scenario("too_tight", "sock", "a size too small: ankle pressure above the class all day", _too_tight),
+        Scenario("rolled_down", "sock", "most days the top rolls down for 45-150 min: calf above ankle",
+                 _rolled_down),
+        Scenario("silent", "sock", "patient stops charging ~6 days before the end; the battery dies, then nothing",
+                 _silent),
+        Scenario("offline_backfill", "sock", "compliant, offline 2 days from noon 4 days before the end, "
+                 "then uploads the backlog late", _offline_backfill),
+        Scenario("clock_skew", "sock", "compliant, device clock 6.5 min fast until 03:00 the day before the "
+                 "last day", _clock_skew),
+        Scenario("bad_firmware", "sock", f"compliant, every {BAD_EVERY}th batch malformed or out of range "
+                 f"({len(CATALOGUE)} kinds of bug)", _bad_firmware),
+        Scenario("boot_compliant", "boot", "one 20-30 min session a day at the prescribed target", _boot_compliant),
+        Scenario("boot_overpressure", "boot", "daily sessions; on about a third of days the pump overshoots "
+                 "the maximum by 8-20 mmHg", _boot_overpressure),
+        Scenario("boot_short_sessions", "boot", "daily sessions, most stopped after 4-11 min (20 min minimum)",
+                 _boot_short),
+        Scenario("boot_missed_sessions", "boot", "sessions on under half of the days (7 a week prescribed)",
+                 _boot_missed),
+    )
+}  # fmt: skip
+
+DEFAULT_MIX: Final[dict[str, float]] = {
+    "compliant": 4, "under_use": 1, "worn_out": 1, "too_tight": 1, "rolled_down": 1, "silent": 1,
+    "offline_backfill": 1, "clock_skew": 1, "bad_firmware": 1,
+    "boot_compliant": 3, "boot_overpressure": 1, "boot_short_sessions": 1, "boot_missed_sessions": 1,
+}  # fmt: skip
+
+
+# --- messages -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SimMessage:
+    """One message to publish, with when a live device would send it.
+
+    ``first_t_ms``/``last_t_ms`` span the samples' timestamps as the device
+    stamped them (``None`` for events and status). ``expected_reason`` is
+    the reason the ingester rejects the whole message with, if it does.
+    """
+
+    device_id: str
+    patient: str
+    scenario: str
+    channel: Channel
+    topic: str
+    payload: bytes
+    samples: int
+    first_t_ms: int | None
+    last_t_ms: int | None
+    publish_at_ms: int
+    retain: bool
+    expected_reason: str | None
+
+    def outgoing(self) -> Outgoing:
+        """The message in the load publisher's form."""
+        return Outgoing(self.topic, self.payload, self.samples)
+
+
+def period_for(end: datetime | int, days: int, tz: str = DEFAULT_TZ) -> Period:
+    """The local days of ``tz`` covering the ``days`` full days before ``end``'s day, and that day up to ``end``.
+
+    ``end`` is an aware datetime or epoch ms. When ``end`` is a local
+    midnight the period holds exactly ``days`` complete days.
+    """
+    if days < 1 or days > 28:
+        raise ValueError("days must be 1..28 (the ingester keeps samples up to 30 days old)")
+    zone = ZoneInfo(tz)
+    end_ms = _epoch_ms(end)
+    end_day = datetime.fromtimestamp(end_ms / 1000, zone).date()
+    first = end_day - timedelta(days=days)
+    count = days + (1 if local_midnight_ms(end_day, zone) < end_ms else 0)
+    span = tuple(first + timedelta(days=i) for i in range(count))
+    return Period(zone, span, local_midnight_ms(first, zone), end_ms)
+
+
+def _epoch_ms(end: datetime | int) -> int:
+    if isinstance(end, int):
+        return end
+    if end.tzinfo is None:
+        raise ValueError("end must be timezone-aware")
+    return int(end.timestamp() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """One garment of the fleet and the patient wearing it."""
+
+    device_id: str
+    patient: str
+    scenario: Scenario
+    seed: str
+    rank: int
+
+
+class Fleet:
+    """Devices over one period: their messages (time-ordered) and their ground truth."""
+
+    def __init__(self, devices: tuple[Device, ...], period: Period, seed: int) -> None:
+        self.devices = devices
+        self.period = period
+        self.seed = seed
+
+    def plan(self, device: Device) -> tuple[Plan, Iterator[Item]]:
+        """The device's plan and its items, regenerated from its seed (nothing is kept in memory)."""
+        rng = random.Random(device.seed)
+        plan = device.scenario.build(rng, self.period)
+        if isinstance(plan, SockPlan):
+            return plan, sock_items(device.device_id, plan, self.period, rng)
+        return plan, boot_items(device.device_id, plan, self.period, rng)
+
+    def device_messages(self, device: Device) -> Iterator[SimMessage]:
+        """One device's messages in sending order."""
+        _, items = self.plan(device)
+        for item in items:
+            yield _to_message(device, item)
+
+    def messages(self) -> Iterator[SimMessage]:
+        """Every device's messages, ordered by ``publish_at_ms`` (ties: device order, then sending order)."""
+        streams = [self._keyed(d) for d in self.devices]
+        for _, _, _, message in heapq.merge(*streams):
+            yield message
+
+    def _keyed(self, device: Device) -> Iterator[tuple[int, int, int, SimMessage]]:
+        for serial, message in enumerate(self.device_messages(device)):
+            yield message.publish_at_ms, device.rank, serial, message
+
+    def ground_truth(self, mode: Mode = "backfill") -> dict[str, Any]:
+        """What the platform must conclude, per patient and day (see ``docs/ground-truth.md``)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        return {
+            "format": FORMAT,
+            "mode": mode,
+            "seed": self.seed,
+            "timezone": self.period.tz.key,
+            "start_ms": self.period.start_ms,
+            "end_ms": self.period.end_ms,
+            "days": [d.isoformat() for d in self.period.days],
+            "patients": [self._patient_truth(d, mode) for d in self.devices],
+        }
+
+    def write_ground_truth(self, path: str | Path, mode: Mode = "backfill") -> None:
+        """Write :meth:`ground_truth` as indented JSON."""
+        Path(path).write_text(json.dumps(self.ground_truth(mode), indent=1) + "\n")
+
+    def _patient_truth(self, device: Device, mode: Mode) -> dict[str, Any]:
+        plan, items_iter = self.plan(device)
+        items = list(items_iter)
+        stored = store(items, device.scenario.kind, mode, self.period)
+        return {
+            "patient": device.patient,
+            "device_id": device.device_id,
+            "kind": device.scenario.kind,
+            "scenario": device.scenario.name,
+            "timezone": self.period.tz.key,
+            "prescription": _prescription(plan),
+            "days": evaluate_days(stored, self.period, plan.prescription),
+            "rejections": dict(sorted(stored.rejections.items())),
+            "transport": self._transport(device, plan, items, stored),
+        }
+
+    def _transport(self, device: Device, plan: Plan, items: list[Item], stored: Stored) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "messages": len(items),
+            "samples_sent": sum(len(i.message.samples) for i in items if isinstance(i.message, Telemetry)),
+            "samples_stored": len(stored.samples),
+            "last_sample_ms": stored.times[-1] if stored.times else None,
+        }
+        if not isinstance(plan, SockPlan):
+            return out
+        transport = plan.transport
+        if transport.offline is not None:
+            offline = transport.offline
+            out["offline"] = {"from_ms": offline.start_ms, "until_ms": offline.end_ms, "upload_at_ms": offline.end_ms,
+                              "late_messages": sum(1 for i in items if i.publish_at_ms >= offline.end_ms
+                                                   and _made_at(i) < offline.end_ms),
+                              "flags_before_upload": flags_as_of(items, "sock", self.period, plan.prescription,
+                                                                 offline.end_ms)}  # fmt: skip
+        if transport.skew_ms:
+            out["clock_skew"] = {"skew_ms": transport.skew_ms, "skewed_until_ms": transport.skew_until_ms}
+        if stored.bad_payloads:
+            out["bad_payloads"] = stored.bad_payloads
+        return out
+
+
+def _made_at(item: Item) -> int:
+    message = item.message
+    if isinstance(message, Telemetry):
+        return max(s.t for s in message.samples)
+    return message.t or 0
+
+
+def _prescription(plan: Plan) -> dict[str, Any]:
+    rx = plan.prescription
+    if isinstance(rx, SockPrescription):
+        band = rx.pressure_class
+        return {"garment_kind": "sock", "garment": rx.garment, "class": rx.compression_class,
+                "range_mmhg": [band.low_mmhg, band.high_mmhg], "wear_hours_per_day": rx.wear_hours_per_day,
+                "wear_days_per_week": rx.wear_days_per_week, "zones": list(rx.zones)}  # fmt: skip
+    return {"garment_kind": "boot", "program": rx.program, "target_mmhg": rx.target_mmhg, "max_mmhg": rx.max_mmhg,
+            "sessions_per_week": rx.sessions_per_week, "session_min_s": rx.session_min_s,
+            "session_max_s": rx.session_max_s, "chambers": list(rx.chambers)}  # fmt: skip
+
+
+def _to_message(device: Device, item: Item) -> SimMessage:
+    message = item.message
+    payload = item.raw if item.raw is not None else encode(message)
+    times = [s.t for s in message.samples] if isinstance(message, Telemetry) else []
+    return SimMessage(device_id=device.device_id, patient=device.patient, scenario=device.scenario.name,
+                      channel=item.channel, topic=topic_for(device.device_id, item.channel), payload=payload,
+                      samples=len(times), first_t_ms=min(times, default=None), last_t_ms=max(times, default=None),
+                      publish_at_ms=item.publish_at_ms, retain=item.retain,
+                      expected_reason=item.whole_reason)  # fmt: skip
+
+
+# --- fleets ---------------------------------------------------------------------------------------------------------
+
+
+def allocate(count: int, weights: Mapping[str, float]) -> list[str]:
+    """``count`` scenario names in proportion to ``weights`` (largest remainder, deterministic)."""
+    total = sum(weights.values())
+    if count == 0 or total <= 0:
+        return []
+    exact = {name: count * w / total for name, w in weights.items()}
+    counts = {name: int(x) for name, x in exact.items()}
+    by_remainder = sorted(weights, key=lambda n: (-(exact[n] - counts[n]), n))
+    for name in by_remainder[: count - sum(counts.values())]:
+        counts[name] += 1
+    return [name for name in weights for _ in range(counts[name])]
+
+
+def build_fleet(
+    socks: int = 10,
+    boots: int = 4,
+    mix: Mapping[str, float] | None = None,
+    seed: int = 1,
+    days: int = 14,
+    end: datetime | int | None = None,
+    tz: str = DEFAULT_TZ,
+    scenarios: list[str] | None = None,
+) -> Fleet:
+    """A fleet of ``socks`` socks and ``boots`` boots with scenarios drawn by ``mix`` weights.
+
+    ``scenarios`` instead names each device's scenario in order (its kind
+    decides sock or boot). ``end`` is required (never the wall clock here):
+    pass ``datetime.now(UTC)`` from the caller for a backfill that ends now.
+    """
+    if end is None:
+        raise ValueError("end is required: the scenarios never read the clock")
+    weights = dict(mix if mix is not None else DEFAULT_MIX)
+    unknown = (set(weights) | set(scenarios or ())) - set(SCENARIOS)
+    if unknown:
+        raise ValueError(f"unknown scenarios: {sorted(unknown)}")
+    rng = random.Random(f"fleet/{seed}")
+    if scenarios is None:
+        sock_names = allocate(socks, {n: w for n, w in weights.items() if SCENARIOS[n].kind == "sock"})
+        boot_names = allocate(boots, {n: w for n, w in weights.items() if SCENARIOS[n].kind == "boot"})
+        if len(sock_names) < socks or len(boot_names) < boots:
+            raise ValueError("the mix has no scenario for one of the requested kinds")
+        rng.shuffle(sock_names)
+        rng.shuffle(boot_names)
+        scenarios = sock_names + boot_names
+    return Fleet(_devices(scenarios, rng, seed), period_for(end, days, tz), seed)
+
+
+def _devices(names: list[str], rng: random.Random, seed: int) -> tuple[Device, ...]:
+    numbers = {"sock": 0, "boot": 0}
+    codes: set[str] = set()
+    devices = []
+    for rank, name in enumerate(names):
+        scenario = SCENARIOS[name]
+        numbers[scenario.kind] += 1
+        device_id = f"{scenario.kind}-{numbers[scenario.kind]:04d}"
+        code = _patient_code(rng, codes)
+        devices.append(Device(device_id, code, scenario, f"{seed}/{device_id}/{name}", rank))
+    return tuple(devices)
+
+
+def _patient_code(rng: random.Random, taken: set[str]) -> str:
+    # Pseudonymous by construction: random, never derived from a name.
+    while True:
+        code = f"PT-{rng.getrandbits(24):06X}"
+        if code not in taken:
+            taken.add(code)
+            return code
+
+
+def every_scenario(seed: int = 1, days: int = 14, end: datetime | int | None = None, tz: str = DEFAULT_TZ) -> Fleet:
+    """One device per scenario, in library order."""
+    return build_fleet(seed=seed, days=days, end=end, tz=tz, scenarios=list(SCENARIOS))
+
+
+def build_scenario(
+    name: str, seed: int = 1, days: int = 14, end: datetime | int | None = None, tz: str = DEFAULT_TZ
+) -> Fleet:
+    """A fleet of one device running scenario ``name``."""
+    return build_fleet(seed=seed, days=days, end=end, tz=tz, scenarios=[name])
+
+
+def list_scenarios() -> list[tuple[str, str, str]]:
+    """(name, kind, one-line description) of every scenario, for ``--list-scenarios``."""
+    return [(s.name, s.kind, s.description) for s in SCENARIOS.values()]
