@@ -21,7 +21,7 @@ import math
 import random
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
 from devices.protocol import Sample, Zone
@@ -147,57 +147,61 @@ def fit_in_class(rng: random.Random, pclass: PressureClass, offset_widths: float
     )
 
 
-def _clipped_gauss(rng: random.Random, sd: float) -> float:
-    # Clipped at two standard deviations: sensor noise is bounded, and the
-    # bound is what lets a compliant garment provably stay in its class.
-    return max(-2.0 * sd, min(2.0 * sd, rng.gauss(0.0, sd)))
+def _bounded_noise(rng: random.Random, sd: float) -> float:
+    # Triangular on [-2 sd, 2 sd]: sensor noise is bounded, and the bound is
+    # what lets a compliant garment provably stay in its class. Two C calls
+    # instead of gauss(): this runs for every sample of a large backfill.
+    return (rng.random() + rng.random() - 1.0) * 2.0 * sd
 
 
-@dataclass(frozen=True, slots=True)
-class LegState:
-    """What the leg and the garment are doing at one sample."""
+class LegState(NamedTuple):
+    """What the leg and the garment are doing at one sample (a tuple: one is made per sample)."""
 
     on_body: bool
     since_change_s: float
     ambient_c: float
     age_days: float
-    walking: bool
-    rolled_down: bool
+    walking: bool = False
+    rolled_down: bool = False
 
 
-def skin_temp(rng: random.Random, fit: SockFit, state: LegState) -> float:
+def skin_temp(rng: random.Random, fit: SockFit, on_body: bool, since_change_s: float, ambient_c: float) -> float:
     """Sensor temperature: warming towards the skin after donning, cooling to the room after doffing."""
-    if state.on_body:
-        frac = 1.0 - math.exp(-state.since_change_s / WARM_UP_TAU_S)
-        value = state.ambient_c + (fit.skin_c - state.ambient_c) * frac
-    else:
-        frac = math.exp(-state.since_change_s / COOL_DOWN_TAU_S)
-        value = state.ambient_c + (fit.skin_c - state.ambient_c) * frac
-    return round(value + _clipped_gauss(rng, 0.1), 2)
+    warming = 1.0 - math.exp(-since_change_s / WARM_UP_TAU_S)
+    frac = warming if on_body else math.exp(-since_change_s / COOL_DOWN_TAU_S)
+    return round(ambient_c + (fit.skin_c - ambient_c) * frac + _bounded_noise(rng, 0.1), 2)
 
 
 def sock_pressures(rng: random.Random, fit: SockFit, zones: tuple[Zone, ...], state: LegState) -> dict[Zone, float]:
-    """Pressure per zone: graduated while on the leg, about zero off it."""
+    """Pressure per zone (``zones`` as in :attr:`SockPrescription.zones`): graduated on the leg, ~0 off it."""
+    rand = rng.random
     if not state.on_body:
-        return {zone: round(rng.uniform(0.0, 0.4), 2) for zone in zones}
+        return {zone: round(rand() * 0.4, 2) for zone in zones}
     # One swing for every zone: the calf muscle pushes the whole garment, so
     # the gradient holds during walking too. At a sample a minute the gait
     # phase is effectively random.
-    swing = fit.walk_amp_mmhg * (1.0 if state.walking else 0.2) * math.sin(rng.uniform(0.0, 2.0 * math.pi))
+    swing = fit.walk_amp_mmhg * (1.0 if state.walking else 0.2) * math.sin(rand() * 6.283185307179586)
     signal = fit.ankle_nominal(state.age_days) + swing
     if state.rolled_down:
         # The top band rolled down to the calf: a tourniquet above a loose ankle.
-        levels = {"ankle": signal * 0.8, "calf": signal * 1.05 + 4.0, "thigh": signal * 0.3}
+        ankle, calf, thigh = signal * 0.8, signal * 1.05 + 4.0, signal * 0.3
     else:
-        levels = {"ankle": signal, "calf": signal * fit.calf_ratio, "thigh": signal * fit.thigh_ratio}
+        ankle, calf, thigh = signal, signal * fit.calf_ratio, signal * fit.thigh_ratio
+    # Noise of the bounded kind (see _bounded_noise), inlined: the hot path.
     noise = fit.noise_mmhg
-    return {zone: round(max(0.0, levels[zone] + _clipped_gauss(rng, noise / 2.0)), 2) for zone in zones}
+    out: dict[Zone, float] = {
+        "ankle": round(max(0.0, ankle + (rand() + rand() - 1.0) * noise), 2),
+        "calf": round(max(0.0, calf + (rand() + rand() - 1.0) * noise), 2),
+    }
+    if len(zones) > 2:
+        out["thigh"] = round(max(0.0, thigh + (rand() + rand() - 1.0) * noise), 2)
+    return out
 
 
 def sock_sample(rng: random.Random, t: int, fit: SockFit, zones: tuple[Zone, ...], state: LegState) -> Sample:
     """One sock reading at device time ``t``, with the device's own on-body detection."""
     pressures = sock_pressures(rng, fit, zones, state)
-    temp = skin_temp(rng, fit, state)
+    temp = skin_temp(rng, fit, state.on_body, state.since_change_s, state.ambient_c)
     worn = temp >= WORN_MIN_SKIN_C and pressures["ankle"] >= WORN_MIN_CONTACT_MMHG
     return Sample(t=t, worn=worn, pressure_mmhg=pressures, skin_temp_c=temp)
 
@@ -303,10 +307,10 @@ def boot_sample(
     """One boot reading during a session: one value per chamber, 0.5 mmHg noise (clipped)."""
     phase = since_start_s % BOOT_CYCLE_S
     pressures: dict[Zone, float] = {
-        zone: round(max(0.0, boot_chamber(phase, i, target) + _clipped_gauss(rng, 0.5)), 2)
+        zone: round(max(0.0, boot_chamber(phase, i, target) + _bounded_noise(rng, 0.5)), 2)
         for i, zone in enumerate(chambers)
     }
-    return Sample(t=t, worn=True, pressure_mmhg=pressures, skin_temp_c=round(skin_c + _clipped_gauss(rng, 0.1), 2))
+    return Sample(t=t, worn=True, pressure_mmhg=pressures, skin_temp_c=round(skin_c + _bounded_noise(rng, 0.1), 2))
 
 
 # --- battery --------------------------------------------------------------------------------------------------------
