@@ -37,6 +37,19 @@ FLAGS: Final = (
 )  # fmt: skip
 
 
+def rules() -> dict[str, Any]:
+    """The constants the truth was computed with (written into every ground-truth file)."""
+    return {
+        "max_wear_gap_s": DEFAULT_MAX_WEAR_GAP_S,
+        "max_future_ms": DEFAULT_MAX_FUTURE_MS,
+        "max_age_ms": DEFAULT_MAX_AGE_MS,
+        "sustained_s": SUSTAINED_S,
+        "gradient_mmhg": GRADIENT_MMHG,
+        "worn_out_window_days": WORN_OUT_WINDOW_DAYS,
+        "session_window_days": SESSION_WINDOW_DAYS,
+    }
+
+
 @dataclass(slots=True)
 class Stored:
     """What the ingester keeps of one device's messages, and what it rejects."""
@@ -154,7 +167,7 @@ class DaySlice:
     @property
     def wear_s(self) -> float:
         """Seconds of wear stored for the day (the sum of ``worn_s``)."""
-        return sum(self.worn_s)
+        return sum(self.worn_s, 0.0)
 
     def worn_ankles(self) -> list[float]:
         """Ankle pressure of the day's worn samples."""
@@ -162,7 +175,7 @@ class DaySlice:
 
     def worn_seconds_where(self, pick: Any) -> float:
         """Seconds of wear of the day's samples for which ``pick(sample)`` holds."""
-        return sum(span for s, span in zip(self.samples, self.worn_s, strict=True) if s.worn and pick(s))
+        return sum((span for s, span in zip(self.samples, self.worn_s, strict=True) if s.worn and pick(s)), 0.0)
 
 
 def slice_days(stored: Stored, period: Period) -> list[DaySlice]:

@@ -35,7 +35,7 @@ from simulators.garments import (
     plan_sessions,
     sock_items,
 )
-from simulators.groundtruth import FORMAT, MODES, Mode, Stored, evaluate_days, flags_as_of, store
+from simulators.groundtruth import FORMAT, MODES, Mode, Stored, evaluate_days, flags_as_of, rules, store
 from simulators.physiology import (
     DAY_MS,
     Battery,
@@ -350,6 +350,7 @@ class Fleet:
             "start_ms": self.period.start_ms,
             "end_ms": self.period.end_ms,
             "days": [d.isoformat() for d in self.period.days],
+            "rules": rules(),
             "patients": [self._patient_truth(d, mode) for d in self.devices],
         }
 
