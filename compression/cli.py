@@ -8,6 +8,8 @@ import time
 import typing
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import click
@@ -17,6 +19,9 @@ from pydantic.fields import FieldInfo
 from compression import logs
 from ingest.settings import IngestSettings, SettingsError
 from simulators.publisher import LoadSpec, Publisher, PublishReport, generate
+from simulators.run import RunOptions, RunReport, run_fleet
+from simulators.scenarios import DEFAULT_TZ, SCENARIOS, build_fleet, list_scenarios
+from simulators.scenarios import every_scenario as every_scenario_fleet
 
 F = typing.TypeVar("F", bound=Callable[..., Any])
 
@@ -93,28 +98,110 @@ def _progress(total: int) -> Callable[[PublishReport], None]:
     return show
 
 
-@cli.command()
-@click.option("--mqtt-url", envvar="COMPRESSION_MQTT_URL", default="mqtt://127.0.0.1:1883", show_default=True,
-              help="Broker URL (env COMPRESSION_MQTT_URL).")  # fmt: skip
-@click.option("--devices", default=10, show_default=True, help="Number of simulated socks.")
-@click.option("--messages", default=10, show_default=True, help="Telemetry messages per device.")
-@click.option("--samples", default=10, show_default=True, help="Samples per message (1..500).")
-@click.option("--prefix", default="sock", show_default=True, help="Device id prefix: ids are PREFIX-0000, ...")
-@click.option("--period-ms", default=60_000, show_default=True, help="Time between samples of one device.")
-@click.option("--rate", type=float, default=None,
-              help="Pace publishing at this many samples/s (default: as fast as possible).")  # fmt: skip
-@click.option("--window", default=1000, show_default=True, help="Messages in flight to the broker at most.")
-@click.option("--seed", default=1, show_default=True, help="Random seed (same seed, same readings).")
-def simulate(mqtt_url: str, devices: int, messages: int, samples: int, prefix: str, period_ms: int,
-             rate: float | None, window: int, seed: int) -> None:  # fmt: skip
-    """Publish protocol-v1 sock telemetry at QoS 1 (the built-in load publisher).
+def _parse_mix(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    mix: dict[str, float] = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        if name.strip() not in SCENARIOS:
+            raise click.BadParameter(f"unknown scenario {name.strip()!r} (see --list-scenarios)", param_hint="--mix")
+        try:
+            mix[name.strip()] = float(weight or 1)
+        except ValueError as exc:
+            raise click.BadParameter(f"weight of {name!r} is not a number", param_hint="--mix") from exc
+    return mix
 
-    Timestamps are historical, ending now, one sample every --period-ms per
-    device. Waits until the broker has acknowledged every message.
+
+def _list_scenarios() -> None:
+    for name, kind, description in list_scenarios():
+        click.echo(f"{name:<22} {kind:<5} {description}")
+
+
+@cli.command()
+@click.option("--list-scenarios", "list_only", is_flag=True, help="List the scenarios, a line each, and exit.")
+@click.option("--mqtt-url", envvar="COMPRESSION_MQTT_URL", default="mqtt://127.0.0.1:1883", show_default=True,
+              help="Broker URL; with credentials (mqtt://user:pass@...) when the broker requires them.")  # fmt: skip
+@click.option("--socks", default=10, show_default=True, help="Simulated socks/stockings in the fleet.")
+@click.option("--boots", default=4, show_default=True, help="Simulated pneumatic boots in the fleet.")
+@click.option("--scenario", "scenarios", multiple=True, metavar="NAME",
+              help="Only these scenarios (repeatable); --every-scenario gives one device of each.")  # fmt: skip
+@click.option("--every-scenario", is_flag=True, help="One device per scenario (ignores --socks/--boots/--mix).")
+@click.option(
+    "--mix", default=None, metavar="NAME=W,...", help="Scenario weights across the fleet (default: mostly compliant)."
+)
+@click.option("--days", default=14, show_default=True, help="Days of history to backfill (1..28).")
+@click.option("--live", "live_hours", type=float, default=None, metavar="HOURS",
+              help="Then go on in real time for HOURS (each message sent when it falls due).")  # fmt: skip
+@click.option("--seed", default=1, show_default=True, help="Same seed, same fleet, same readings.")
+@click.option("--tz", default=DEFAULT_TZ, show_default=True, help="The clinic's (and patients') time zone.")
+@click.option("--ground-truth", type=click.Path(dir_okay=False), default=None,
+              help="Write what the platform must conclude per patient and day to this JSON file.")  # fmt: skip
+@click.option("--connections", default=4, show_default=True, help="Gateway connections the fleet is spread over.")
+@click.option("--queue-dir", type=click.Path(file_okay=False), default=None,
+              help="SQLite outboxes here (survive a restart); default: in memory.")  # fmt: skip
+@click.option("--topic-root", default="garments/v1", show_default=True, hidden=True)
+@click.option(
+    "--load", is_flag=True, help="Benchmark load instead of a clinical fleet: see --devices/--messages/--rate."
+)
+@click.option("--devices", default=10, show_default=True, help="--load: number of simulated socks.")
+@click.option("--messages", default=10, show_default=True, help="--load: telemetry messages per device.")
+@click.option("--samples", default=10, show_default=True, help="--load: samples per message (1..500).")
+@click.option("--rate", type=float, default=None, help="--load: samples/s (default: as fast as possible).")
+def simulate(list_only: bool, mqtt_url: str, socks: int, boots: int, scenarios: tuple[str, ...], every_scenario: bool,
+             mix: str | None, days: int, live_hours: float | None, seed: int, tz: str, ground_truth: str | None,
+             connections: int, queue_dir: str | None, topic_root: str, load: bool, devices: int, messages: int,
+             samples: int, rate: float | None) -> None:  # fmt: skip
+    """Simulate garments: a clinic's fleet with clinical scenarios, or a benchmark load.
+
+    By default: a fleet of --socks and --boots following a scenario mix
+    (compliant, under_use, rolled_down, boot_overpressure, ...; see
+    --list-scenarios), backfilled over the last --days days at full speed
+    with their original timestamps, through --connections gateway clients
+    at QoS 1. --live HOURS goes on in real time afterwards. --ground-truth
+    writes what the platform must conclude (docs/ground-truth.md).
     """
-    spec = LoadSpec(devices=devices, messages=messages, samples=samples, prefix=prefix, period_ms=period_ms, seed=seed)
-    click.echo(f"publishing {spec.total_samples:,} samples from {devices} devices to {mqtt_url}", err=True)
-    with Publisher(mqtt_url, f"compression-simulate-{uuid.uuid4().hex[:8]}", window=window) as pub:
+    if list_only:
+        _list_scenarios()
+        return
+    if load:
+        _simulate_load(mqtt_url, devices, messages, samples, rate, seed)
+        return
+    unknown = [n for n in scenarios if n not in SCENARIOS]
+    if unknown:
+        raise click.BadParameter(f"unknown scenario(s) {unknown} (see --list-scenarios)", param_hint="--scenario")
+    end = datetime.now(UTC) + timedelta(hours=live_hours or 0)
+    try:
+        if every_scenario:
+            fleet = every_scenario_fleet(seed=seed, days=days, end=end, tz=tz)
+        else:
+            fleet = build_fleet(socks=socks, boots=boots, mix=_parse_mix(mix), seed=seed, days=days, end=end, tz=tz,
+                                scenarios=list(scenarios) or None)  # fmt: skip
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(f"fleet: {len(fleet.devices)} devices, {days} days of history"
+               + (f", then {live_hours:g} h live" if live_hours else ""), err=True)  # fmt: skip
+    if ground_truth:
+        fleet.write_ground_truth(ground_truth, mode="live" if live_hours else "backfill")
+        click.echo(f"ground truth: {ground_truth}", err=True)
+    options = RunOptions(mqtt_url, connections=connections, queue_dir=Path(queue_dir) if queue_dir else None,
+                         topic_root=topic_root)  # fmt: skip
+    report = run_fleet(fleet, options, live=bool(live_hours), progress=_fleet_progress)
+    click.echo(f"\ndone: {report.messages:,} messages ({report.samples:,} samples, {report.bad_payloads} deliberately "
+               f"bad) in {report.seconds:.1f} s; broker acknowledged {report.acked:,}")  # fmt: skip
+    if report.acked < report.messages or report.dropped:
+        raise click.ClickException(f"{report.messages - report.acked} message(s) not acknowledged, "
+                                   f"{report.dropped} dropped")  # fmt: skip
+
+
+def _fleet_progress(report: RunReport) -> None:
+    click.echo(f"\r  sent {report.messages:>9,} messages, {report.samples:>10,} samples", nl=False, err=True)
+
+
+def _simulate_load(mqtt_url: str, devices: int, messages: int, samples: int, rate: float | None, seed: int) -> None:
+    spec = LoadSpec(devices=devices, messages=messages, samples=samples, period_ms=1000, seed=seed)
+    click.echo(f"load: {spec.total_samples:,} samples from {devices} devices to {mqtt_url}", err=True)
+    with Publisher(mqtt_url, f"compression-load-{uuid.uuid4().hex[:8]}") as pub:
         report = pub.publish_all(generate(spec), rate=rate, progress=_progress(spec.total_samples))
     click.echo(f"\ndone: {report.messages:,} messages ({report.samples:,} samples) acknowledged in "
                f"{report.seconds:.1f} s ({report.samples / max(report.seconds, 1e-9):,.0f} samples/s)")  # fmt: skip

@@ -247,10 +247,22 @@ class DeviceClient:
         """Queue a retained status of ``device_id``; raises :class:`~devices.outbox.OutboxFullError`, never drops it."""
         return self._put(device_id, "status", encode(status), retain=True)
 
+    def publish_raw(self, device_id: str, channel: Channel, payload: bytes, retain: bool = False) -> bool:
+        """Queue ``payload`` exactly as given, unchecked: for simulating faulty firmware and for test tools.
+
+        Only the topic is checked (``device_id`` must be a valid id); the bytes
+        may be anything, too large included, so that the platform's rejections
+        can be exercised end to end.
+        """
+        return self._enqueue(topic_for(device_id, channel, self.topic_root), payload, channel, retain)
+
     def _put(self, device_id: str, channel: Channel, payload: bytes, retain: bool) -> bool:
         topic = topic_for(device_id, channel, self.topic_root)
         if len(payload) > MAX_PAYLOAD_BYTES:
             raise ProtocolError("payload_too_large", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+        return self._enqueue(topic, payload, channel, retain)
+
+    def _enqueue(self, topic: str, payload: bytes, channel: Channel, retain: bool) -> bool:
         result = self._outbox.put(topic, payload, channel, retain)
         with self._lock:
             self._queued += result.id is not None
