@@ -126,8 +126,10 @@ class Ingester:
                  redact_url(s.mqtt_url), s.influx_url, s.influx_database, s.batch_size,
                  s.flush_interval_ms, s.inflight_max)  # fmt: skip
         async with InfluxWriter(s, self.metrics) as writer:
-            if s.influx_create_database and not s.influx_token and not await self._unless_stopped(
-                writer.ensure_database()
+            if (
+                s.influx_create_database
+                and not s.influx_token
+                and not await self._unless_stopped(writer.ensure_database())
             ):
                 log.info("stopped before InfluxDB answered")
                 return

@@ -79,4 +79,3 @@ async def test_every_scenario_14_day_backfill_lands_complete(
          f"AND time >= {offline['from_ms']}ms AND time < {offline['until_ms']}ms")  # fmt: skip
     assert sent and rows(influx.url, names.database, q)[0]["n"] == len(sent)
     assert offline["late_messages"] > 0
-
