@@ -208,11 +208,10 @@ def _simulate_load(mqtt_url: str, devices: int, messages: int, samples: int, rat
 
 
 @cli.command()
-@click.option("--devices", default=20, show_default=True, help="Simulated socks.")
-@click.option("--messages", default=30, show_default=True, help="Telemetry messages per sock.")
+@click.option("--days", default=7, show_default=True, help="Days of simulated history (1..28).")
 @click.option("--data-dir", default="var/demo", show_default=True, help="Folder for the local servers' data.")
 @click.option("--keep/--no-keep", default=False, help="Keep the servers running after the summary (Ctrl-C stops).")
-def demo(devices: int, messages: int, data_dir: str, keep: bool) -> None:
+def demo(days: int, data_dir: str, keep: bool) -> None:
     """Run the platform locally end to end and summarise what was stored.
 
     Starts Mosquitto and InfluxDB as plain processes on free loopback ports
@@ -223,7 +222,7 @@ def demo(devices: int, messages: int, data_dir: str, keep: bool) -> None:
     from compression.demo import run_demo
 
     logs.configure("WARNING")
-    sys.exit(run_demo(devices=devices, messages=messages, data_dir=data_dir, keep=keep, started=time.monotonic()))
+    sys.exit(run_demo(days=days, data_dir=data_dir, keep=keep, started=time.monotonic()))
 
 
 def main() -> None:

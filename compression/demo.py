@@ -6,95 +6,88 @@ import asyncio
 import shutil
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
 
 from compression.influxql import rows, scalar
 from compression.localservers import InfluxDB, Mosquitto, start_influxdb, start_mosquitto
-from devices.protocol import topic_for
 from ingest.app import Ingester
 from ingest.settings import IngestSettings
-from simulators.publisher import LoadSpec, Outgoing, Publisher, generate
+from simulators.run import RunOptions, RunReport, run_fleet
+from simulators.scenarios import Fleet, every_scenario
 
 DATABASE = "compression_demo"
-
-
-def _bad_messages() -> list[Outgoing]:
-    now = int(time.time() * 1000)
-
-    def sample(t: int, ankle: str) -> str:
-        return f'{{"t":{t},"worn":true,"pressure_mmhg":{{"ankle":{ankle}}}}}'
-
-    good = sample(now, "24.0")
-    partly_bad = f"[{good},{sample(now, '400')},{sample(now + 3_600_000, '24')}]"
-
-    return [
-        Outgoing(topic_for("sock-bad1", "telemetry"), b"this is not json", 0),
-        Outgoing(topic_for("sock-bad2", "telemetry"),
-                 f'{{"v":1,"device_id":"someone-else","kind":"sock","seq":1,"samples":[{good}]}}'.encode(), 0),
-        Outgoing(topic_for("sock-bad3", "telemetry"),
-                 f'{{"v":1,"device_id":"sock-bad3","kind":"sock","seq":1,"samples":{partly_bad}}}'.encode(), 1),
-    ]  # fmt: skip
 
 
 def _say(text: str) -> None:
     click.echo(click.style("==> ", fg="cyan", bold=True) + text)
 
 
-async def _ingest_and_publish(mq: Mosquitto, db: InfluxDB, spec: LoadSpec) -> Ingester:
+async def _ingest_fleet(mq: Mosquitto, db: InfluxDB, fleet: Fleet, expected: int) -> tuple[Ingester, RunReport]:
     settings = IngestSettings(mqtt_url=mq.url, influx_url=db.url, influx_database=DATABASE, metrics_port=0,
                               mqtt_client_id=f"demo-ingest-{uuid.uuid4().hex[:6]}")  # fmt: skip
     ingester = Ingester(settings)
     task = asyncio.create_task(ingester.run())
     await asyncio.sleep(0.5)
     _say(f"ingester running (metrics: http://127.0.0.1:{ingester.metrics_port}/metrics)")
-    messages = [*generate(spec), *_bad_messages()]
 
-    def publish() -> None:
-        with Publisher(mq.url, "demo-publisher") as pub:
-            report = pub.publish_all(messages)
-        _say(f"published {report.messages} messages ({report.samples} samples) in {report.seconds:.2f} s")
+    def progress(report: RunReport) -> None:
+        click.echo(f"\r    sent {report.messages:>7,} messages, {report.samples:>9,} samples", nl=False)
 
-    await asyncio.to_thread(publish)
-    expected = spec.total_samples + 1
-    deadline = time.monotonic() + 60
-    while ingester.metrics.value("compression_ingest_samples_written_total") < expected:
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.1)
+    report = await asyncio.to_thread(run_fleet, fleet, RunOptions(mq.url, connections=2), False, progress)
+    click.echo()
+    _say(f"the fleet sent {report.messages:,} messages ({report.samples:,} samples, {report.bad_payloads} "
+         f"deliberately malformed) in {report.seconds:.1f} s; the broker acknowledged {report.acked:,}")  # fmt: skip
+    deadline = time.monotonic() + 120
+    # Polls the database itself: "stored" means queryable, whatever the ingester's counters say.
+    while scalar(db.url, DATABASE, "SELECT count(worn) FROM sample") < expected and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.2)
     ingester.stop()
     await task
-    return ingester
+    return ingester, report
 
 
-def _summary(db: InfluxDB, ingester: Ingester, spec: LoadSpec) -> int:
-    stored = scalar(db.url, DATABASE, "SELECT count(ankle_mmhg) FROM sample")
-    per_device = rows(db.url, DATABASE, "SELECT count(ankle_mmhg) AS n, last(battery_pct) AS battery "
-                                         "FROM sample GROUP BY device")  # fmt: skip
-    wear = rows(db.url, DATABASE, "SELECT sum(worn_s) / 3600 AS hours FROM sample GROUP BY device")
+def _patient_line(patient: dict[str, Any], stored: int, wear_hours: float) -> str:
+    days = [d for d in patient["days"] if d["complete"]]
+    truth_hours = sum(d["wear_s"] for d in patient["days"]) / 3600 / max(len(patient["days"]), 1)
+    flagged = sorted({f for d in days for f in (d["flags"] or []) if f != "compliant"})
+    who = f"{patient['patient']:<10} {patient['device_id']:<10} {patient['scenario']:<21}"
+    return (f"    {who} {stored:>7,} samples  worn {wear_hours:4.1f} h/day (truth {truth_hours:4.1f})  "
+            f"expected flags: {', '.join(flagged) or '-'}")  # fmt: skip
+
+
+def _summary(db: InfluxDB, ingester: Ingester, truth: dict[str, Any], truth_path: Path) -> int:
+    expected = sum(p["transport"]["samples_stored"] for p in truth["patients"])
+    stored = int(scalar(db.url, DATABASE, "SELECT count(worn) FROM sample"))
+    per_device = rows(db.url, DATABASE, "SELECT count(worn) AS n FROM sample GROUP BY device")
+    counts = {r["device"]: int(r["n"]) for r in per_device}
+    q = (f"SELECT sum(worn_s) / 3600 AS h FROM sample WHERE time >= {truth['start_ms']}ms "
+         f"AND time < {truth['end_ms']}ms GROUP BY device")  # fmt: skip
+    wear = {r["device"]: float(r["h"] or 0) for r in rows(db.url, DATABASE, q)}
     rejected = rows(db.url, DATABASE, "SELECT count(raw_bytes) AS n FROM rejected GROUP BY reason")
     click.echo()
-    _say(f"InfluxDB {db.url} database {DATABASE!r}:")
-    click.echo(f"    samples stored: {int(stored):,} (expected {spec.total_samples + 1:,}: "
-               f"{spec.total_samples:,} simulated + 1 good sample in a partly bad message)")  # fmt: skip
-    click.echo(f"    devices: {len(per_device)}; first three:")
-    hours = {r["device"]: r["hours"] for r in wear}
-    for r in sorted(per_device, key=lambda r: r["device"])[:3]:
-        click.echo(f"      {r['device']:<12} {r['n']:>6} samples, battery {r['battery']} %, "
-                   f"worn {hours.get(r['device'], 0):.1f} h")  # fmt: skip
-    click.echo("    rejected (dead letters, by reason):")
-    for r in rejected:
-        click.echo(f"      {r['reason']:<22} {r['n']}")
+    _say(f"InfluxDB {db.url}, database {DATABASE!r}: {stored:,} samples stored of {expected:,} expected")
+    click.echo("    patient    device     scenario              stored            average wear (all days)")
+    for patient in truth["patients"]:
+        device = patient["device_id"]
+        per_day = wear.get(device, 0.0) / max(len(patient["days"]), 1)
+        click.echo(_patient_line(patient, counts.get(device, 0), per_day))
+    click.echo("    rejected by the ingester (dead letters in the 'rejected' measurement), by reason:")
+    for r in sorted(rejected, key=lambda r: str(r["reason"])):
+        click.echo(f"      {r['reason']:<24} {r['n']}")
     acked = ingester.metrics.value("compression_ingest_messages_acked_total")
-    click.echo(f"    ingester: {int(acked):,} messages acknowledged after their write")
-    ok = int(stored) == spec.total_samples + 1
+    click.echo(f"    ingester: {int(acked):,} messages acknowledged, each only after its write")
+    _say(f"ground truth of every patient and day: {truth_path} (docs/ground-truth.md)")
+    ok = stored == expected
     _say("all readings stored" if ok else "MISSING READINGS: see the logs above")
     return 0 if ok else 1
 
 
-def run_demo(devices: int, messages: int, data_dir: str, keep: bool, started: float) -> int:
-    """Start local servers, ingest a simulated fleet, print a summary; 0 on success."""
+def run_demo(days: int, data_dir: str, keep: bool, started: float) -> int:
+    """Start local servers, backfill one simulated patient per scenario, print a summary; 0 on success."""
     root = Path(data_dir)
     _forget_previous_runs(root)
     _say(f"starting Mosquitto and InfluxDB on free loopback ports under {root}/")
@@ -102,9 +95,14 @@ def run_demo(devices: int, messages: int, data_dir: str, keep: bool, started: fl
     db = start_influxdb(root)
     try:
         _say(f"Mosquitto {mq.url}, InfluxDB {db.url}")
-        spec = LoadSpec(devices=devices, messages=messages, samples=10)
-        ingester = asyncio.run(_ingest_and_publish(mq, db, spec))
-        code = _summary(db, ingester, spec)
+        fleet = every_scenario(seed=1, days=days, end=datetime.now(UTC))
+        truth = fleet.ground_truth()
+        truth_path = root / "ground-truth.json"
+        fleet.write_ground_truth(truth_path)
+        _say(f"simulating {len(fleet.devices)} patients, one per scenario, over the last {days} days")
+        expected = sum(p["transport"]["samples_stored"] for p in truth["patients"])
+        ingester, _ = asyncio.run(_ingest_fleet(mq, db, fleet, expected))
+        code = _summary(db, ingester, truth, truth_path)
         _say(f"demo finished in {time.monotonic() - started:.1f} s")
         if keep:
             _say(f"servers still running; try: curl '{db.url}/query?db={DATABASE}&q=SHOW+MEASUREMENTS' (Ctrl-C stops)")
