@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from devices.client import MEMORY, DeviceClient
 from simulators.scenarios import Fleet, SimMessage
@@ -46,6 +47,17 @@ class RunOptions:
     window: int = 500
     topic_root: str = "garments/v1"
     tls_ca_file: str | None = None
+    # Gateway id -> password, for brokers that require each connection's own credentials.
+    credentials: dict[str, str] = field(default_factory=dict)
+
+    def url_for(self, client_id: str) -> str:
+        """The broker URL with ``client_id``'s own credentials, when there are any."""
+        password = self.credentials.get(client_id)
+        if password is None:
+            return self.mqtt_url
+        scheme, _, rest = self.mqtt_url.partition("://")
+        host = rest.rsplit("@", 1)[-1]
+        return f"{scheme}://{quote(client_id, safe='')}:{quote(password, safe='')}@{host}"
 
 
 Progress = Callable[[RunReport], None]
@@ -60,7 +72,7 @@ def _gateways(fleet: Fleet, options: RunOptions) -> list[DeviceClient]:
             options.queue_dir.mkdir(parents=True, exist_ok=True)
         clients.append(
             DeviceClient(
-                options.mqtt_url,
+                options.url_for(client_id),
                 client_id,
                 queue,
                 window=options.window,
