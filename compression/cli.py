@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 import typing
@@ -18,7 +19,7 @@ from pydantic.fields import FieldInfo
 
 from compression import logs
 from ingest.settings import IngestSettings, SettingsError
-from simulators.publisher import LoadSpec, Publisher, PublishReport, generate
+from simulators.publisher import LoadSpec, Publisher, PublishReport, generate, publish_spread
 from simulators.run import RunOptions, RunReport, run_fleet
 from simulators.scenarios import DEFAULT_TZ, SCENARIOS, build_fleet, list_scenarios
 from simulators.scenarios import every_scenario as every_scenario_fleet
@@ -137,7 +138,8 @@ def _list_scenarios() -> None:
 @click.option("--tz", default=DEFAULT_TZ, show_default=True, help="The clinic's (and patients') time zone.")
 @click.option("--ground-truth", type=click.Path(dir_okay=False), default=None,
               help="Write what the platform must conclude per patient and day to this JSON file.")  # fmt: skip
-@click.option("--connections", default=4, show_default=True, help="Gateway connections the fleet is spread over.")
+@click.option("--connections", default=4, show_default=True,
+              help="Gateway connections the fleet (or the --load devices) is spread over.")  # fmt: skip
 @click.option("--queue-dir", type=click.Path(file_okay=False), default=None,
               help="SQLite outboxes here (survive a restart); default: in memory.")  # fmt: skip
 @click.option("--topic-root", default="garments/v1", show_default=True, hidden=True)
@@ -165,7 +167,7 @@ def simulate(list_only: bool, mqtt_url: str, socks: int, boots: int, scenarios: 
         _list_scenarios()
         return
     if load:
-        _simulate_load(mqtt_url, devices, messages, samples, rate, seed)
+        _simulate_load(mqtt_url, devices, messages, samples, rate, seed, connections)
         return
     unknown = [n for n in scenarios if n not in SCENARIOS]
     if unknown:
@@ -198,11 +200,16 @@ def _fleet_progress(report: RunReport) -> None:
     click.echo(f"\r  sent {report.messages:>9,} messages, {report.samples:>10,} samples", nl=False, err=True)
 
 
-def _simulate_load(mqtt_url: str, devices: int, messages: int, samples: int, rate: float | None, seed: int) -> None:
+def _simulate_load(mqtt_url: str, devices: int, messages: int, samples: int, rate: float | None, seed: int,
+                   connections: int = 1) -> None:  # fmt: skip
     spec = LoadSpec(devices=devices, messages=messages, samples=samples, period_ms=1000, seed=seed)
-    click.echo(f"load: {spec.total_samples:,} samples from {devices} devices to {mqtt_url}", err=True)
-    with Publisher(mqtt_url, f"compression-load-{uuid.uuid4().hex[:8]}") as pub:
-        report = pub.publish_all(generate(spec), rate=rate, progress=_progress(spec.total_samples))
+    connections = max(1, min(connections, devices))
+    click.echo(f"load: {spec.total_samples:,} samples from {devices} devices over {connections} connection(s) "
+               f"to {mqtt_url}", err=True)  # fmt: skip
+    tag = uuid.uuid4().hex[:8]
+    with contextlib.ExitStack() as stack:
+        pubs = [stack.enter_context(Publisher(mqtt_url, f"compression-load-{tag}-{i}")) for i in range(connections)]
+        report = publish_spread(pubs, generate(spec), rate=rate, progress=_progress(spec.total_samples))
     click.echo(f"\ndone: {report.messages:,} messages ({report.samples:,} samples) acknowledged in "
                f"{report.seconds:.1f} s ({report.samples / max(report.seconds, 1e-9):,.0f} samples/s)")  # fmt: skip
 

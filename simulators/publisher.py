@@ -13,7 +13,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import paho.mqtt.client as paho
@@ -155,8 +155,7 @@ class Publisher:
         report = PublishReport()
         started = time.monotonic()
         for out in messages:
-            self._window.acquire()
-            self._client.publish(out.topic, out.payload, qos=1)
+            self._send(out)
             report.messages += 1
             report.samples += out.samples
             if rate:
@@ -171,9 +170,56 @@ class Publisher:
         report.seconds = time.monotonic() - started
         return report
 
+    def _send(self, out: Outgoing) -> None:
+        self._window.acquire()
+        self._client.publish(out.topic, out.payload, qos=1)
+
     def _wait_acked(self, expected: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self.acked < expected:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {self.acked} of {expected} messages acknowledged by the broker")
             time.sleep(0.01)
+
+
+def publish_spread(
+    publishers: Sequence[Publisher],
+    messages: Iterable[Outgoing],
+    rate: float | None = None,
+    progress: Callable[[PublishReport], None] | None = None,
+    ack_timeout: float = 300.0,
+) -> PublishReport:
+    """Like :meth:`Publisher.publish_all`, over several connections (gateways relaying many garments).
+
+    Each topic (so each device) sticks to one connection, assigned round-robin
+    in order of first appearance, so a device's messages keep their order.
+    Returns once the broker acknowledged every message on every connection.
+    """
+    if not publishers:
+        raise ValueError("publish_spread needs at least one publisher")
+    report = PublishReport()
+    route: dict[str, Publisher] = {}
+    sent = [0] * len(publishers)
+    index = {id(p): i for i, p in enumerate(publishers)}
+    started = time.monotonic()
+    for out in messages:
+        pub = route.get(out.topic)
+        if pub is None:
+            pub = route[out.topic] = publishers[len(route) % len(publishers)]
+        pub._send(out)
+        sent[index[id(pub)]] += 1
+        report.messages += 1
+        report.samples += out.samples
+        if rate:
+            ahead = report.samples / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+        if progress is not None and report.messages % 500 == 0:
+            report.acked = sum(p.acked for p in publishers)
+            progress(report)
+    deadline = time.monotonic() + ack_timeout
+    for pub, expected in zip(publishers, sent, strict=True):
+        pub._wait_acked(expected, max(0.0, deadline - time.monotonic()))
+    report.acked = sum(p.acked for p in publishers)
+    report.seconds = time.monotonic() - started
+    return report
