@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import sys
 import time
 import typing
@@ -142,6 +143,9 @@ def _list_scenarios() -> None:
               help="Gateway connections the fleet (or the --load devices) is spread over.")  # fmt: skip
 @click.option("--queue-dir", type=click.Path(file_okay=False), default=None,
               help="SQLite outboxes here (survive a restart); default: in memory.")  # fmt: skip
+@click.option("--credentials", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CSV of gateway_id,password: each gateway connection logs in as itself "
+                   "(gateway ids are sim-gw-SEED-N).")  # fmt: skip
 @click.option("--topic-root", default="garments/v1", show_default=True, hidden=True)
 @click.option(
     "--load", is_flag=True, help="Benchmark load instead of a clinical fleet: see --devices/--messages/--rate."
@@ -152,8 +156,8 @@ def _list_scenarios() -> None:
 @click.option("--rate", type=float, default=None, help="--load: samples/s (default: as fast as possible).")
 def simulate(list_only: bool, mqtt_url: str, socks: int, boots: int, scenarios: tuple[str, ...], every_scenario: bool,
              mix: str | None, days: int, live_hours: float | None, seed: int, tz: str, ground_truth: str | None,
-             connections: int, queue_dir: str | None, topic_root: str, load: bool, devices: int, messages: int,
-             samples: int, rate: float | None) -> None:  # fmt: skip
+             connections: int, queue_dir: str | None, credentials: str | None, topic_root: str, load: bool,
+             devices: int, messages: int, samples: int, rate: float | None) -> None:  # fmt: skip
     """Simulate garments: a clinic's fleet with clinical scenarios, or a benchmark load.
 
     By default: a fleet of --socks and --boots following a scenario mix
@@ -187,7 +191,7 @@ def simulate(list_only: bool, mqtt_url: str, socks: int, boots: int, scenarios: 
         fleet.write_ground_truth(ground_truth, mode="live" if live_hours else "backfill")
         click.echo(f"ground truth: {ground_truth}", err=True)
     options = RunOptions(mqtt_url, connections=connections, queue_dir=Path(queue_dir) if queue_dir else None,
-                         topic_root=topic_root)  # fmt: skip
+                         topic_root=topic_root, credentials=_read_credentials(credentials))  # fmt: skip
     report = run_fleet(fleet, options, live=bool(live_hours), progress=_fleet_progress)
     click.echo(f"\ndone: {report.messages:,} messages ({report.samples:,} samples, {report.bad_payloads} deliberately "
                f"bad) in {report.seconds:.1f} s; broker acknowledged {report.acked:,}")  # fmt: skip
@@ -196,8 +200,22 @@ def simulate(list_only: bool, mqtt_url: str, socks: int, boots: int, scenarios: 
                                    f"{report.dropped} dropped")  # fmt: skip
 
 
+def _read_credentials(path: str | None) -> dict[str, str]:
+    if path is None:
+        return {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        pairs = [row for row in csv.reader(fh) if row and not row[0].startswith("#")]
+    bad = [row for row in pairs if len(row) != 2]
+    if bad:
+        raise click.BadParameter(f"expected gateway_id,password per line, got {bad[0]!r}", param_hint="--credentials")
+    return {gateway.strip(): password.strip() for gateway, password in pairs}
+
+
 def _fleet_progress(report: RunReport) -> None:
-    click.echo(f"\r  sent {report.messages:>9,} messages, {report.samples:>10,} samples", nl=False, err=True)
+    filled = int(report.done * 30)
+    bar = "#" * filled + "-" * (30 - filled)
+    click.echo(f"\r  [{bar}] {report.done:4.0%}  {report.messages:>9,} messages, {report.samples:>10,} samples",
+               nl=False, err=True)  # fmt: skip
 
 
 def _simulate_load(mqtt_url: str, devices: int, messages: int, samples: int, rate: float | None, seed: int,

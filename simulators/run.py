@@ -34,6 +34,8 @@ class RunReport:
     acked: int = 0
     dropped: int = 0
     per_scenario: dict[str, int] = field(default_factory=dict)
+    # How far through the simulated period the run has got (0..1), by publish time.
+    done: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -112,12 +114,14 @@ def run_fleet(
     started = time.monotonic()
     for client in clients:
         client.start()
+    first, span = fleet.period.start_ms, max(1, fleet.period.end_ms - fleet.period.start_ms)
     try:
         for message in fleet.messages():
             if live:
                 _wait_until(message.publish_at_ms)
             _send(clients[ranks[message.device_id] % len(clients)], message, report)
             if progress is not None and report.messages % 1000 == 0:
+                report.done = min(1.0, max(0.0, (message.publish_at_ms - first) / span))
                 progress(report)
         deadline = time.monotonic() + flush_timeout
         for client in clients:

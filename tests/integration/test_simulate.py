@@ -20,7 +20,7 @@ from compression.influxql import rows
 from compression.localservers import BrokerAccess, InfluxDB, Mosquitto, start_mosquitto
 from devices.protocol import decode_telemetry
 from simulators.run import RunOptions, run_fleet
-from simulators.scenarios import Device, Fleet, SimMessage, build_fleet, every_scenario
+from simulators.scenarios import Device, Fleet, Period, SimMessage, build_fleet, every_scenario
 from tests.integration.conftest import Names, running, settings_for, wait_for_count
 
 pytestmark = pytest.mark.integration
@@ -94,6 +94,7 @@ class RetimedFleet:
 
     devices: tuple[Device, ...]
     seed: int
+    period: Period
     items: list[SimMessage]
 
     def messages(self) -> Iterator[SimMessage]:
@@ -104,7 +105,7 @@ async def test_live_mode_sends_each_message_when_it_falls_due(mosquitto: Mosquit
     fleet = build_fleet(socks=1, boots=0, seed=5, days=1, end=datetime.now(UTC), scenarios=["compliant"])
     now_ms = int(time.time() * 1000)
     items = [replace(m, publish_at_ms=now_ms + 500 * i) for i, m in enumerate(list(fleet.messages())[:6])]
-    live = RetimedFleet(fleet.devices, fleet.seed, items)
+    live = RetimedFleet(fleet.devices, fleet.seed, fleet.period, items)
     options = RunOptions(mosquitto.url, connections=1, topic_root=names.topic_root, client_prefix=f"gw-{names.prefix}")
     seen: list[tuple[int, float]] = []
 
