@@ -152,23 +152,7 @@ class Publisher:
         ack_timeout: float = 300.0,
     ) -> PublishReport:
         """Publish every message (at ``rate`` samples/s if given); wait for every PUBACK."""
-        report = PublishReport()
-        started = time.monotonic()
-        for out in messages:
-            self._send(out)
-            report.messages += 1
-            report.samples += out.samples
-            if rate:
-                ahead = report.samples / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
-            if progress is not None and report.messages % 500 == 0:
-                report.acked = self.acked
-                progress(report)
-        self._wait_acked(report.messages, ack_timeout)
-        report.acked = self.acked
-        report.seconds = time.monotonic() - started
-        return report
+        return publish_spread([self], messages, rate, progress, ack_timeout)
 
     def _send(self, out: Outgoing) -> None:
         self._window.acquire()
@@ -199,7 +183,7 @@ def publish_spread(
         raise ValueError("publish_spread needs at least one publisher")
     report = PublishReport()
     route: dict[str, Publisher] = {}
-    sent = [0] * len(publishers)
+    sent = [p.acked for p in publishers]  # acks owed: what was acked before, plus what this call sends
     index = {id(p): i for i, p in enumerate(publishers)}
     started = time.monotonic()
     for out in messages:
