@@ -29,8 +29,6 @@ from ingest.write import InfluxWriter, RefusedLine
 
 log = logging.getLogger(__name__)
 
-_CHANNEL_OF = {"telemetry": "telemetry", "event": "event", "status": "status"}
-
 
 class Ingester:
     """One ingester process: owns the consumer, the batcher and the writers."""
@@ -60,8 +58,8 @@ class Ingester:
         except Exception as exc:
             log.exception("decoder failed on a message from %r", topic[:200])
             decoded = self._decoder.internal_error(topic, payload, time.time_ns(), exc)
-        channel = topic.rsplit("/", 1)[-1]
-        self._received[_CHANNEL_OF.get(channel, "unknown")].inc()
+        counter = self._received.get(topic.rsplit("/", 1)[-1]) or self._received["unknown"]
+        counter.inc()
         for reason in decoded.rejections:
             self.metrics.rejected.labels(reason).inc()
         self._batcher.add(entry, decoded.lines, decoded.samples, decoded.newest_ms)
