@@ -80,6 +80,7 @@ from compression.localservers import (
     MOSQUITTO_BIN,
     InfluxDB,
     Mosquitto,
+    free_port,
     start_influxdb,
     start_mosquitto,
 )
@@ -506,7 +507,7 @@ class IngesterProcess:
         tag = uuid.uuid4().hex[:6]
         self.database = f"bench_{label}_{tag}"
         self.client_id = f"bench-ingest-{label}-{tag}"
-        self.metrics_port = free_tcp_port()
+        self.metrics_port = free_port()
         self.log_path = bench.run_dir / f"ingest-{label}-{tag}.log"
         argv = [
             str(COMPRESSION_BIN),
@@ -580,13 +581,6 @@ class IngesterProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
-
-
-def free_tcp_port() -> int:
-    """A free loopback port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def summarize_metrics(m: dict[str, float]) -> dict[str, float]:

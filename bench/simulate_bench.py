@@ -65,32 +65,23 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest_bench import (
+    COMPRESSION_BIN,
+    PY_SPY_BIN,
+    REPO,
     count_or_zero,
     cpu_seconds,
     environment,
-    free_tcp_port,
     machine_busy_seconds,
+    say,
 )
 
-from compression.localservers import InfluxDB, Mosquitto, start_influxdb, start_mosquitto
+from compression.localservers import InfluxDB, Mosquitto, free_port, start_influxdb, start_mosquitto
 from devices.protocol import Status, encode, topic_for
 from simulators.publisher import Outgoing, Publisher
 from simulators.scenarios import build_fleet
 
-REPO = Path(__file__).resolve().parent.parent
-COMPRESSION_BIN = Path(sys.executable).parent / "compression"
-PY_SPY_BIN = Path(sys.executable).parent / "py-spy"
-
 TARGET_LOAD_SAMPLES_PER_S = 20_000
 TARGET_BACKFILL_S = 120.0
-
-_T0 = time.monotonic()
-
-
-def say(text: str) -> None:
-    """Progress output (stderr), stamped with the time since the bench started."""
-    print(f"[{time.monotonic() - _T0:7.1f}s] {text}", file=sys.stderr, flush=True)
-
 
 # ---------------------------------------------------------------------------
 # Processes
@@ -166,7 +157,7 @@ class Ingester:
         self.log_path = run_dir / f"ingest-{label}-{tag}.log"
         argv = [str(COMPRESSION_BIN), "ingest", "--mqtt-url", mq.url, "--influx-url", db.url,
                 "--influx-database", self.database, "--mqtt-client-id", f"simbench-ingest-{tag}",
-                "--metrics-port", str(free_tcp_port()), "--log-level", "INFO",
+                "--metrics-port", str(free_port()), "--log-level", "INFO",
                 "--dead-letter-file", str(run_dir / f"dead-letter-{tag}.jsonl")]  # fmt: skip
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
