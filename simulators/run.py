@@ -66,12 +66,12 @@ Progress = Callable[[RunReport], None]
 
 
 def _gateways(fleet: Fleet, options: RunOptions) -> list[DeviceClient]:
+    if options.queue_dir:
+        options.queue_dir.mkdir(parents=True, exist_ok=True)
     clients = []
     for i in range(max(1, options.connections)):
         client_id = f"{options.client_prefix}-{fleet.seed}-{i}"
         queue = options.queue_dir / f"{client_id}.db" if options.queue_dir else MEMORY
-        if options.queue_dir:
-            options.queue_dir.mkdir(parents=True, exist_ok=True)
         clients.append(
             DeviceClient(
                 options.url_for(client_id),
