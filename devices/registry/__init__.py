@@ -1,0 +1,13 @@
+"""The clinic registry: clinics, physios, patients, garments, gateways, prescriptions, credentials.
+
+Layout, following the data flow:
+
+- ``models``: the SQLAlchemy tables (migrated by Alembic, ``migrations/``).
+- ``db``: engine, sessions, ``migrate()``.
+- ``classes``: compression class tables (RAL, UK, US) and the contraindication rules.
+- ``schemas``: pydantic models of what comes in and goes out (API, CLI, CSV share them).
+- ``service``: every operation, one transaction each, audited; raises :mod:`errors`.
+- ``api`` / ``web`` / ``cli`` / ``csvimport``: the interfaces over ``service``.
+- ``broker``: Mosquitto password and ACL files from the registry, reloaded with SIGHUP.
+- ``snapshot``: the compact device -> patient/clinic history the ingester caches.
+"""
