@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -76,8 +77,29 @@ class Registry:
     def __init__(self, factory: sessionmaker[Session], on_credentials_changed: Callable[[], None] | None = None):
         self._factory = factory
         self.on_credentials_changed = on_credentials_changed
+        # Set inside unit_of_work(): the operations of this thread or task share one transaction.
+        self._outer: ContextVar[_Unit | None] = ContextVar(f"registry-unit-{id(self)}", default=None)
 
     # --- plumbing -----------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def unit_of_work(self) -> Iterator[None]:
+        """Run several operations as one transaction: all of them land, or none (bulk import)."""
+        if self._outer.get() is not None:
+            raise RuntimeError("unit_of_work() does not nest")
+        unit = _Unit()
+        with self._factory() as session, session.begin():
+            unit.session = session
+            reset = self._outer.set(unit)
+            try:
+                yield
+                session.flush()
+            except IntegrityError as exc:
+                raise ConflictError(f"conflicts with what is stored: {exc.orig}") from exc
+            finally:
+                self._outer.reset(reset)
+        if unit.credentials_changed:
+            self._credentials_changed()
 
     @contextmanager
     def _tx(self, actor: Actor, *, write: bool = False, admin: bool = False) -> Iterator[Session]:
@@ -85,6 +107,11 @@ class Registry:
             raise ForbiddenError(f"{actor.role} tokens cannot do this; an admin token is needed")
         if write and actor.role not in ("admin", "physio"):
             raise ForbiddenError(f"{actor.role} tokens are read-only")
+        unit = self._outer.get()
+        if unit is not None and unit.session is not None:
+            yield unit.session
+            unit.session.flush()
+            return
         with self._factory() as session, session.begin():
             try:
                 yield session
@@ -94,6 +121,10 @@ class Registry:
                 raise ConflictError(f"conflicts with what is stored: {exc.orig}") from exc
 
     def _credentials_changed(self) -> None:
+        unit = self._outer.get()
+        if unit is not None:
+            unit.credentials_changed = True  # once, after the unit commits
+            return
         if self.on_credentials_changed is not None:
             self.on_credentials_changed()
 
@@ -721,6 +752,12 @@ class Registry:
                                       .order_by(ServiceAccount.username))  # fmt: skip
             return BrokerAccounts(tuple(device_rows), tuple(gateway_rows),
                                   tuple((a.username, a.mqtt_password_hash) for a in readers))  # fmt: skip
+
+
+@dataclass(slots=True)
+class _Unit:
+    session: Session | None = None
+    credentials_changed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
