@@ -657,6 +657,16 @@ class Registry:
         """The first admin token (CLI ``devices token create`` and the demo use it)."""
         return self.create_token(SYSTEM, s.TokenIn(name=name, role="admin")).token or ""
 
+    def ensure_admin_token(self, token: str, name: str = "bootstrap-admin") -> None:
+        """Make ``token`` a valid admin token unless it already is (automated set-ups: compose, the demo)."""
+        if len(token) < 20:
+            raise InvalidError("a bootstrap admin token needs at least 20 characters")
+        with self._factory() as session, session.begin():
+            if session.scalars(select(ApiToken).where(ApiToken.token_hash == token_hash(token))).first():
+                return
+            session.add(ApiToken(name=name, role="admin", token_hash=token_hash(token)))
+            self._audit(session, SYSTEM, "create", "token", name, {"role": "admin", "bootstrap": True})
+
     def authenticate(self, token: str) -> Actor:
         """The actor a token (API token or web session) stands for; :class:`ForbiddenError` when it is not valid."""
         with self._factory() as session:

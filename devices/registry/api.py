@@ -1,0 +1,364 @@
+"""The registry's REST API (FastAPI; OpenAPI at ``/docs`` and ``/openapi.json``).
+
+Authentication: ``Authorization: Bearer <token>``. Roles: ``admin`` (everything),
+``physio`` (read and write their own clinic's patients, prescriptions,
+contraindications and assignments), ``ingester`` (read-only). Errors are JSON
+``{"detail": "..."}``: 401 without a valid token, 403 for a role that may not,
+404 for an unknown id, 409 for a conflict (duplicate id, overlapping assignment
+or prescription, contraindication), 422 for input that cannot be right.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from devices.registry import schemas as s
+from devices.registry.db import make_engine, migrate, session_factory
+from devices.registry.errors import ForbiddenError, RegistryError
+from devices.registry.service import Actor, Registry
+from devices.registry.settings import RegistrySettings
+
+API_PREFIX = "/api/v1"
+_bearer = HTTPBearer(auto_error=False, description="An API token: `compression devices token create`.")
+
+
+class Problem(BaseModel):
+    """An error: one sentence saying what was wrong."""
+
+    detail: str
+
+
+class ServiceAccountIn(BaseModel):
+    """An MQTT account for a service (the ingester)."""
+
+    model_config = ConfigDict(extra="forbid")
+    username: s.Identifier
+    role: str = "ingester"
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (400, 401, 403, 404, 409)}
+
+
+def registry_of(request: Request) -> Registry:
+    """The app's registry."""
+    registry = request.app.state.registry
+    assert isinstance(registry, Registry)
+    return registry
+
+
+def actor_of(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Actor:
+    """The caller, from the bearer token; 401 when missing or not valid."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise _UnauthorizedError("missing bearer token (Authorization: Bearer <token>)")
+    try:
+        return registry_of(request).authenticate(credentials.credentials)
+    except ForbiddenError as exc:
+        raise _UnauthorizedError(str(exc)) from exc
+
+
+class _UnauthorizedError(Exception):
+    pass
+
+
+Reg = Annotated[Registry, Depends(registry_of)]
+Who = Annotated[Actor, Depends(actor_of)]
+
+
+def _routes() -> APIRouter:
+    router = APIRouter(prefix=API_PREFIX, responses=_ERRORS)
+    for add in (_clinic_routes, _people_routes, _garment_routes, _care_routes, _admin_routes):
+        add(router)
+    return router
+
+
+def _clinic_routes(r: APIRouter) -> None:
+    @r.post("/clinics", status_code=201, tags=["clinics"])
+    def create_clinic(body: s.ClinicIn, reg: Reg, who: Who) -> s.ClinicOut:
+        """Register a clinic (admin)."""
+        return reg.create_clinic(who, body)
+
+    @r.get("/clinics", tags=["clinics"])
+    def list_clinics(reg: Reg, who: Who) -> list[s.ClinicOut]:
+        """Clinics you may see."""
+        return reg.list_clinics(who)
+
+    @r.get("/clinics/{code}", tags=["clinics"])
+    def get_clinic(code: str, reg: Reg, who: Who) -> s.ClinicOut:
+        """One clinic."""
+        return reg.get_clinic(who, code)
+
+
+def _people_routes(r: APIRouter) -> None:
+    @r.post("/physios", status_code=201, tags=["physios"])
+    def create_physio(body: s.PhysioIn, reg: Reg, who: Who) -> s.PhysioOut:
+        """Register a physio (admin)."""
+        return reg.create_physio(who, body)
+
+    @r.get("/physios", tags=["physios"])
+    def list_physios(reg: Reg, who: Who, clinic: str | None = None) -> list[s.PhysioOut]:
+        """Physios, optionally of one clinic."""
+        return reg.list_physios(who, clinic)
+
+    @r.patch("/physios/{email}", tags=["physios"])
+    def update_physio(email: str, body: s.PhysioUpdate, reg: Reg, who: Who) -> s.PhysioOut:
+        """Change a physio (admin), or your own password (physio)."""
+        return reg.update_physio(who, email, body)
+
+    @r.post("/patients", status_code=201, tags=["patients"])
+    def create_patient(body: s.PatientIn, reg: Reg, who: Who) -> s.PatientOut:
+        """Register a patient under a pseudonymous code."""
+        return reg.create_patient(who, body)
+
+    @r.get("/patients", tags=["patients"])
+    def list_patients(reg: Reg, who: Who, clinic: str | None = None, physio: str | None = None) -> list[s.PatientOut]:
+        """Patients, optionally of one clinic or physio (by e-mail)."""
+        return reg.list_patients(who, clinic, physio)
+
+    @r.get("/patients/{code}", tags=["patients"])
+    def get_patient(code: str, reg: Reg, who: Who) -> s.PatientOut:
+        """One patient."""
+        return reg.get_patient(who, code)
+
+    @r.patch("/patients/{code}", tags=["patients"])
+    def update_patient(code: str, body: s.PatientUpdate, reg: Reg, who: Who) -> s.PatientOut:
+        """Change a patient's display name or responsible physio."""
+        return reg.update_patient(who, code, body)
+
+    @r.get("/patients/{code}/audit", tags=["patients"])
+    def patient_audit(
+        code: str, reg: Reg, who: Who, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+    ) -> list[s.AuditOut]:
+        """Changes to one patient's record, prescriptions, contraindications and assignments."""
+        return reg.patient_audit(who, code, limit)
+
+
+def _garment_routes(r: APIRouter) -> None:
+    @r.post("/gateways", status_code=201, tags=["gateways"])
+    def create_gateway(body: s.GatewayIn, reg: Reg, who: Who) -> s.Credentials:
+        """Register a gateway (admin). The MQTT password is in this response only."""
+        return reg.create_gateway(who, body)
+
+    @r.get("/gateways", tags=["gateways"])
+    def list_gateways(reg: Reg, who: Who) -> list[s.GatewayOut]:
+        """Gateways and the garments each relays."""
+        return reg.list_gateways(who)
+
+    @r.get("/gateways/{gateway_id}", tags=["gateways"])
+    def get_gateway(gateway_id: str, reg: Reg, who: Who) -> s.GatewayOut:
+        """One gateway."""
+        return reg.get_gateway(who, gateway_id)
+
+    @r.post("/devices", status_code=201, tags=["devices"])
+    def create_device(body: s.DeviceIn, reg: Reg, who: Who) -> s.Credentials:
+        """Register a garment (admin). The MQTT password is in this response only."""
+        return reg.create_device(who, body)
+
+    @r.get("/devices", tags=["devices"])
+    def list_devices(reg: Reg, who: Who, clinic: str | None = None) -> list[s.DeviceOut]:
+        """Garments, optionally of one clinic."""
+        return reg.list_devices(who, clinic)
+
+    @r.get("/devices/{device_id}", tags=["devices"])
+    def get_device(device_id: str, reg: Reg, who: Who) -> s.DeviceOut:
+        """One garment and who holds it now."""
+        return reg.get_device(who, device_id)
+
+    @r.patch("/devices/{device_id}", tags=["devices"])
+    def update_device(device_id: str, body: s.DeviceUpdate, reg: Reg, who: Who) -> s.DeviceOut:
+        """Change a garment's zones, firmware, serial or gateway (admin)."""
+        return reg.update_device(who, device_id, body)
+
+    for kind in ("device", "gateway"):
+        _credential_routes(r, kind)
+
+
+def _credential_routes(r: APIRouter, kind: str) -> None:
+    def revoke(name: str, reg: Reg, who: Who) -> Response:
+        reg.revoke(who, kind, name)
+        return Response(status_code=204)
+
+    def rotate(name: str, reg: Reg, who: Who) -> s.Credentials:
+        return reg.rotate_credentials(who, kind, name)
+
+    revoke.__doc__ = f"Revoke a {kind}: the broker refuses it from the next reload on (admin)."
+    rotate.__doc__ = f"New MQTT credentials for a {kind}, shown in this response only (admin)."
+    r.add_api_route(f"/{kind}s/{{name}}/revoke", revoke, methods=["POST"], status_code=204, tags=[f"{kind}s"],
+                    operation_id=f"revoke_{kind}", response_class=Response)  # fmt: skip
+    r.add_api_route(f"/{kind}s/{{name}}/credentials", rotate, methods=["POST"], tags=[f"{kind}s"],
+                    operation_id=f"rotate_{kind}_credentials", response_model=s.Credentials)  # fmt: skip
+
+
+def _care_routes(r: APIRouter) -> None:
+    @r.post("/assignments", status_code=201, tags=["assignments"])
+    def assign(body: s.AssignmentIn, reg: Reg, who: Who) -> s.AssignmentOut:
+        """Give a garment to a patient from a time on (default now); overlaps are refused with 409."""
+        return reg.assign(who, body)
+
+    @r.get("/assignments", tags=["assignments"])
+    def list_assignments(
+        reg: Reg, who: Who, device_id: str | None = None, patient: str | None = None
+    ) -> list[s.AssignmentOut]:
+        """Assignment history."""
+        return reg.list_assignments(who, device_id, patient)
+
+    @r.post("/assignments/{assignment_id}/end", tags=["assignments"])
+    def end_assignment(assignment_id: int, body: s.AssignmentEnd, reg: Reg, who: Who) -> s.AssignmentOut:
+        """End an open assignment (default now)."""
+        return reg.end_assignment(who, assignment_id, body)
+
+    @r.post("/prescriptions", status_code=201, tags=["prescriptions"])
+    def prescribe(body: s.PrescriptionIn, reg: Reg, who: Who) -> s.PrescriptionOut:
+        """Prescribe; 409 when it overlaps another or a contraindication forbids it (physio override possible)."""
+        return reg.prescribe(who, body)
+
+    @r.get("/prescriptions", tags=["prescriptions"])
+    def list_prescriptions(reg: Reg, who: Who, patient: str | None = None) -> list[s.PrescriptionOut]:
+        """Prescriptions, optionally of one patient."""
+        return reg.list_prescriptions(who, patient)
+
+    @r.get("/prescriptions/{rx_id}", tags=["prescriptions"])
+    def get_prescription(rx_id: int, reg: Reg, who: Who) -> s.PrescriptionOut:
+        """One prescription."""
+        return reg.get_prescription(who, rx_id)
+
+    @r.patch("/prescriptions/{rx_id}", tags=["prescriptions"])
+    def update_prescription(rx_id: int, body: s.PrescriptionUpdate, reg: Reg, who: Who) -> s.PrescriptionOut:
+        """Change a prescription (e.g. the daily wear target); checked like a new one."""
+        return reg.update_prescription(who, rx_id, body)
+
+    @r.post("/contraindications", status_code=201, tags=["contraindications"])
+    def add_contraindication(body: s.ContraindicationIn, reg: Reg, who: Who) -> s.ContraindicationOut:
+        """Record a contraindication (ABPI or a condition)."""
+        return reg.add_contraindication(who, body)
+
+    @r.get("/contraindications", tags=["contraindications"])
+    def list_contraindications(patient: str, reg: Reg, who: Who) -> list[s.ContraindicationOut]:
+        """A patient's contraindications."""
+        return reg.list_contraindications(who, patient)
+
+    @r.post("/contraindications/{row_id}/resolve", tags=["contraindications"])
+    def resolve_contraindication(row_id: int, body: s.ResolveIn, reg: Reg, who: Who) -> s.ContraindicationOut:
+        """Mark a contraindication resolved from a date on."""
+        return reg.resolve_contraindication(who, row_id, body)
+
+
+def _admin_routes(r: APIRouter) -> None:
+    @r.post("/tokens", status_code=201, tags=["tokens"])
+    def create_token(body: s.TokenIn, reg: Reg, who: Who) -> s.TokenOut:
+        """Create an API token (admin); the token is in this response only."""
+        return reg.create_token(who, body)
+
+    @r.get("/tokens", tags=["tokens"])
+    def list_tokens(reg: Reg, who: Who) -> list[s.TokenOut]:
+        """Live API tokens, without their values (admin)."""
+        return reg.list_tokens(who)
+
+    @r.delete("/tokens/{token_id}", status_code=204, tags=["tokens"], response_class=Response)
+    def revoke_token(token_id: int, reg: Reg, who: Who) -> Response:
+        """Revoke an API token (admin)."""
+        reg.revoke_token(who, token_id)
+        return Response(status_code=204)
+
+    @r.post("/service-accounts", status_code=201, tags=["broker"])
+    def create_service_account(body: ServiceAccountIn, reg: Reg, who: Who) -> s.Credentials:
+        """An MQTT account for the ingester, read-only on garment topics (admin); password in this response only."""
+        return reg.create_service_account(who, body.username, body.role)
+
+    @r.get("/audit", tags=["audit"])
+    def audit(
+        reg: Reg,
+        who: Who,
+        entity: str | None = None,
+        key: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 200,
+    ) -> list[s.AuditOut]:
+        """The audit trail, newest first (admin)."""
+        return reg.audit(who, entity, key, limit)
+
+    @r.get("/enrichment/snapshot", tags=["ingest"], response_model=s.Snapshot,
+           responses={304: {"description": "Unchanged since the ETag"}})  # fmt: skip
+    def snapshot(
+        reg: Reg, who: Who, response: Response, if_none_match: Annotated[str | None, Header()] = None
+    ) -> s.Snapshot | Response:
+        """Device -> patient/clinic history for tagging at ingest; ``ETag`` is the registry version."""
+        version = reg.version()
+        etag = f'"{version}"'
+        if if_none_match == etag:
+            return Response(status_code=304, headers={"ETag": etag})
+        snap = reg.snapshot(who)
+        response.headers["ETag"] = f'"{snap.version}"'
+        return snap
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RegistryError)
+    def registry_error(_request: Request, exc: RegistryError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(_UnauthorizedError)
+    def unauthorized(_request: Request, exc: _UnauthorizedError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(ValidationError)
+    def validation_error(_request: Request, exc: ValidationError) -> JSONResponse:
+        # A model built inside the service from checked input failed: still the caller's input.
+        return JSONResponse({"detail": str(exc.errors(include_url=False))}, status_code=422)
+
+
+def create_app(registry: Registry, settings: RegistrySettings | None = None) -> FastAPI:
+    """The API (and the physios' web page) over ``registry``."""
+    app = FastAPI(
+        title="Compression garment registry",
+        version="1",
+        description=__doc__,
+    )
+    app.state.registry = registry
+    app.state.settings = settings or RegistrySettings()
+    _error_handlers(app)
+    app.include_router(_routes())
+    _mount_extras(app)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """Liveness: the database answers."""
+        registry.version()
+        return {"status": "ok"}
+
+    return app
+
+
+def _mount_extras(app: FastAPI) -> None:
+    # The physios' web page lives in its own module; mounted here so one process serves both.
+    from devices.registry import web
+
+    web.mount(app)
+
+
+def app_from_settings(settings: RegistrySettings | None = None) -> FastAPI:
+    """Build the app from settings: open (and migrate) the database, wire broker file upkeep if configured."""
+    settings = settings or RegistrySettings()
+    engine = make_engine(settings.database_url)
+    migrate(engine)
+    registry = Registry(session_factory(engine))
+    if settings.bootstrap_admin_token:
+        registry.ensure_admin_token(settings.bootstrap_admin_token)
+    _wire_broker(registry, settings)
+    return create_app(registry, settings)
+
+
+def _wire_broker(registry: Registry, settings: RegistrySettings) -> None:
+    if settings.broker_password_file is None or settings.broker_acl_file is None:
+        return
+    from devices.registry.broker import BrokerSync
+
+    sync = BrokerSync(registry, settings.broker_password_file, settings.broker_acl_file, settings.broker_pid_file)
+    registry.on_credentials_changed = sync
+    sync()  # the files match the database from the start
+
+
+__all__ = ["API_PREFIX", "app_from_settings", "create_app"]
