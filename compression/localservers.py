@@ -257,3 +257,141 @@ def start_influxdb(root: Path, port: int | None = None, auth: bool = False) -> I
     server = InfluxDB("influxdb", folder, port, [INFLUXD_BIN, "-config", str(conf)])
     server.start(timeout=60)
     return server
+
+
+# --- PostgreSQL (the registry's migrations and behaviour are tested on it too) ----------------------------------------
+
+POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"
+POSTGRES_USER = "postgres"
+
+
+def postgres_bin_dir() -> Path | None:
+    """The newest Debian PostgreSQL binaries folder (or ``COMPRESSION_POSTGRES_BIN_DIR``), None if not installed."""
+    override = os.environ.get("COMPRESSION_POSTGRES_BIN_DIR")
+    if override:
+        return Path(override) if (Path(override) / "initdb").exists() else None
+    found = [p for p in Path("/").glob(POSTGRES_BIN_GLOB.lstrip("/")) if (p / "initdb").exists()]
+    found.sort(key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    return found[-1] if found else None
+
+
+def _as_postgres_user(argv: list[str]) -> list[str]:
+    # initdb and postgres refuse to run as root: as root, run them as the `postgres` user.
+    return ["runuser", "-u", POSTGRES_USER, "--", *argv] if os.geteuid() == 0 else argv
+
+
+@dataclass
+class PostgreSQL(LocalServer):
+    """PostgreSQL on 127.0.0.1 with trust authentication, its unix socket in its own folder."""
+
+    bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
+    database: str = "compression_test"
+
+    @property
+    def data_dir(self) -> Path:
+        """The cluster's data folder (``PGDATA``)."""
+        return self.folder / "data"
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy/libpq URL of the test database."""
+        return self.url_for(self.database)
+
+    def url_for(self, database: str) -> str:
+        """URL of another database on this server (user ``postgres``, no password: trust on loopback)."""
+        return f"postgresql://{POSTGRES_USER}@127.0.0.1:{self.port}/{database}"
+
+    def ready(self) -> bool:
+        """True once ``pg_isready`` says the server accepts connections (not merely that the port is open)."""
+        if not _port_open(self.port):
+            return False
+        argv = [str(self.bin_dir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)]
+        return subprocess.run(argv, check=False, timeout=10).returncode == 0
+
+    def create_database(self, name: str) -> str:
+        """``CREATE DATABASE name``; returns its URL."""
+        argv = [str(self.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", POSTGRES_USER, name]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+        if done.returncode != 0:
+            raise ServerError(f"createdb {name} failed: {done.stderr.strip()}")
+        return self.url_for(name)
+
+    def _postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Fast shutdown (SIGINT to the postmaster: sessions are ended, not waited for), then SIGKILL if it hangs."""
+        self._signal_postmaster(signal.SIGINT)
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return
+        self._wait_port_free()
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster itself (under runuser, killing runuser alone would orphan it)."""
+        self._signal_postmaster(signal.SIGKILL)
+        super().kill()
+
+    def _signal_postmaster(self, sig: signal.Signals) -> None:
+        pid = self._postmaster_pid()
+        if pid is None or self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return  # already gone
+
+
+def _initdb(bin_dir: Path, folder: Path) -> None:
+    data = folder / "data"
+    if (data / "PG_VERSION").exists():
+        return
+    argv = [str(bin_dir / "initdb"), "-D", str(data), "-U", POSTGRES_USER, "--auth=trust", "-E", "UTF8",
+            "--no-locale", "--no-sync"]  # fmt: skip
+    done = subprocess.run(_as_postgres_user(argv), capture_output=True, text=True, check=False, timeout=120)
+    if done.returncode != 0:
+        raise ServerError(f"initdb failed: {done.stderr.strip() or done.stdout.strip()}")
+    # Only TCP from 127.0.0.1 and the socket in the server's own folder; trust, as for the other local servers.
+    (data / "pg_hba.conf").write_text("local all all trust\nhost all all 127.0.0.1/32 trust\n")
+
+
+def _hand_to_postgres_user(folder: Path) -> None:
+    if os.geteuid() != 0:
+        return
+    entry = pwd.getpwnam(POSTGRES_USER)
+    for path in [folder, *folder.rglob("*")]:
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def start_postgres(root: Path, port: int | None = None, database: str = "compression_test") -> PostgreSQL:
+    """Start PostgreSQL with its own folder under ``root`` and create ``database`` (Debian's server binaries).
+
+    Runs as the ``postgres`` user when started as root (initdb refuses root).
+    Listens on 127.0.0.1 only, trust authentication, unix socket in the folder.
+    """
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        raise ServerError(f"no PostgreSQL server binaries in {POSTGRES_BIN_GLOB}: run scripts/bootstrap (postgresql)")
+    port = port or free_port()
+    folder = (root / f"postgres-{port}").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    _hand_to_postgres_user(folder)
+    _initdb(bin_dir, folder)
+    _hand_to_postgres_user(folder)
+    argv = [str(bin_dir / "postgres"), "-D", str(folder / "data"), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
+            "-c", f"unix_socket_directories={folder}", "-c", "logging_collector=off"]  # fmt: skip
+    server = PostgreSQL("postgres", folder, port, _as_postgres_user(argv), bin_dir=bin_dir, database=database)
+    server.start(timeout=60)
+    try:
+        server.create_database(database)
+    except ServerError:
+        server.stop()
+        raise
+    return server
