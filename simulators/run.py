@@ -65,12 +65,20 @@ class RunOptions:
 Progress = Callable[[RunReport], None]
 
 
+def gateway_plan(fleet: Fleet, options: RunOptions) -> dict[str, list[str]]:
+    """Which gateway connection relays which devices (what the registry must know to grant them)."""
+    ids = [f"{options.client_prefix}-{fleet.seed}-{i}" for i in range(max(1, options.connections))]
+    plan: dict[str, list[str]] = {gateway: [] for gateway in ids}
+    for device in fleet.devices:
+        plan[ids[device.rank % len(ids)]].append(device.device_id)
+    return plan
+
+
 def _gateways(fleet: Fleet, options: RunOptions) -> list[DeviceClient]:
     if options.queue_dir:
         options.queue_dir.mkdir(parents=True, exist_ok=True)
     clients = []
-    for i in range(max(1, options.connections)):
-        client_id = f"{options.client_prefix}-{fleet.seed}-{i}"
+    for client_id in gateway_plan(fleet, options):
         queue = options.queue_dir / f"{client_id}.db" if options.queue_dir else MEMORY
         clients.append(
             DeviceClient(

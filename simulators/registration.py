@@ -1,0 +1,104 @@
+"""Register a simulated fleet in the device registry: a clinic, physios, patients, garments, gateways, prescriptions.
+
+The demo and the tests use this so the registry says exactly what the
+scenarios simulate: each device's kind and zones, the gateway that relays it,
+the patient holding it since before the simulated period, and the scenario's
+prescription (class and wear target, or boot sessions and maximum pressure).
+Display names are obviously fictional; only the pseudonymous codes leave the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Final
+
+from devices.registry import schemas as s
+from devices.registry.service import SYSTEM, Actor, Registry
+from simulators.physiology import BootPrescription, SockPrescription
+from simulators.scenarios import Device, Fleet
+
+DEMO_CLINIC: Final = "demo-clinic"
+DEMO_PASSWORD: Final = "demo-physio-password"
+FIRMWARE: Final = "sim-1.0"
+
+
+@dataclass(slots=True)
+class Registered:
+    """What registration handed out once: gateway and device MQTT passwords, physio logins."""
+
+    clinic: str
+    gateways: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)
+    physios: dict[str, str] = field(default_factory=dict)
+
+
+def register_fleet(
+    registry: Registry,
+    fleet: Fleet,
+    gateways: dict[str, list[str]],
+    clinic: str = DEMO_CLINIC,
+    physios: int = 2,
+    actor: Actor = SYSTEM,
+) -> Registered:
+    """Register ``fleet`` (relayed as ``gateways`` says) in one transaction; returns the credentials made."""
+    out = Registered(clinic)
+    relay = {device: gateway for gateway, devices in gateways.items() for device in devices}
+    since = datetime.fromtimestamp(fleet.period.start_ms / 1000, UTC) - timedelta(days=1)
+    with registry.unit_of_work():
+        registry.create_clinic(actor, s.ClinicIn(code=clinic, name="Demo Vein & Sports Clinic",
+                                                 timezone=fleet.period.tz.key))  # fmt: skip
+        emails = [_physio(registry, actor, clinic, n, out) for n in range(1, physios + 1)]
+        for gateway in gateways:
+            creds = registry.create_gateway(actor, s.GatewayIn(gateway_id=gateway, clinic=clinic,
+                                                               description="simulated phone app"))  # fmt: skip
+            out.gateways[gateway] = creds.password
+        for n, device in enumerate(fleet.devices):
+            _patient_and_garment(registry, actor, fleet, device, clinic, emails[n % len(emails)],
+                                 relay.get(device.device_id), since, out)  # fmt: skip
+    return out
+
+
+def _physio(registry: Registry, actor: Actor, clinic: str, n: int, out: Registered) -> str:
+    email = f"physio{n}@{clinic}.example"
+    registry.create_physio(actor, s.PhysioIn(clinic=clinic, name=f"Demo Physio {n}", email=email,
+                                             password=DEMO_PASSWORD))  # fmt: skip
+    out.physios[email] = DEMO_PASSWORD
+    return email
+
+
+def _patient_and_garment(
+    registry: Registry,
+    actor: Actor,
+    fleet: Fleet,
+    device: Device,
+    clinic: str,
+    physio: str,
+    gateway: str | None,
+    since: datetime,
+    out: Registered,
+) -> None:
+    plan, _ = fleet.plan(device)
+    rx = plan.prescription
+    zones = list(rx.zones if isinstance(rx, SockPrescription) else rx.chambers)
+    registry.create_patient(actor, s.PatientIn(clinic=clinic, code=device.patient, physio=physio,
+                                               display_name=f"Demo client {device.rank + 1}"))  # fmt: skip
+    creds = registry.create_device(actor, s.DeviceIn(device_id=device.device_id, clinic=clinic,
+                                                     kind=device.scenario.kind, zones=zones,
+                                                     firmware=FIRMWARE, serial=f"SIM-{device.device_id}",
+                                                     gateway=gateway))  # fmt: skip
+    out.devices[device.device_id] = creds.password
+    registry.assign(actor, s.AssignmentIn(device_id=device.device_id, patient=device.patient, valid_from=since))
+    registry.prescribe(actor, prescription_for(device.patient, rx, since.date()))
+
+
+def prescription_for(patient: str, rx: SockPrescription | BootPrescription, valid_from: date) -> s.PrescriptionIn:
+    """The registry's form of a simulator prescription."""
+    if isinstance(rx, SockPrescription):
+        system, name = rx.compression_class[:-1].lower(), rx.compression_class[-1]
+        return s.PrescriptionIn(patient=patient, garment_kind="sock", valid_from=valid_from, class_system=system,
+                                class_name=name, zones=list(rx.zones), wear_hours_per_day=rx.wear_hours_per_day,
+                                wear_days_per_week=rx.wear_days_per_week)  # fmt: skip
+    return s.PrescriptionIn(patient=patient, garment_kind="boot", valid_from=valid_from, zones=list(rx.chambers),
+                            sessions_per_week=rx.sessions_per_week, session_min_minutes=rx.session_min_s / 60,
+                            session_max_minutes=rx.session_max_s / 60, max_chamber_mmhg=rx.max_mmhg)  # fmt: skip
