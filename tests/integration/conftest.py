@@ -1,4 +1,4 @@
-"""Real Mosquitto and InfluxDB for the integration tests, started by the tests themselves.
+"""Real Mosquitto, InfluxDB and PostgreSQL for the integration tests, started by the tests themselves.
 
 Servers run as plain processes on free loopback ports under ``var/test-<pid>/``.
 Each test gets its own database and its own topic root, so tests never see each
@@ -25,7 +25,16 @@ from pathlib import Path
 import pytest
 
 from compression.influxql import scalar
-from compression.localservers import InfluxDB, Mosquitto, free_port, start_influxdb, start_mosquitto
+from compression.localservers import (
+    InfluxDB,
+    Mosquitto,
+    PostgreSQL,
+    free_port,
+    postgres_bin_dir,
+    start_influxdb,
+    start_mosquitto,
+    start_postgres,
+)
 from ingest.app import Ingester
 from ingest.settings import IngestSettings
 
@@ -50,6 +59,16 @@ def mosquitto(servers_root: Path) -> Iterator[Mosquitto]:
 @pytest.fixture(scope="session")
 def influx(servers_root: Path) -> Iterator[InfluxDB]:
     server = start_influxdb(servers_root)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(servers_root: Path) -> Iterator[PostgreSQL]:
+    """PostgreSQL from Debian's server binaries (skipped only when they are not installed)."""
+    if postgres_bin_dir() is None:
+        pytest.skip("PostgreSQL server binaries not installed (/usr/lib/postgresql/*/bin): run scripts/bootstrap")
+    server = start_postgres(servers_root)
     yield server
     server.stop()
 
