@@ -101,10 +101,21 @@ class LocalServer:
 class Mosquitto(LocalServer):
     """Mosquitto with persistence and limits fit for an ack-after-write consumer."""
 
+    access: BrokerAccess | None = None
+
     @property
     def url(self) -> str:
         """``mqtt://127.0.0.1:PORT``."""
         return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        """Where the broker writes its PID (``pid_file``; mosquitto 2.0.11 writes it in the foreground too).
+
+        SIGHUP to that PID makes it re-read its password and ACL files; a clean
+        stop removes the file, a kill leaves it behind.
+        """
+        return self.folder / "mosquitto.pid"
 
 
 @dataclass
@@ -127,12 +138,18 @@ class InfluxDB(LocalServer):
 
 @dataclass(frozen=True)
 class BrokerAccess:
-    """Who may connect: anonymous, or the users of a password file; optionally TLS only."""
+    """Who may connect: anonymous, or the users of a password file; optionally an ACL file, TLS only.
+
+    The broker uses copies in its own folder (:meth:`copied_into`); whoever
+    maintains the accounts (the device registry) rewrites those copies in place
+    (``Mosquitto.access``) and sends SIGHUP to ``Mosquitto.pid_file``.
+    """
 
     password_file: Path | None = None
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    acl_file: Path | None = None
 
     def copied_into(self, folder: Path) -> BrokerAccess:
         """The same access with its files copied into the broker's own folder (readable by the broker)."""
@@ -144,13 +161,16 @@ class BrokerAccess:
             shutil.copyfile(path, target)
             return target
 
-        return BrokerAccess(copy(self.password_file), copy(self.tls_ca), copy(self.tls_cert), copy(self.tls_key))
+        return BrokerAccess(copy(self.password_file), copy(self.tls_ca), copy(self.tls_cert), copy(self.tls_key),
+                            copy(self.acl_file))  # fmt: skip
 
     def lines(self) -> str:
         """The listener's access lines of mosquitto.conf."""
         out = [f"allow_anonymous {'false' if self.password_file else 'true'}"]
         if self.password_file:
             out.append(f"password_file {self.password_file}")
+        if self.acl_file:
+            out.append(f"acl_file {self.acl_file}")
         if self.tls_cert and self.tls_key:
             out += [f"certfile {self.tls_cert}", f"keyfile {self.tls_key}"]
             if self.tls_ca:
@@ -167,6 +187,7 @@ listener {port} 127.0.0.1
 {(access or BrokerAccess()).lines()}
 persistence true
 persistence_location {folder}/
+pid_file {folder}/mosquitto.pid
 autosave_interval {autosave_s}
 max_queued_messages 1000000
 max_queued_bytes 0
@@ -191,7 +212,7 @@ def start_mosquitto(
     access = access.copied_into(folder) if access else None
     conf.write_text(mosquitto_config(folder, port, extra=extra, access=access))
     _hand_to_broker_user(folder)
-    server = Mosquitto("mosquitto", folder, port, [MOSQUITTO_BIN, "-c", str(conf)])
+    server = Mosquitto("mosquitto", folder, port, [MOSQUITTO_BIN, "-c", str(conf)], access=access)
     server.start()
     return server
 
