@@ -22,7 +22,8 @@ from devices.protocol import TimeWindow
 from ingest.batch import Batch, Batcher, Entry, OrderedAcker
 from ingest.consume import MqttConsumer
 from ingest.decode import DecodeConfig, Decoder
-from ingest.encode import rejected_line
+from ingest.encode import attribute, rejected_line
+from ingest.enrich import Enrichment, source_for
 from ingest.metrics import IngestMetrics
 from ingest.settings import IngestSettings, redact_url
 from ingest.write import InfluxWriter, RefusedLine
@@ -46,6 +47,11 @@ class Ingester:
         self._metrics_runner: web.AppRunner | None = None
         self._busy = 0
         self.metrics_port: int | None = None
+        self.enrichment: Enrichment | None = None
+        if settings.registry_url:
+            source = source_for(settings.registry_url, settings.registry_token)
+            self.enrichment = Enrichment(source, settings.registry_refresh_s, self.metrics,
+                                         settings.retry_initial_s, settings.retry_max_s)  # fmt: skip
 
     def stop(self) -> None:
         """Ask for a clean shutdown: flush, write, ack, disconnect."""
@@ -60,6 +66,16 @@ class Ingester:
             decoded = self._decoder.internal_error(topic, payload, time.time_ns(), exc)
         counter = self._received.get(topic.rsplit("/", 1)[-1]) or self._received["unknown"]
         counter.inc()
+        enrichment = self.enrichment
+        if enrichment is not None and enrichment.attributions is not None:
+            try:
+                unattributed = attribute(decoded.lines, decoded.samples, enrichment.attributions)
+            except Exception as exc:
+                log.exception("enrichment failed on a message from %r", topic[:200])
+                decoded = self._decoder.internal_error(topic, payload, time.time_ns(), exc)
+                unattributed = ()
+            for measurement, device, reason, points in unattributed:
+                enrichment.unattributed(measurement, device, reason, points)
         for reason in decoded.rejections:
             self.metrics.rejected.labels(reason).inc()
         self._batcher.add(entry, decoded.lines, decoded.samples, decoded.newest_ms)
@@ -120,9 +136,10 @@ class Ingester:
     async def run(self) -> None:
         """Run until :meth:`stop` (or SIGTERM/SIGINT when installed by the CLI)."""
         s = self.settings
-        log.info("ingest starting: mqtt=%s influx=%s db=%s batch=%d flush=%dms window=%d",
+        log.info("ingest starting: mqtt=%s influx=%s db=%s batch=%d flush=%dms window=%d registry=%s",
                  redact_url(s.mqtt_url), s.influx_url, s.influx_database, s.batch_size,
-                 s.flush_interval_ms, s.inflight_max)  # fmt: skip
+                 s.flush_interval_ms, s.inflight_max,
+                 self.enrichment.source.describe() if self.enrichment else "none")  # fmt: skip
         async with InfluxWriter(s, self.metrics) as writer:
             if (
                 s.influx_create_database
@@ -132,15 +149,32 @@ class Ingester:
                 log.info("stopped before InfluxDB answered")
                 return
             await self._start_metrics(writer)
-            consumer = MqttConsumer(s, self.metrics, self._on_message)
-            self._consumer = consumer
-            self._acker = OrderedAcker(consumer.ack)
-            tasks = [asyncio.create_task(self._write_loop(writer)) for _ in range(s.write_concurrency)]
-            tasks += [asyncio.create_task(consumer.run()), asyncio.create_task(self._batcher.run_timer())]
             try:
-                await self._supervise(tasks)
+                if self.enrichment is not None and not await self._unless_stopped(self.enrichment.start()):
+                    # Tags are written once and for all: no message is read before the first snapshot.
+                    log.info("stopped before the registry answered")
+                    return
+                await self._consume(writer)
             finally:
-                await self._shutdown(writer, consumer, tasks)
+                if self.enrichment is not None:
+                    await self.enrichment.close()
+                if self._metrics_runner is not None:
+                    await self._metrics_runner.cleanup()
+                    self._metrics_runner = None
+
+    async def _consume(self, writer: InfluxWriter) -> None:
+        s = self.settings
+        consumer = MqttConsumer(s, self.metrics, self._on_message)
+        self._consumer = consumer
+        self._acker = OrderedAcker(consumer.ack)
+        tasks = [asyncio.create_task(self._write_loop(writer)) for _ in range(s.write_concurrency)]
+        tasks += [asyncio.create_task(consumer.run()), asyncio.create_task(self._batcher.run_timer())]
+        if self.enrichment is not None:
+            tasks.append(asyncio.create_task(self.enrichment.run()))
+        try:
+            await self._supervise(tasks)
+        finally:
+            await self._shutdown(writer, consumer, tasks)
 
     async def _unless_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
         """Run ``work`` unless a stop comes first (start-up waits must honour SIGTERM)."""
@@ -177,8 +211,6 @@ class Ingester:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await consumer.close()
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
         log.info("ingest stopped: %d messages acked, %d samples written",
                  int(self.metrics.value("compression_ingest_messages_acked_total")),
                  int(self.metrics.value("compression_ingest_samples_written_total")))  # fmt: skip

@@ -15,11 +15,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 
 from devices.protocol import Event, Sample, Status, Telemetry
+
+if TYPE_CHECKING:
+    from ingest.enrich import Attribution, Attributions
 
 SAMPLE: Final = "sample"
 EVENT: Final = "event"
@@ -210,3 +213,81 @@ def rejected_line(
         fields["sample_index"] = sample_index
     tags = {"device": device, "channel": channel, "reason": reason}
     return line(REJECTED, tags, fields, ts_ns)
+
+
+# -- enrichment: who held the device at the point's time -------------------------------------------
+
+# (measurement, device, reason, points) of the points a message stored without a patient.
+Unattributed = tuple[tuple[str, str, str, int], ...]
+_NONE: Final[Unattributed] = ()
+_SAMPLE_DEVICE: Final = len(f"{SAMPLE},device=")
+
+
+def attribute(lines: list[str], samples: int, attributions: Attributions) -> Unattributed:
+    """Tag one message's ``sample``, ``event`` or ``status`` points, in place, with who held the device.
+
+    ``lines`` is one message's output of the decoder: first its ``samples``
+    sample points (from :func:`telemetry_lines`, so one device, one series key
+    head and ascending times), then any dead letters, which are left alone; or
+    one event or status point. Each point gets ``clinic`` and ``patient`` of the
+    assignment valid at its own timestamp, or ``attribution=unregistered`` /
+    ``unassigned``. One lookup per message when all its samples fall in one
+    stretch of the device's history (the usual case); sample by sample only when
+    a boundary falls inside the message. Returns what went unattributed.
+    """
+    if samples:
+        return _attribute_samples(lines, samples, attributions)
+    if lines and lines[0].startswith((EVENT + ",", STATUS + ",")):
+        return _attribute_point(lines, attributions)
+    return _NONE
+
+
+def _attribute_samples(lines: list[str], samples: int, attributions: Attributions) -> Unattributed:
+    first = lines[0]
+    cut = first.index(" ")
+    head = first[:cut]
+    device = head[_SAMPLE_DEVICE : head.index(",", _SAMPLE_DEVICE)]
+    last = lines[samples - 1]
+    who = attributions.lookup(device, int(first[first.rindex(" ") + 1 : -6]))
+    if who.holds(int(last[last.rindex(" ") + 1 : -6])):
+        tagged = _tagged_key(head, who)
+        for i in range(samples):
+            lines[i] = tagged + lines[i][cut:]
+        return _NONE if who.reason is None else ((SAMPLE, device, who.reason, samples),)
+    # A boundary falls inside the message: sample by sample.
+    counts: dict[str, int] = {}
+    tagged = _tagged_key(head, who)
+    for i in range(samples):
+        text = lines[i]
+        t_ms = int(text[text.rindex(" ") + 1 : -6])
+        if not who.holds(t_ms):
+            who = attributions.lookup(device, t_ms)
+            tagged = _tagged_key(head, who)
+        lines[i] = tagged + text[cut:]
+        if who.reason is not None:
+            counts[who.reason] = counts.get(who.reason, 0) + 1
+    return tuple((SAMPLE, device, reason, n) for reason, n in counts.items())
+
+
+def _attribute_point(lines: list[str], attributions: Attributions) -> Unattributed:
+    text = lines[0]
+    cut = text.index(" ")  # the series key (measurement and validated tags) has no spaces
+    key = text[:cut]
+    measurement, _, tags = key.partition(",")
+    device = tags.split(",", 1)[0].removeprefix("device=")
+    who = attributions.lookup(device, int(text[text.rindex(" ") + 1 :]) // 1_000_000)
+    lines[0] = _tagged_key(key, who) + text[cut:]
+    return _NONE if who.reason is None else ((measurement, device, who.reason, 1),)
+
+
+def _tagged_key(key: str, who: Attribution) -> str:
+    """A series key with ``who``'s tags added, tags in key order (as InfluxDB stores them)."""
+    measurement, _, tags = key.partition(",")
+    parts = tags.split(",")
+    parts.extend(f"{name}={value}" for name, value in who.tags)
+    parts.sort(key=_tag_name)
+    return measurement + "," + ",".join(parts)
+
+
+def _tag_name(part: str) -> str:
+    return part.partition("=")[0]

@@ -57,6 +57,26 @@ class IngestMetrics:
             registry=r,
         )
 
+        self.unattributed = Counter(
+            f"{PREFIX}_unattributed_points",
+            "Points stored without a patient, by measurement and reason (unregistered device, device assigned to nobody at the point's time)",
+            ["measurement", "reason"],
+            registry=r,
+        )
+        self.registry_refresh_failures = Counter(
+            f"{PREFIX}_registry_refresh_failures",
+            "Registry refreshes that failed (the last snapshot was kept)",
+            registry=r,
+        )
+        self.registry_version = Gauge(
+            f"{PREFIX}_registry_version", "Version of the registry snapshot in use (0: none yet)", registry=r
+        )
+        self.registry_checked = Gauge(
+            f"{PREFIX}_registry_checked_timestamp_seconds",
+            "Unix time of the last successful registry check (alert when it falls behind)",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)

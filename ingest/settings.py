@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -144,6 +144,21 @@ class IngestSettings(BaseSettings):
         description="A worn sample counts for the time to the next sample, capped at this: a gap in the data is not wear time.",
     )
 
+    registry_url: str | None = Field(
+        None,
+        description="Device registry to tag each point with the patient code and clinic holding the device at the point's time: the registry database (sqlite:///path, postgresql://user:password@host/db) or the registry API (http(s)://host:port). Unset or empty: no registry, no patient or clinic tags.",
+    )
+    registry_token: str | None = Field(
+        None,
+        description="API token for the registry API (sent as 'Authorization: Bearer ...'); needed with an http(s):// registry URL, unused with a database URL.",
+    )
+    registry_refresh_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Seconds between checks of the registry's version; a new snapshot is loaded only when it changed, so a registry change is applied within about this long.",
+    )
+
     metrics_enabled: bool = Field(True, description="Serve Prometheus /metrics and /healthz.")
     metrics_host: str = Field("127.0.0.1", description="Address of the metrics endpoint (0.0.0.0 inside a container).")
     metrics_port: int = Field(9410, ge=0, le=65_535, description="Port of the metrics endpoint (0: any free port).")
@@ -168,6 +183,25 @@ class IngestSettings(BaseSettings):
         if urlsplit(value).scheme not in ("http", "https"):
             raise SettingsError(f"InfluxDB URL must start with http:// or https://, got {value!r}")
         return value.rstrip("/")
+
+    @field_validator("registry_url")
+    @classmethod
+    def _check_registry_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        scheme = value.split("://", 1)[0].split("+", 1)[0] if "://" in value else ""
+        if scheme not in ("sqlite", "postgresql", "postgres", "http", "https"):
+            raise SettingsError(
+                f"registry URL must start with sqlite://, postgresql://, http:// or https://, got {redact_url(value)!r}"
+            )
+        return value.rstrip("/") if scheme in ("http", "https") else value
+
+    @model_validator(mode="after")
+    def _check_registry_token(self) -> IngestSettings:
+        if self.registry_url and self.registry_url.startswith(("http://", "https://")) and not self.registry_token:
+            raise SettingsError("an http(s):// registry URL needs COMPRESSION_REGISTRY_TOKEN")
+        return self
 
     @property
     def mqtt(self) -> MqttEndpoint:
