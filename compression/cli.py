@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from compression import logs
+from devices.registry.cli import devices
 from ingest.settings import IngestSettings, SettingsError
 from simulators.publisher import LoadSpec, Publisher, PublishReport, generate, publish_spread
 from simulators.run import RunOptions, RunReport, run_fleet
@@ -248,6 +249,9 @@ def demo(days: int, data_dir: str, keep: bool) -> None:
 
     logs.configure("WARNING")
     sys.exit(run_demo(days=days, data_dir=data_dir, keep=keep, started=time.monotonic()))
+
+
+cli.add_command(devices)
 
 
 def main() -> None:
