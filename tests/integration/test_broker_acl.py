@@ -1,0 +1,378 @@
+"""The registry's password and ACL files on a real Mosquitto 2.0.11: who may publish where, and revocation.
+
+Each test registers a clinic, garments A and B, a gateway G relaying garment C
+and an ingester service account in a real registry (SQLite file), with
+:class:`BrokerSync` as ``on_credentials_changed``, so every registry change
+rewrites the broker's files and SIGHUPs it. The clients are paho 2.x.
+
+"Never delivered" is shown without sleeping: after the denied publish has its
+PUBACK, the same (or another) client publishes a marker it may publish; the
+broker handles a connection's packets in order and delivers to each subscriber
+in order, so once the marker has arrived, a delivery of the denied message
+would have arrived before it.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from compression.localservers import BrokerAccess, Mosquitto, start_mosquitto
+from devices.registry import schemas as s
+from devices.registry.broker import BrokerSync, write_broker_files
+from devices.registry.db import make_engine, migrate, session_factory
+from devices.registry.service import SYSTEM, BrokerAccounts, Registry
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 10.0
+SUCCESS = 0
+NO_MATCHING_SUBSCRIBERS = 16
+NOT_AUTHORIZED = 135
+
+
+def until(predicate: Callable[[], bool], timeout: float = WAIT_S) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return predicate()
+        time.sleep(0.01)
+    return True
+
+
+@dataclass
+class Peer:
+    """One paho client on its loop thread, with everything the broker told it."""
+
+    client: mqtt.Client
+    connacks: list[ReasonCode] = field(default_factory=list)
+    acks: dict[int, ReasonCode] = field(default_factory=dict)
+    subacks: dict[int, list[ReasonCode]] = field(default_factory=dict)
+    messages: list[tuple[str, bytes]] = field(default_factory=list)
+    disconnects: list[tuple[mqtt.DisconnectFlags, ReasonCode]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def connect(cls, port: int, username: str | None, password: str | None, protocol: int = mqtt.MQTTv5) -> Peer:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{username or 'anonymous'}-{uuid.uuid4().hex[:6]}",
+                             protocol=MQTTProtocolVersion(protocol))  # fmt: skip
+        peer = cls(client)
+        if username is not None:
+            client.username_pw_set(username, password)
+        client.on_connect = peer._on_connect
+        client.on_publish = peer._on_publish
+        client.on_subscribe = peer._on_subscribe
+        client.on_message = peer._on_message
+        client.on_disconnect = peer._on_disconnect
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        assert until(lambda: bool(peer.connacks)), f"no CONNACK for {username}"
+        return peer
+
+    # paho calls these on its loop thread.
+    def _on_connect(self, _c: mqtt.Client, _u: object, _f: mqtt.ConnectFlags, rc: ReasonCode, _p: object) -> None:
+        with self.lock:
+            self.connacks.append(rc)
+
+    def _on_publish(self, _c: mqtt.Client, _u: object, mid: int, rc: ReasonCode, _p: object) -> None:
+        with self.lock:
+            self.acks[mid] = rc
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: object, mid: int, rcs: list[ReasonCode], _p: object) -> None:
+        with self.lock:
+            self.subacks[mid] = rcs
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, bytes(msg.payload)))
+
+    def _on_disconnect(
+        self, _c: mqtt.Client, _u: object, flags: mqtt.DisconnectFlags, rc: ReasonCode, _p: object
+    ) -> None:
+        with self.lock:
+            self.disconnects.append((flags, rc))
+
+    @property
+    def connack(self) -> int:
+        """The first CONNACK's reason code."""
+        return int(self.connacks[0].value)
+
+    def publish(self, topic: str, payload: bytes) -> int:
+        """Publish at QoS 1 and return the PUBACK's reason code."""
+        info = self.client.publish(topic, payload, qos=1)
+        assert until(lambda: info.mid in self.acks), f"no PUBACK for {topic}"
+        return int(self.acks[info.mid].value)
+
+    def subscribe(self, topic_filter: str) -> list[int]:
+        """Subscribe at QoS 1 and return the SUBACK's reason codes."""
+        _rc, mid = self.client.subscribe(topic_filter, qos=1)
+        assert mid is not None
+        assert until(lambda: mid in self.subacks), f"no SUBACK for {topic_filter}"
+        return [int(rc.value) for rc in self.subacks[mid]]
+
+    def payloads(self) -> list[bytes]:
+        with self.lock:
+            return [payload for _topic, payload in self.messages]
+
+    def got(self, payload: bytes) -> bool:
+        return payload in self.payloads()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@dataclass
+class World:
+    """A broker fed by a registry, its accounts' passwords and every client opened in the test."""
+
+    broker: Mosquitto
+    registry: Registry
+    sync: BrokerSync
+    token: str
+    passwords: dict[str, str] = field(default_factory=dict)
+    peers: list[Peer] = field(default_factory=list)
+
+    def name(self, role: str) -> str:
+        return f"{role}-{self.token}"
+
+    @property
+    def a(self) -> str:
+        return self.name("sockA")
+
+    @property
+    def b(self) -> str:
+        return self.name("sockB")
+
+    @property
+    def c(self) -> str:
+        return self.name("sockC")
+
+    @property
+    def g(self) -> str:
+        return self.name("hubG")
+
+    @property
+    def reader(self) -> str:
+        return f"svc.ingest-{self.token}"
+
+    def peer(self, username: str | None, password: str | None = None, protocol: int = mqtt.MQTTv5) -> Peer:
+        """A client logged in as ``username`` (its registered password unless given)."""
+        if username is not None and password is None:
+            password = self.passwords[username]
+        peer = Peer.connect(self.broker.port, username, password, protocol)
+        self.peers.append(peer)
+        return peer
+
+    def logged_in(self, username: str, protocol: int = mqtt.MQTTv5) -> Peer:
+        """A client of a live account, retried until the broker has reloaded the files that hold it."""
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            peer = self.peer(username, protocol=protocol)
+            if peer.connack == SUCCESS or time.monotonic() > deadline:
+                assert peer.connack == SUCCESS, f"{username} refused: {peer.connacks}"
+                return peer
+            peer.close()
+            time.sleep(0.05)
+
+    def readers(self) -> list[Peer]:
+        """The ingester's account twice: on ``garments/v1/#`` and on the shared-subscription form."""
+        plain, shared = self.logged_in(self.reader), self.logged_in(self.reader)
+        assert plain.subscribe("garments/v1/#") == [1]
+        assert shared.subscribe(f"$share/ingest-{self.token}/garments/v1/#") == [1]
+        return [plain, shared]
+
+
+def topic(device: str, channel: str = "telemetry") -> str:
+    return f"garments/v1/{device}/{channel}"
+
+
+def assert_not_delivered(readers: list[Peer], sender: Peer, own_topic: str, *denied: bytes) -> None:
+    """``denied`` never reached a reader: a later marker from ``sender`` did, in order."""
+    marker = f"marker-{uuid.uuid4().hex}".encode()
+    assert sender.publish(own_topic, marker) == SUCCESS
+    for reader in readers:
+        assert until(partial(reader.got, marker)), "the marker was not delivered"
+        assert not set(denied) & set(reader.payloads())
+
+
+def assert_delivered(readers: list[Peer], payload: bytes) -> None:
+    for reader in readers:
+        assert until(partial(reader.got, payload)), f"{payload!r} not delivered"
+
+
+@pytest.fixture
+def world(servers_root: Path, tmp_path: Path) -> Iterator[World]:
+    token = uuid.uuid4().hex[:8]
+    engine = make_engine(f"sqlite:///{tmp_path / 'registry.db'}")
+    migrate(engine)
+    registry = Registry(session_factory(engine))
+    # The broker starts on empty files (it refuses to start without them); the registry then rewrites its copies.
+    stage = servers_root / f"acl-stage-{token}"
+    stage.mkdir()
+    write_broker_files(BrokerAccounts((), (), ()), stage / "passwd", stage / "acl")
+    broker = start_mosquitto(servers_root, access=BrokerAccess(password_file=stage / "passwd", acl_file=stage / "acl"))
+    assert broker.access is not None and broker.access.password_file and broker.access.acl_file
+    try:
+        assert until(lambda: broker.pid_file.exists()), "mosquitto wrote no pid file"
+        sync = BrokerSync(registry, broker.access.password_file, broker.access.acl_file, broker.pid_file)
+        registry.on_credentials_changed = sync
+        w = World(broker, registry, sync, token)
+        clinic = f"clinic-{token}"
+        registry.create_clinic(SYSTEM, s.ClinicIn(code=clinic, name="Test clinic", timezone="Europe/Berlin"))
+        for creds in (
+            registry.create_gateway(SYSTEM, s.GatewayIn(gateway_id=w.g, clinic=clinic)),
+            registry.create_device(SYSTEM, s.DeviceIn(device_id=w.a, clinic=clinic, kind="sock")),
+            registry.create_device(SYSTEM, s.DeviceIn(device_id=w.b, clinic=clinic, kind="sock")),
+            registry.create_device(SYSTEM, s.DeviceIn(device_id=w.c, clinic=clinic, kind="boot", gateway=w.g)),
+            registry.create_service_account(SYSTEM, w.reader),
+        ):
+            w.passwords[creds.username] = creds.password
+        assert sync.syncs == 5
+        yield w
+        for peer in w.peers:
+            peer.close()
+    finally:
+        broker.stop()
+        engine.dispose()
+
+
+def test_files_are_written_for_the_broker_user(world: World) -> None:
+    access = world.broker.access
+    assert access is not None and access.password_file and access.acl_file
+    names = [line.split(":", 1)[0] for line in access.password_file.read_text().splitlines()]
+    assert sorted(names) == sorted([world.a, world.b, world.c, world.g, world.reader])
+    broker_group = {g.gr_name: g.gr_gid for g in grp.getgrall()}.get("mosquitto")
+    for path in (access.password_file, access.acl_file):
+        info = path.stat()
+        assert stat.S_IMODE(info.st_mode) == 0o640
+        if os.geteuid() == 0 and broker_group is not None:  # the broker dropped to user mosquitto and reads them
+            assert (info.st_uid, info.st_gid) == (0, broker_group)
+    world.logged_in(world.reader)  # so the broker could read them
+
+
+def test_a_device_publishes_only_under_its_own_id(world: World) -> None:
+    readers = world.readers()
+    a = world.logged_in(world.a)
+    assert a.publish(topic(world.a), b"A-own") == SUCCESS
+    assert a.publish(topic(world.a, "status"), b"A-status") == SUCCESS
+    assert_delivered(readers, b"A-own")
+    assert_delivered(readers, b"A-status")
+    assert a.publish(topic(world.b), b"A-as-B") == NOT_AUTHORIZED
+    assert a.publish(topic(world.c, "event"), b"A-as-C") == NOT_AUTHORIZED
+    assert a.publish("garments/v1", b"A-root") == NOT_AUTHORIZED
+    assert_not_delivered(readers, a, topic(world.a), b"A-as-B", b"A-as-C", b"A-root")
+    assert not a.disconnects, "a denied publish does not cost the connection (MQTT 5)"
+
+
+def test_a_gateway_publishes_for_its_garments_and_its_own_status_only(world: World) -> None:
+    readers = world.readers()
+    g = world.logged_in(world.g)
+    assert g.publish(topic(world.c), b"G-for-C") == SUCCESS
+    assert g.publish(topic(world.c, "status"), b"G-C-status") == SUCCESS
+    assert g.publish(topic(world.g, "status"), b"G-status") == SUCCESS
+    for payload in (b"G-for-C", b"G-C-status", b"G-status"):
+        assert_delivered(readers, payload)
+    assert g.publish(topic(world.a), b"G-for-A") == NOT_AUTHORIZED
+    assert_not_delivered(readers, g, topic(world.g, "status"), b"G-for-A")
+
+    # Garment C leaves the gateway: at the reload the still-connected gateway loses C's topics.
+    world.registry.update_device(SYSTEM, world.c, s.DeviceUpdate(detach_gateway=True))
+    assert world.sync.syncs == 6
+    sent: list[bytes] = []
+
+    def refused_for_c() -> bool:
+        sent.append(f"G-for-C-{len(sent)}".encode())
+        return g.publish(topic(world.c), sent[-1]) == NOT_AUTHORIZED
+
+    assert until(refused_for_c), "the gateway kept C's topics after the reload"
+    assert_not_delivered(readers, g, topic(world.g, "status"), sent[-1])
+    assert not g.disconnects, "an ACL change alone keeps the gateway connected"
+
+
+def test_wrong_password_and_anonymous_are_refused_at_connect(world: World) -> None:
+    world.logged_in(world.a)  # the files are loaded
+    for protocol in (mqtt.MQTTv5, mqtt.MQTTv311):
+        assert world.peer(world.a, "wrong-password", protocol).connack == NOT_AUTHORIZED
+        assert world.peer(None, None, protocol).connack == NOT_AUTHORIZED
+        assert world.peer("nobody-registered", "whatever", protocol).connack == NOT_AUTHORIZED
+        # another account's password is no good either
+        assert world.peer(world.a, world.passwords[world.b], protocol).connack == NOT_AUTHORIZED
+
+
+def test_the_reader_publishes_nowhere(world: World) -> None:
+    readers = world.readers()
+    plain = readers[0]
+    assert plain.publish(topic(world.a), b"R-as-A") == NOT_AUTHORIZED
+    # The pattern line applies to every user; the reader's deny line takes its own-name topics back.
+    assert plain.publish(topic(world.reader), b"R-own") == NOT_AUTHORIZED
+    assert plain.publish("elsewhere", b"R-elsewhere") == NOT_AUTHORIZED
+    a = world.logged_in(world.a)
+    assert_not_delivered(readers, a, topic(world.a), b"R-as-A", b"R-own", b"R-elsewhere")
+
+
+def test_mqtt_311_denied_publish_is_acknowledged_but_not_delivered(world: World) -> None:
+    readers = world.readers()
+    a = world.logged_in(world.a, protocol=mqtt.MQTTv311)
+    # MQTT 3.1.1 has no reason codes: Mosquitto acknowledges the denied publish as if it went through ...
+    assert a.publish(topic(world.b), b"A311-as-B") == SUCCESS
+    # ... and drops it.
+    assert_not_delivered(readers, a, topic(world.a), b"A311-as-B")
+    assert not a.disconnects
+
+
+def test_revoking_a_device_cuts_it_off(world: World) -> None:
+    readers = world.readers()
+    a, b, g = world.logged_in(world.a), world.logged_in(world.b), world.logged_in(world.g)
+    assert a.publish(topic(world.a), b"A-before") == SUCCESS
+    assert_delivered(readers, b"A-before")
+
+    world.registry.revoke(SYSTEM, "device", world.a)
+    assert world.sync.syncs == 6
+    access = world.broker.access
+    assert access is not None and access.password_file
+    assert world.a not in access.password_file.read_text()
+
+    # At the reload Mosquitto 2.0.11 re-checks every connected client against the new password file and
+    # closes A's connection, without a DISCONNECT packet (paho reports the lost connection).
+    assert until(lambda: bool(a.disconnects)), "the revoked device stayed connected"
+    flags, _reason = a.disconnects[0]
+    assert not flags.is_disconnect_packet_from_server
+    # What A publishes now stays in its client; its automatic reconnect (paho, after 1 s) is refused ...
+    a.client.publish(topic(world.a), b"A-after", qos=1)
+    assert until(lambda: len(a.connacks) > 1, timeout=5), "paho did not try to reconnect"
+    assert [int(rc.value) for rc in a.connacks[1:]] == [NOT_AUTHORIZED] * (len(a.connacks) - 1)
+    # ... and so is a new connection with A's credentials.
+    assert world.peer(world.a).connack == NOT_AUTHORIZED
+    assert_not_delivered(readers, b, topic(world.b), b"A-after")
+
+    # Everyone else keeps their connection through the reload.
+    assert not b.disconnects and not g.disconnects and not any(r.disconnects for r in readers)
+
+
+def test_rotating_a_password_drops_the_old_session(world: World) -> None:
+    readers = world.readers()
+    a = world.logged_in(world.a)
+    creds = world.registry.rotate_credentials(SYSTEM, "device", world.a)
+    # The connection made with the old password does not survive the reload either.
+    assert until(lambda: bool(a.disconnects)), "the old password's session stayed connected"
+    old = world.passwords[world.a]
+    world.passwords[world.a] = creds.password
+    assert world.peer(world.a, old).connack == NOT_AUTHORIZED
+    fresh = world.logged_in(world.a)
+    assert fresh.publish(topic(world.a), b"A-new-password") == SUCCESS
+    assert_delivered(readers, b"A-new-password")
