@@ -68,7 +68,8 @@ _SAFE_HASH: Final = re.compile(r"^\$(6|7\$[0-9]+)\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/
 class BrokerSyncError(RegistryError):
     """The broker's files could not be written, or the broker could not be told to reload them."""
 
-    status = 500
+    # The change is saved; the broker is out of step until the next sync (retry: `compression devices broker-sync`).
+    status = 503
 
 
 # --- rendering ----------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from sqlalchemy import Select, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from devices.protocol import is_valid_device_id
 from devices.registry import schemas as s
 from devices.registry.classes import Band, ClassError, band_for, conflicts
 from devices.registry.errors import (
@@ -50,6 +51,7 @@ from devices.registry.secrets import (
 )
 
 GARMENT_TOPIC: Final = "garments/v1/{}/#"
+DEVICE_ID_RULE: Final = "^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$"
 SESSION_HOURS: Final = 12
 T = TypeVar("T")
 
@@ -442,7 +444,9 @@ class Registry:
         """An MQTT account for the ingester: read-only on every garment topic."""
         if role != "ingester":
             raise InvalidError("the only service-account role is ingester")
-        s.TokenIn.model_validate({"name": username, "role": "ingester"})
+        if not is_valid_device_id(username):
+            # It becomes an MQTT user name and a line of the password and ACL files.
+            raise InvalidError(f"service account names follow the device id rule {DEVICE_ID_RULE}; got {username!r}")
         password = new_password()
         with self._tx(actor, admin=True) as session:
             self._mqtt_name_free(session, username)
