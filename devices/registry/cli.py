@@ -171,6 +171,8 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
     if isinstance(value, list | tuple):
         return ",".join(str(v) for v in value) or "-"
     if isinstance(value, dict):
@@ -302,7 +304,7 @@ def clinic_add(code: str, name: str, timezone: str) -> None:
 @clinic.command("list")
 @json_option
 def clinic_list(as_json: bool) -> None:
-    """List the clinics."""
+    """List the clinics with their time zones."""
     _show(_registry().list_clinics(_actor()), ["code", "name", "timezone"], as_json)
 
 
@@ -335,7 +337,7 @@ def physio_add(clinic: str, name: str, email: str, inactive: bool, password: str
 @click.option("--clinic", default=None, help="Only this clinic's physios.")
 @json_option
 def physio_list(clinic: str | None, as_json: bool) -> None:
-    """List physios."""
+    """List physios: of every clinic, or of one with --clinic."""
     _show(_registry().list_physios(_actor(), clinic), ["id", "email", "name", "clinic", "active"], as_json)
 
 
@@ -380,7 +382,7 @@ def patient_add(code: str, clinic: str, display_name: str | None, physio: str | 
 @click.option("--physio", default=None, metavar="EMAIL", help="Only the patients of this physio.")
 @json_option
 def patient_list(clinic: str | None, physio: str | None, as_json: bool) -> None:
-    """List patients."""
+    """List patients: of every clinic, or of one clinic or physio."""
     rows = _registry().list_patients(_actor(), clinic, physio)
     _show(rows, ["code", "clinic", "display_name", "physio"], as_json)
 
@@ -691,7 +693,7 @@ def prescription() -> None:
 @click.option("--patient", default=None, help="Only this patient's prescriptions.")
 @json_option
 def prescription_list(patient: str | None, as_json: bool) -> None:
-    """List prescriptions."""
+    """List prescriptions: of every patient, or of one with --patient."""
     _show(_registry().list_prescriptions(_actor(), patient), RX_COLUMNS, as_json)
 
 
@@ -841,9 +843,9 @@ def import_(kind: str, file: Path, credentials_out: Path | None, dry_run: bool) 
         raise CliError(f"{credentials_out} exists; credentials are never written over an existing file")
     result = import_csv(_registry(), _actor(), kind, file, dry_run=dry_run)
     if dry_run:
-        click.echo(f"{file}: {result.rows} {kind} row(s) would be imported (dry run, nothing stored)", err=True)
+        click.echo(f"{file}: {result.rows} row(s) of {kind} would be imported (dry run, nothing stored)", err=True)
         return
-    click.echo(f"{file}: imported {result.rows} {kind} row(s)", err=True)
+    click.echo(f"{file}: imported {result.rows} row(s) of {kind}", err=True)
     if result.credentials:
         _import_credentials(result.credentials, credentials_out)
 

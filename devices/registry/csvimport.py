@@ -121,7 +121,7 @@ class CsvImportError(InvalidError):
     def __init__(self, source: str, errors: Sequence[RowError]) -> None:
         self.source = source
         self.errors = list(errors)
-        super().__init__(f"{len(self.errors)} bad row(s) in {source}; nothing was imported")
+        super().__init__(f"{len(self.errors)} problem(s) in {source}; nothing was imported")
 
 
 @dataclass(slots=True)
