@@ -111,8 +111,11 @@ class Registry:
             raise ForbiddenError(f"{actor.role} tokens are read-only")
         unit = self._outer.get()
         if unit is not None and unit.session is not None:
-            yield unit.session
-            unit.session.flush()
+            try:
+                yield unit.session
+                unit.session.flush()
+            except IntegrityError as exc:
+                raise ConflictError(f"conflicts with what is stored: {exc.orig}") from exc
             return
         with self._factory() as session, session.begin():
             try:
@@ -223,9 +226,10 @@ class Registry:
             if own and physio.id != actor.physio_id:
                 raise ForbiddenError("a physio may change only their own password")
             changes = data.model_dump(exclude_unset=True, exclude={"password"})
-            if "email" in changes and changes["email"].lower() != physio.email:
-                changes["email"] = changes["email"].lower()
-                if session.scalars(select(Physio).where(Physio.email == changes["email"])).first():
+            if changes.get("email") is not None:  # null means unchanged, like the other fields
+                changes["email"] = changes["email"].lower()  # stored lower-case, as every lookup expects
+                if changes["email"] != physio.email and session.scalars(
+                        select(Physio).where(Physio.email == changes["email"])).first():  # fmt: skip
                     raise ConflictError(f"a physio with e-mail {changes['email']} already exists")
             before = {k: getattr(physio, k) for k in changes}
             for key, value in changes.items():
@@ -735,14 +739,19 @@ class Registry:
         """Every device and every assignment with its patient code and clinic code, for tagging at ingest."""
         with self._tx(actor) as session:
             version = int(session.scalar(select(func.coalesce(func.max(AuditEntry.id), 0))) or 0)
-            devices = list(session.scalars(select(Device.device_id).order_by(Device.device_id)))
-            rows = session.execute(
+            device_query = select(Device.device_id).order_by(Device.device_id)
+            query = (
                 select(Device.device_id, Patient.code, Clinic.code, Assignment.valid_from, Assignment.valid_to)
                 .join(Device, Assignment.device_id == Device.id)
                 .join(Patient, Assignment.patient_id == Patient.id)
                 .join(Clinic, Patient.clinic_id == Clinic.id)
                 .order_by(Device.device_id, Assignment.valid_from)
-            ).all()
+            )
+            if actor.clinic_id is not None:  # a physio sees their own clinic only
+                device_query = device_query.where(Device.clinic_id == actor.clinic_id)
+                query = query.where(Patient.clinic_id == actor.clinic_id)
+            devices = list(session.scalars(device_query))
+            rows = session.execute(query).all()
             entries = [s.SnapshotEntry(device_id=d, patient=p, clinic=c, from_ms=_ms(f), to_ms=_ms(t) if t else None)
                        for d, p, c, f, t in rows]  # fmt: skip
             return s.Snapshot(version=version, devices=devices, assignments=entries)
