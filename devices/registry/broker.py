@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import logging
 import os
 import re
 import signal
@@ -47,12 +48,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
-import structlog
-
 from devices.registry.errors import RegistryError
 from devices.registry.service import BrokerAccounts, Registry
 
-log = structlog.get_logger(__name__)
+log = logging.getLogger(__name__)
 
 TOPIC_ROOT: Final = "garments/v1"
 BROKER_GROUP: Final = "mosquitto"
@@ -262,13 +261,13 @@ class BrokerSync:
         with self._lock:
             accounts, skipped = usable_accounts(self.registry.broker_accounts())
             for name in skipped:
-                log.warning("broker_account_skipped", account=name, reason="name or hash unfit for mosquitto files")
+                log.warning("broker account %s skipped: its name or hash cannot go in mosquitto's files", name)
             try:
                 write_broker_files(accounts, self.password_file, self.acl_file)
                 pid = reload_broker(self.pid_file) if self.pid_file is not None else None
             except BrokerSyncError as exc:
-                log.error("broker_sync_failed", error=str(exc), password_file=str(self.password_file))
+                log.error("broker sync failed (%s): %s", self.password_file, exc)
                 raise BrokerSyncError(f"the registry saved the change, but the broker did not get it: {exc}") from exc
             self.syncs += 1
-            log.info("broker_synced", devices=len(accounts.devices), gateways=len(accounts.gateways),
-                     readers=len(accounts.readers), reloaded_pid=pid, syncs=self.syncs)  # fmt: skip
+            log.info("broker files written: %d devices, %d gateways, %d readers; reloaded pid %s; sync #%d",
+                     len(accounts.devices), len(accounts.gateways), len(accounts.readers), pid, self.syncs)  # fmt: skip

@@ -859,3 +859,45 @@ def _import_credentials(credentials: list[s.Credentials], out: Path | None) -> N
     write_private(out, text)
     click.echo(f"{len(credentials)} MQTT credential(s) written to {out} (mode 0600); they are shown only once",
                err=True)  # fmt: skip
+
+
+# --- running the registry -------------------------------------------------------------------------------------------
+
+
+@devices.command("broker-sync")
+def broker_sync() -> None:
+    """Rewrite Mosquitto's password and ACL files from the registry and make the broker reload them.
+
+    Uses COMPRESSION_REGISTRY_BROKER_PASSWORD_FILE, ..._ACL_FILE and (for the
+    SIGHUP) ..._PID_FILE. The API server and every credentials-changing
+    command do this by themselves; run it by hand after restoring a backup or
+    when a sync failed.
+    """
+    from devices.registry.broker import BrokerSync
+
+    settings = _state().settings()
+    if settings.broker_password_file is None or settings.broker_acl_file is None:
+        raise CliError("set COMPRESSION_REGISTRY_BROKER_PASSWORD_FILE and COMPRESSION_REGISTRY_BROKER_ACL_FILE first")
+    BrokerSync(_registry(), settings.broker_password_file, settings.broker_acl_file, settings.broker_pid_file)()
+    reload = f", broker PID in {settings.broker_pid_file} told to reload" if settings.broker_pid_file else ""
+    click.echo(f"wrote {settings.broker_password_file} and {settings.broker_acl_file}{reload}", err=True)
+
+
+@devices.command()
+@click.option("--host", default=None, help="Address to listen on [default: COMPRESSION_REGISTRY_HOST or 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Port [default: COMPRESSION_REGISTRY_PORT or 8070].")
+def serve(host: str | None, port: int | None) -> None:
+    """Run the registry's REST API (/api/v1, /docs) and the physios' web page (/ui) with uvicorn.
+
+    The schema is migrated first; with the broker files configured, the
+    server keeps them in step with every credentials change.
+    """
+    import uvicorn
+
+    from devices.registry.api import app_from_settings
+
+    settings = _state().settings()
+    settings = settings.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
+    app = app_from_settings(settings)
+    click.echo(f"registry on http://{settings.host}:{settings.port} (API /docs, web page /ui)", err=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

@@ -6,6 +6,7 @@ raises a :mod:`devices.registry.errors` error and leaves the database as it was.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -17,7 +18,6 @@ from sqlalchemy import Select, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from devices.protocol import is_valid_device_id
 from devices.registry import schemas as s
 from devices.registry.classes import Band, ClassError, band_for, conflicts
 from devices.registry.errors import (
@@ -51,7 +51,7 @@ from devices.registry.secrets import (
 )
 
 GARMENT_TOPIC: Final = "garments/v1/{}/#"
-DEVICE_ID_RULE: Final = "^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$"
+SERVICE_ACCOUNT_RULE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{2,63}")
 SESSION_HOURS: Final = 12
 T = TypeVar("T")
 
@@ -448,9 +448,10 @@ class Registry:
         """An MQTT account for the ingester: read-only on every garment topic."""
         if role != "ingester":
             raise InvalidError("the only service-account role is ingester")
-        if not is_valid_device_id(username):
-            # It becomes an MQTT user name and a line of the password and ACL files.
-            raise InvalidError(f"service account names follow the device id rule {DEVICE_ID_RULE}; got {username!r}")
+        if not SERVICE_ACCOUNT_RULE.fullmatch(username):
+            # It becomes an MQTT user name and a line of the password and ACL files; the dot
+            # allowed here (svc.ingest) is never in a device id, so the two cannot collide.
+            raise InvalidError(f"service account names match {SERVICE_ACCOUNT_RULE.pattern}; got {username!r}")
         password = new_password()
         with self._tx(actor, admin=True) as session:
             self._mqtt_name_free(session, username)

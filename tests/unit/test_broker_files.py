@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import grp
+import logging
 import os
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
-from structlog.testing import capture_logs
 
 from devices.registry import schemas as s
 from devices.registry.broker import (
@@ -24,7 +24,7 @@ from devices.registry.broker import (
     write_broker_files,
 )
 from devices.registry.db import make_engine, migrate, session_factory
-from devices.registry.errors import RegistryError
+from devices.registry.errors import InvalidError, RegistryError
 from devices.registry.secrets import mosquitto_hash, mosquitto_verify
 from devices.registry.service import SYSTEM, BrokerAccounts, Registry
 
@@ -164,7 +164,7 @@ def registry_at(tmp_path: Path) -> Registry:
     return Registry(session_factory(engine))
 
 
-def test_broker_sync_follows_the_registry(tmp_path: Path) -> None:
+def test_broker_sync_follows_the_registry(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     registry = registry_at(tmp_path)
     passwd, acl = tmp_path / "passwd", tmp_path / "acl"
     sync = BrokerSync(registry, passwd, acl)  # no pid file: files only
@@ -185,14 +185,13 @@ def test_broker_sync_follows_the_registry(tmp_path: Path) -> None:
     assert "sock-a" not in passwd.read_text()
     assert block(acl.read_text(), "hub-1") == [], "a revoked garment is no longer relayed"
 
-    # An account the files cannot hold is left out (and logged); the others still sync.
-    registry.create_service_account(SYSTEM, "ingest team")
-    assert sync.syncs == 5 and "ingest team" not in passwd.read_text()
-    with capture_logs() as logs:
+    # A name the files cannot hold never gets into the registry; the renderers guard the files anyway (above).
+    with pytest.raises(InvalidError, match="service account names"):
+        registry.create_service_account(SYSTEM, "ingest team")
+    assert sync.syncs == 4 and "ingest team" not in passwd.read_text()
+    with caplog.at_level(logging.INFO, logger="devices.registry.broker"):
         sync()
-    assert {"event": "broker_account_skipped", "account": "ingest team", "log_level": "warning",
-            "reason": "name or hash unfit for mosquitto files"} in logs  # fmt: skip
-    assert logs[-1]["event"] == "broker_synced" and logs[-1]["syncs"] == 6
+    assert sync.syncs == 5 and "sync #5" in caplog.text
 
 
 def test_broker_sync_failure_says_the_change_is_saved(tmp_path: Path) -> None:
