@@ -40,7 +40,10 @@ def _aware(value: datetime) -> datetime:
     # A naive time is ambiguous for a clinic in another zone: refuse it rather than guess.
     if value.tzinfo is None:
         raise ValueError("give the time with its offset or Z, e.g. 2026-11-26T08:00:00Z")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError as exc:  # e.g. 0001-01-01T00:00:00+01:00: not a ValueError, so pydantic would not catch it
+        raise ValueError("the time is out of range once converted to UTC") from exc
 
 
 TimeZone = Annotated[str, AfterValidator(_known_zone)]
