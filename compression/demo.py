@@ -6,28 +6,70 @@ import asyncio
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
 
 from compression.influxql import rows, scalar
-from compression.localservers import InfluxDB, Mosquitto, start_influxdb, start_mosquitto
+from compression.localservers import BrokerAccess, InfluxDB, Mosquitto, start_influxdb, start_mosquitto
+from devices.registry.broker import BrokerSync
+from devices.registry.db import make_engine, migrate, session_factory
+from devices.registry.service import SYSTEM, Registry
 from ingest.app import Ingester
 from ingest.settings import IngestSettings
-from simulators.run import RunOptions, RunReport, run_fleet
+from simulators.registration import DEMO_CLINIC, Registered, register_fleet
+from simulators.run import RunOptions, RunReport, gateway_plan, run_fleet
 from simulators.scenarios import Fleet, every_scenario
 
 DATABASE = "compression_demo"
+INGEST_ACCOUNT = "svc.ingest"
+CONNECTIONS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class DemoRegistry:
+    """The demo's registry: its database URL, what registration handed out, the ingester's broker password."""
+
+    url: str
+    registry: Registry
+    registered: Registered
+    ingest_password: str
+
+
+def _register(root: Path, mq: Mosquitto, fleet: Fleet, options: RunOptions) -> DemoRegistry:
+    """A fresh registry for the demo clinic; the broker's password and ACL files follow it."""
+    path = root / "registry.db"
+    for stale in root.glob("registry.db*"):
+        stale.unlink()
+    url = f"sqlite:///{path}"
+    engine = make_engine(url)
+    migrate(engine)
+    registry = Registry(session_factory(engine))
+    assert mq.access is not None and mq.access.password_file and mq.access.acl_file
+    registry.on_credentials_changed = BrokerSync(registry, mq.access.password_file, mq.access.acl_file, mq.pid_file)
+    ingest = registry.create_service_account(SYSTEM, INGEST_ACCOUNT)
+    registered = register_fleet(registry, fleet, gateway_plan(fleet, options))
+    return DemoRegistry(url, registry, registered, ingest.password)
+
+
+def _with_user(url: str, user: str, password: str) -> str:
+    scheme, _, host = url.partition("://")
+    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{host}"
 
 
 def _say(text: str) -> None:
     click.echo(click.style("==> ", fg="cyan", bold=True) + text)
 
 
-async def _ingest_fleet(mq: Mosquitto, db: InfluxDB, fleet: Fleet, expected: int) -> tuple[Ingester, RunReport]:
-    settings = IngestSettings(mqtt_url=mq.url, influx_url=db.url, influx_database=DATABASE, metrics_port=0,
+async def _ingest_fleet(
+    mq: Mosquitto, db: InfluxDB, fleet: Fleet, expected: int, reg: DemoRegistry, options: RunOptions
+) -> tuple[Ingester, RunReport]:
+    settings = IngestSettings(mqtt_url=_with_user(mq.url, INGEST_ACCOUNT, reg.ingest_password), influx_url=db.url,
+                              influx_database=DATABASE, metrics_port=0, registry_url=reg.url,
                               mqtt_client_id=f"demo-ingest-{uuid.uuid4().hex[:6]}")  # fmt: skip
     ingester = Ingester(settings)
     task = asyncio.create_task(ingester.run())
@@ -37,7 +79,7 @@ async def _ingest_fleet(mq: Mosquitto, db: InfluxDB, fleet: Fleet, expected: int
     def progress(report: RunReport) -> None:
         click.echo(f"\r    sent {report.messages:>7,} messages, {report.samples:>9,} samples", nl=False)
 
-    report = await asyncio.to_thread(run_fleet, fleet, RunOptions(mq.url, connections=2), False, progress)
+    report = await asyncio.to_thread(run_fleet, fleet, options, False, progress)
     click.echo()
     _say(f"the fleet sent {report.messages:,} messages ({report.samples:,} samples, {report.bad_payloads} "
          f"deliberately malformed) in {report.seconds:.1f} s; the broker acknowledged {report.acked:,}")  # fmt: skip
@@ -81,7 +123,12 @@ def _summary(db: InfluxDB, ingester: Ingester, truth: dict[str, Any], truth_path
     acked = ingester.metrics.value("compression_ingest_messages_acked_total")
     click.echo(f"    ingester: {int(acked):,} messages acknowledged, each only after its write")
     _say(f"ground truth of every patient and day: {truth_path} (docs/ground-truth.md)")
-    ok = stored == expected
+    tagged = {r["patient"]: int(r["n"]) for r in rows(db.url, DATABASE, "SELECT count(worn) AS n FROM sample "
+                                                        "WHERE patient != '' GROUP BY patient")}  # fmt: skip
+    untagged = stored - sum(tagged.values())
+    _say(f"{sum(tagged.values()):,} samples tagged with the patient holding the garment at the time "
+         f"({len(tagged)} patients); {untagged:,} without a patient")  # fmt: skip
+    ok = stored == expected and untagged == 0
     _say("all readings stored" if ok else "MISSING READINGS: see the logs above")
     return 0 if ok else 1
 
@@ -90,18 +137,21 @@ def run_demo(days: int, data_dir: str, keep: bool, started: float) -> int:
     """Start local servers, backfill one simulated patient per scenario, print a summary; 0 on success."""
     root = Path(data_dir)
     _forget_previous_runs(root)
-    _say(f"starting Mosquitto and InfluxDB on free loopback ports under {root}/")
-    mq = start_mosquitto(root)
+    _say(f"starting Mosquitto (accounts and ACL from the registry) and InfluxDB on free loopback ports under {root}/")
+    mq = start_mosquitto(root, access=_empty_access(root))
     db = start_influxdb(root)
     try:
         _say(f"Mosquitto {mq.url}, InfluxDB {db.url}")
         fleet = every_scenario(seed=1, days=days, end=datetime.now(UTC))
+        reg = _register(root, mq, fleet, RunOptions(mq.url, connections=CONNECTIONS))
+        options = RunOptions(mq.url, connections=CONNECTIONS, credentials=reg.registered.gateways)
+        _registry_summary(reg)
         truth = fleet.ground_truth()
         truth_path = root / "ground-truth.json"
         fleet.write_ground_truth(truth_path)
         _say(f"simulating {len(fleet.devices)} patients, one per scenario, over the last {days} days")
         expected = sum(p["transport"]["samples_stored"] for p in truth["patients"])
-        ingester, _ = asyncio.run(_ingest_fleet(mq, db, fleet, expected))
+        ingester, _ = asyncio.run(_ingest_fleet(mq, db, fleet, expected, reg, options))
         code = _summary(db, ingester, truth, truth_path)
         _say(f"demo finished in {time.monotonic() - started:.1f} s")
         if keep:
@@ -111,6 +161,25 @@ def run_demo(days: int, data_dir: str, keep: bool, started: float) -> int:
     finally:
         mq.stop()
         db.stop()
+
+
+def _empty_access(root: Path) -> BrokerAccess:
+    """Start the broker with empty password and ACL files: nobody may connect until the registry says so."""
+    seed = root / "broker-seed"
+    seed.mkdir(parents=True, exist_ok=True)
+    (seed / "passwd").write_text("")
+    (seed / "acl").write_text("")
+    return BrokerAccess(password_file=seed / "passwd", acl_file=seed / "acl")
+
+
+def _registry_summary(reg: DemoRegistry) -> None:
+    patients = reg.registry.list_patients(SYSTEM)
+    _say(f"registry {reg.url}: clinic {DEMO_CLINIC!r}, {len(reg.registered.physios)} physios, {len(patients)} "
+         f"patients, {len(reg.registered.devices)} garments relayed by {len(reg.registered.gateways)} gateways, "
+         "one prescription each; the broker accepts only these accounts (ACL: own topics)")  # fmt: skip
+    first = next(iter(reg.registered.physios))
+    _say(f"web page: compression devices --database-url {reg.url} serve, then http://127.0.0.1:8070/ui "
+         f"(log in as {first}, password {reg.registered.physios[first]!r})")  # fmt: skip
 
 
 def _forget_previous_runs(root: Path) -> None:

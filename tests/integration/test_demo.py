@@ -18,4 +18,8 @@ def test_demo_stores_every_reading(servers_root: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "all readings stored" in result.output
     assert "rolled_down" in result.output and "not_json" in result.output
+    # The registry knows the demo clinic, the broker admits only its accounts, every sample names its patient.
+    assert "clinic 'demo-clinic'" in result.output and "13 patients" in result.output
+    assert "(13 patients); 0 without a patient" in result.output
+    assert (data_dir / "registry.db").exists()
     assert (data_dir / "ground-truth.json").stat().st_size > 1000
