@@ -241,9 +241,12 @@ def demo(days: int, data_dir: str, keep: bool) -> None:
     """Run the platform locally end to end and summarise what was stored.
 
     Starts Mosquitto and InfluxDB as plain processes on free loopback ports
-    under --data-dir, runs the ingester, publishes simulated sock telemetry
-    (plus a few malformed messages, to show rejections) and prints what
-    InfluxDB holds.
+    under --data-dir, registers a demo clinic in a fresh registry (physios,
+    one patient, garment and prescription per scenario, two gateways) whose
+    accounts and ACL the broker enforces, runs the ingester (tagging samples
+    with patient codes from the registry), backfills one simulated patient per
+    scenario (socks and boots, plus a few malformed messages to show
+    rejections) and prints what InfluxDB holds next to the ground truth.
     """
     from compression.demo import run_demo
 
