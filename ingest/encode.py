@@ -221,6 +221,7 @@ def rejected_line(
 Unattributed = tuple[tuple[str, str, str, int], ...]
 _NONE: Final[Unattributed] = ()
 _SAMPLE_DEVICE: Final = len(f"{SAMPLE},device=")
+_KEYS_MEMO: Final = 64
 
 
 def attribute(lines: list[str], samples: int, attributions: Attributions) -> Unattributed:
@@ -251,8 +252,7 @@ def _attribute_samples(lines: list[str], samples: int, attributions: Attribution
     who = attributions.lookup(device, int(first[first.rindex(" ") + 1 : -6]))
     if who.holds(int(last[last.rindex(" ") + 1 : -6])):
         tagged = _tagged_key(head, who)
-        for i in range(samples):
-            lines[i] = tagged + lines[i][cut:]
+        lines[:samples] = [tagged + text[cut:] for text in lines[:samples]]
         return _NONE if who.reason is None else ((SAMPLE, device, who.reason, samples),)
     # A boundary falls inside the message: sample by sample.
     counts: dict[str, int] = {}
@@ -281,12 +281,17 @@ def _attribute_point(lines: list[str], attributions: Attributions) -> Unattribut
 
 
 def _tagged_key(key: str, who: Attribution) -> str:
-    """A series key with ``who``'s tags added, tags in key order (as InfluxDB stores them)."""
-    measurement, _, tags = key.partition(",")
-    parts = tags.split(",")
-    parts.extend(f"{name}={value}" for name, value in who.tags)
-    parts.sort(key=_tag_name)
-    return measurement + "," + ",".join(parts)
+    """A series key with ``who``'s tags added, tags in key order (as InfluxDB stores them); memoised."""
+    tagged = who.keys.get(key)
+    if tagged is None:
+        measurement, _, tags = key.partition(",")
+        parts = tags.split(",")
+        parts.extend(f"{name}={value}" for name, value in who.tags)
+        parts.sort(key=_tag_name)
+        tagged = measurement + "," + ",".join(parts)
+        if len(who.keys) < _KEYS_MEMO:  # the shared "unregistered" answer meets any device id
+            who.keys[key] = tagged
+    return tagged
 
 
 def _tag_name(part: str) -> str:

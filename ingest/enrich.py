@@ -24,7 +24,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
 import httpx
@@ -71,6 +71,8 @@ class Attribution:
     start_ms: int
     end_ms: int
     tags: tuple[tuple[str, str], ...]
+    # Series keys with these tags added, memoised by the encoder (a few per device).
+    keys: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def holds(self, t_ms: int) -> bool:
         """True if ``t_ms`` falls in this stretch."""

@@ -180,6 +180,12 @@ async def test_points_carry_the_patient_valid_at_their_own_time(
         kept = [p for p in samples if p["device"] == device]
         assert len(kept) == len(lonely)
         assert all(p["attribution"] == reason and p.get("patient") is None and p.get("clinic") is None for p in kept)
+    # The filters docs/schema.md shows.
+    attributed = len(before) + len(across) + len(after)
+    count = "SELECT count(ankle_mmhg) FROM sample WHERE "
+    assert rows(influx.url, names.database, count + "patient != ''")[0]["count"] == attributed
+    assert rows(influx.url, names.database, count + "attribution = 'unassigned'")[0]["count"] == len(lonely)
+    assert rows(influx.url, names.database, count + "attribution != ''")[0]["count"] == 2 * len(lonely)
     events = {p["type"]: p for p in rows(influx.url, names.database, "SELECT * FROM event")}
     assert events["donned"]["patient"] == world.patients[0] and events["doffed"]["patient"] == world.patients[1]
     status = {p["device"]: p for p in rows(influx.url, names.database, "SELECT * FROM status")}

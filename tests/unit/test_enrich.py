@@ -211,8 +211,9 @@ async def test_start_waits_for_the_first_snapshot_and_can_be_cancelled() -> None
     source.fail = False
     await asyncio.wait_for(task, 2)
     assert enrichment.attributions is not None
-    stuck = Enrichment(FakeSource(), 1, IngestMetrics(), retry_initial_s=0.01)
-    stuck.source.fail = True  # type: ignore[attr-defined]
+    down = FakeSource()
+    down.fail = True
+    stuck = Enrichment(down, 1, IngestMetrics(), retry_initial_s=0.01)
     task = asyncio.create_task(stuck.start())
     await asyncio.sleep(0.05)
     task.cancel()
