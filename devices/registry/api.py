@@ -10,9 +10,12 @@ or prescription, contraindication), 422 for input that cannot be right.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -67,6 +70,8 @@ class _UnauthorizedError(Exception):
 
 Reg = Annotated[Registry, Depends(registry_of)]
 Who = Annotated[Actor, Depends(actor_of)]
+# Row ids are positive 32-bit integers (INTEGER columns); a larger one would overflow the database driver: 500.
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 def _routes() -> APIRouter:
@@ -207,7 +212,7 @@ def _care_routes(r: APIRouter) -> None:
         return reg.list_assignments(who, device_id, patient)
 
     @r.post("/assignments/{assignment_id}/end", tags=["assignments"])
-    def end_assignment(assignment_id: int, body: s.AssignmentEnd, reg: Reg, who: Who) -> s.AssignmentOut:
+    def end_assignment(assignment_id: RowId, body: s.AssignmentEnd, reg: Reg, who: Who) -> s.AssignmentOut:
         """End an open assignment (default now)."""
         return reg.end_assignment(who, assignment_id, body)
 
@@ -222,12 +227,12 @@ def _care_routes(r: APIRouter) -> None:
         return reg.list_prescriptions(who, patient)
 
     @r.get("/prescriptions/{rx_id}", tags=["prescriptions"])
-    def get_prescription(rx_id: int, reg: Reg, who: Who) -> s.PrescriptionOut:
+    def get_prescription(rx_id: RowId, reg: Reg, who: Who) -> s.PrescriptionOut:
         """One prescription."""
         return reg.get_prescription(who, rx_id)
 
     @r.patch("/prescriptions/{rx_id}", tags=["prescriptions"])
-    def update_prescription(rx_id: int, body: s.PrescriptionUpdate, reg: Reg, who: Who) -> s.PrescriptionOut:
+    def update_prescription(rx_id: RowId, body: s.PrescriptionUpdate, reg: Reg, who: Who) -> s.PrescriptionOut:
         """Change a prescription (e.g. the daily wear target); checked like a new one."""
         return reg.update_prescription(who, rx_id, body)
 
@@ -242,7 +247,7 @@ def _care_routes(r: APIRouter) -> None:
         return reg.list_contraindications(who, patient)
 
     @r.post("/contraindications/{row_id}/resolve", tags=["contraindications"])
-    def resolve_contraindication(row_id: int, body: s.ResolveIn, reg: Reg, who: Who) -> s.ContraindicationOut:
+    def resolve_contraindication(row_id: RowId, body: s.ResolveIn, reg: Reg, who: Who) -> s.ContraindicationOut:
         """Mark a contraindication resolved from a date on."""
         return reg.resolve_contraindication(who, row_id, body)
 
@@ -259,7 +264,7 @@ def _admin_routes(r: APIRouter) -> None:
         return reg.list_tokens(who)
 
     @r.delete("/tokens/{token_id}", status_code=204, tags=["tokens"], response_class=Response)
-    def revoke_token(token_id: int, reg: Reg, who: Who) -> Response:
+    def revoke_token(token_id: RowId, reg: Reg, who: Who) -> Response:
         """Revoke an API token (admin)."""
         reg.revoke_token(who, token_id)
         return Response(status_code=204)
@@ -304,10 +309,29 @@ def _error_handlers(app: FastAPI) -> None:
     def unauthorized(_request: Request, exc: _UnauthorizedError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
+    @app.exception_handler(RequestValidationError)
+    def request_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input, which JSON cannot always carry back: NaN, Infinity or 1e999
+        # (Python's json reads them) or a lone surrogate ("\ud800"); rendering those was a 500.
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+
     @app.exception_handler(ValidationError)
     def validation_error(_request: Request, exc: ValidationError) -> JSONResponse:
         # A model built inside the service from checked input failed: still the caller's input.
         return JSONResponse({"detail": str(exc.errors(include_url=False))}, status_code=422)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as text and text re-encodable as UTF-8 (surrogates escaped)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def create_app(registry: Registry, settings: RegistrySettings | None = None) -> FastAPI:

@@ -13,6 +13,7 @@ is exactly as it was (no row, no audit entry, no changed field).
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -89,13 +90,16 @@ class World:
         json: Any = None,
         params: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
+        content: str | None = None,
     ) -> httpx.Response:
         """``method path`` as ``who`` (a key of ``tokens``, or None for no token); ``path`` below /api/v1."""
         url = path if path.startswith("/healthz") else API_PREFIX + path
-        sent = dict(headers or {})
+        sent = dict(headers or {}) | ({"Content-Type": "application/json"} if content is not None else {})
         if who is not None:
             sent["Authorization"] = f"Bearer {self.tokens.get(who, who)}"
-        response: httpx.Response = self.client.request(method, url, json=json, params=params, headers=sent)
+        response: httpx.Response = self.client.request(
+            method, url, json=json, params=params, headers=sent, content=content
+        )
         _SEEN.append((method.upper(), _template(method.upper(), url), response.status_code))
         return response
 
@@ -966,6 +970,43 @@ def test_audit(world: World) -> None:
     world.refused("GET", "/audit", "ingester", 403)
     world.refused("GET", "/audit", "admin", 422, params={"limit": 0})
     world.refused("GET", "/audit", "admin", 422, params={"limit": 10_001})
+
+
+@pytest.mark.parametrize("row_id", ["9223372036854775808", "2147483648", "0", "-1"])
+def test_row_ids_out_of_range_are_422(world: World, row_id: str) -> None:
+    # Regression: an id past 2**63 - 1 overflowed the SQLite driver (500); past 2**31 - 1 PostgreSQL's INTEGER.
+    world.refused("GET", f"/prescriptions/{row_id}", "admin", 422)
+    world.refused("PATCH", f"/prescriptions/{row_id}", "admin", 422, json={"wear_hours_per_day": 8})
+    world.refused("POST", f"/assignments/{row_id}/end", "admin", 422, json={})
+    world.refused("POST", f"/contraindications/{row_id}/resolve", "admin", 422, json={"resolved_on": "2025-02-01"})
+    world.refused("DELETE", f"/tokens/{row_id}", "admin", 422)
+
+
+def _strict_json(text: str | bytes) -> Any:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [
+        ("/contraindications", '{"patient": "PA-001", "kind": "abpi", "abpi": NaN, "noted_on": "2025-01-10"}'),
+        ("/contraindications", '{"patient": "PA-001", "kind": "abpi", "abpi": -Infinity, "noted_on": "2025-01-10"}'),
+        ("/prescriptions", '{"patient": "PA-001", "garment_kind": "boot", "valid_from": "2025-02-01", '
+         '"sessions_per_week": 7, "session_min_minutes": 30, "session_max_minutes": 1e999, "max_chamber_mmhg": 40}'),
+        ("/clinics", '{"code": "clinicc", "name": "\\ud800", "timezone": "UTC"}'),
+        ("/clinics", '{"code": "clinicc", "name": "C", "timezone": "\\udfff"}'),
+        ("/clinics", '{"code": "clinicc", "name": "C", "timezone": "UTC", "\\ud800": NaN}'),
+        ("/physios", '{"clinic": "clinica", "name": "C", "email": "c@clinica.example", "password": "\\ud800-secret"}'),
+    ],
+)  # fmt: skip
+def test_input_that_json_cannot_echo_is_still_a_422(world: World, path: str, raw: str) -> None:
+    # Regression: FastAPI's 422 echoes the input, and NaN, Infinity, 1e999 (Python's json reads them all) or a lone
+    # surrogate could not be rendered back: a 500 instead of the 422.
+    response = world.refused("POST", path, "admin", 422, content=raw)
+    assert _strict_json(response.content)["detail"][0]["loc"][0] == "body"
 
 
 # --- the ingester's snapshot -----------------------------------------------------------------------------------------
