@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, TypeVar
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -724,9 +724,13 @@ class Registry:
         """Audit entries about one patient (its record, prescriptions, contraindications, assignments)."""
         with self._tx(actor) as session:
             self._patient(session, actor, code)
-            query = select(AuditEntry).where(or_(AuditEntry.key == code, AuditEntry.key.startswith(
-                f"{code}#", autoescape=True), AuditEntry.key.endswith(f"->{code}", autoescape=True))).order_by(
-                AuditEntry.id.desc()).limit(limit)  # fmt: skip
+            # Keyed per entity: a device or gateway may carry the same code in another clinic.
+            query = select(AuditEntry).where(or_(
+                and_(AuditEntry.entity == "patient", AuditEntry.key == code),
+                and_(AuditEntry.entity.in_(("prescription", "contraindication")),
+                     AuditEntry.key.startswith(f"{code}#", autoescape=True)),
+                and_(AuditEntry.entity == "assignment", AuditEntry.key.endswith(f"->{code}", autoescape=True)),
+            )).order_by(AuditEntry.id.desc()).limit(limit)  # fmt: skip
             return [s.AuditOut.model_validate(e) for e in session.scalars(query)]
 
     # --- what the ingester and the broker need ------------------------------------------------------------------

@@ -476,6 +476,15 @@ def test_patient_audit(world: World) -> None:
     world.refused("GET", f"/patients/{PA}/audit", "admin", 422, params={"limit": "many"})
 
 
+def test_patient_audit_shows_no_other_entity_with_the_same_code(world: World) -> None:
+    # Regression: the patient audit matched keys only, so a clinic B patient coded like clinic A's device showed
+    # that device's entries (clinic, gateway) to clinic B's physio.
+    world.ok("POST", "/patients", json={"clinic": B, "code": SOCK_A}, status=201)
+    world.ok("PATCH", f"/devices/{SOCK_A}", json={"firmware": "2.0"})
+    entries = world.ok("GET", f"/patients/{SOCK_A}/audit", "physio_b")
+    assert [(e["entity"], e["key"]) for e in entries] == [("patient", SOCK_A)]
+
+
 # --- gateways and devices --------------------------------------------------------------------------------------------
 
 
