@@ -18,7 +18,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from devices.registry import schemas as s
 from devices.registry.db import make_engine, migrate, session_factory
@@ -40,7 +40,9 @@ class ServiceAccountIn(BaseModel):
     """An MQTT account for a service (the ingester)."""
 
     model_config = ConfigDict(extra="forbid")
-    username: s.Identifier
+    username: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{2,63}$")] = Field(
+        description="MQTT user name, e.g. svc.ingest (a dot never appears in a device id, so they cannot collide)."
+    )
     role: str = "ingester"
 
 

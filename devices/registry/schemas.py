@@ -10,7 +10,7 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from devices.protocol import ZONES
 from devices.registry.classes import CONTRAINDICATION_KINDS, ClassSystem, ContraindicationKind
@@ -51,9 +51,17 @@ Instant = Annotated[datetime, AfterValidator(_aware)]
 
 
 class Model(BaseModel):
-    """Base: unknown fields are an error, so a typo is never silently ignored."""
+    """Base: unknown fields are an error, so a typo is never silently ignored; no NUL characters in text."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        # PostgreSQL cannot store NUL in text; refuse it for every database alike.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("text may not contain NUL characters")
+        return value
 
 
 class Out(BaseModel):
@@ -301,7 +309,7 @@ class ResolveIn(Model):
 
 
 class TokenIn(Model):
-    name: Name
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
     role: Role
     physio: Email | None = Field(default=None, description="Required for the physio role.")
 

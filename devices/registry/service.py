@@ -495,7 +495,9 @@ class Registry:
                 raise InvalidError("the end must be after the assignment's start")
             _no_overlap(session, assignment.device, assignment.valid_from, end, ignore=assignment.id)
             assignment.valid_to = end
-            self._audit(session, actor, "end", "assignment", str(assignment_id), {"valid_to": end})
+            self._audit(session, actor, "end", "assignment",
+                        f"{assignment.device.device_id}->{assignment.patient.code}",
+                        {"id": assignment_id, "valid_to": end})  # fmt: skip
             return _assignment_out(assignment)
 
     def list_assignments(

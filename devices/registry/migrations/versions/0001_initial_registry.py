@@ -25,7 +25,7 @@ def upgrade() -> None:
         sa.Column("actor", sa.String(length=200), nullable=False),
         sa.Column("action", sa.String(length=40), nullable=False),
         sa.Column("entity", sa.String(length=40), nullable=False),
-        sa.Column("key", sa.String(length=200), nullable=False),
+        sa.Column("key", sa.String(length=300), nullable=False),
         sa.Column("changes", sa.JSON(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_audit")),
     )
