@@ -27,6 +27,7 @@ COPY pyproject.toml README.md ./
 COPY compression/ compression/
 COPY devices/ devices/
 COPY ingest/ ingest/
+COPY monitor/ monitor/
 COPY simulators/ simulators/
 COPY dashboards/ dashboards/
 # A regular (not editable) install into site-packages, then the sources go.

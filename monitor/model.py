@@ -1,0 +1,114 @@
+"""The monitor's vocabulary: who is monitored against what, per-day statistics, flags and their severities."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Final, Literal
+
+Severity = Literal["info", "warning", "critical"]
+
+# Daily flags. The first block is the vocabulary of the simulators' ground truth (docs/ground-truth.md);
+# the monitor implements exactly those definitions. The second block is the monitor's own.
+SILENT: Final = "silent"
+UNDER_USE: Final = "under_use"
+TOO_TIGHT: Final = "too_tight"
+ROLLED_DOWN: Final = "rolled_down"
+WORN_OUT: Final = "worn_out"
+BOOT_OVERPRESSURE: Final = "boot_overpressure"
+BOOT_SHORT_SESSIONS: Final = "boot_short_sessions"
+BOOT_MISSED_SESSIONS: Final = "boot_missed_sessions"
+COMPLIANT: Final = "compliant"
+
+SEVERITY: Final[dict[str, Severity]] = {
+    SILENT: "warning",
+    UNDER_USE: "warning",
+    TOO_TIGHT: "warning",
+    ROLLED_DOWN: "warning",
+    WORN_OUT: "info",
+    BOOT_OVERPRESSURE: "critical",
+    BOOT_SHORT_SESSIONS: "warning",
+    BOOT_MISSED_SESSIONS: "warning",
+}
+# Safety flags are alerted the moment they are seen (also on the current, incomplete day).
+SAFETY: Final = frozenset({BOOT_OVERPRESSURE})
+
+
+@dataclass(frozen=True, slots=True)
+class SockRx:
+    """A sock/stocking prescription as the monitor needs it."""
+
+    low_mmhg: float
+    high_mmhg: float
+    wear_hours_per_day: float
+    wear_days_per_week: int
+    zones: tuple[str, ...]
+    tolerance_s: float = 1800.0
+
+
+@dataclass(frozen=True, slots=True)
+class BootRx:
+    """A pneumatic boot prescription as the monitor needs it."""
+
+    sessions_per_week: int
+    session_min_s: float
+    session_max_s: float
+    max_chamber_mmhg: float
+    zones: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PatientContext:
+    """One monitored patient: pseudonymous code, clinic and its time zone, physio, prescription, devices.
+
+    ``problems`` lists what keeps the patient from being evaluated fully (no
+    physio, no prescription, a prescription missing a field): they are logged
+    and flagged for the clinic, never a crash.
+    """
+
+    patient: str
+    clinic: str
+    timezone: str
+    kind: Literal["sock", "boot"] | None
+    rx: SockRx | BootRx | None
+    physio_email: str | None
+    physio_name: str | None
+    devices: tuple[str, ...] = ()
+    max_silence_hours: float = 24.0
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class DayStats:
+    """What the stored data says about one patient's local day (times are epoch ms, durations seconds)."""
+
+    day: date
+    start_ms: int
+    end_ms: int
+    complete: bool
+    points: int = 0  # samples + events + statuses stored with a time in the day
+    samples: int = 0
+    worn_samples: int = 0
+    wear_s: float = 0.0
+    # socks
+    ankle_median_mmhg: float | None = None
+    ankle_median_7d_mmhg: float | None = None
+    above_range_s: float = 0.0
+    below_range_s: float = 0.0
+    reversed_gradient_s: float = 0.0
+    # boots
+    peak_mmhg: float | None = None
+    sessions_started: int = 0
+    session_durations_s: list[float] = field(default_factory=list)
+    sessions_in_window: int = 0
+    sessions_required_in_window: int = 0
+    battery_min_pct: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DayResult:
+    """One patient's evaluated day: its statistics and its sorted flags (``None`` for an incomplete day)."""
+
+    patient: str
+    stats: DayStats
+    flags: tuple[str, ...] | None

@@ -1,0 +1,46 @@
+"""Settings of ``compression monitor``: environment variables prefixed ``COMPRESSION_MONITOR_``.
+
+Every field is documented in ``.env.example`` (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class MonitorSettings(BaseSettings):
+    """Where the data, the registry, the monitor's own state and the mail server are; how often to look."""
+
+    model_config = SettingsConfigDict(env_prefix="COMPRESSION_MONITOR_", env_file=".env", extra="ignore")
+
+    influx_url: str = Field(default="http://127.0.0.1:8086", description="InfluxDB holding the ingested telemetry (v1 /query API).")
+    influx_database: str = Field(default="compression", description="InfluxDB database the ingester writes to.")
+    influx_username: str | None = Field(default=None, description="InfluxDB 1.x user (basic auth).")
+    influx_password: str | None = Field(default=None, description="InfluxDB 1.x password.")
+    influx_token: str | None = Field(default=None, description="InfluxDB 2.x/3.x token (sent as 'Authorization: Token ...'); wins over user/password.")
+    registry_database_url: str = Field(default="sqlite:///var/registry.db", description="The device registry's database: who is monitored, against which prescription, alerting which physio.")
+    state_database_url: str = Field(default="sqlite:///var/monitor.db", description="The monitor's own durable state (day results, episodes, e-mail outbox, the replicas' lease); replicas share it (PostgreSQL across hosts).")
+    interval_s: float = Field(default=60.0, gt=0, description="Seconds between full evaluations of every patient's last days.")
+    safety_interval_s: float = Field(default=10.0, gt=0, description="Seconds between checks of the safety flags (boot over-pressure) on today's data; they alert at once.")
+    days_back: int = Field(default=30, ge=8, le=90, description="Local days evaluated each time (recomputed every time, so late store-and-forward data updates past days).")
+    resolve_after_days: int = Field(default=2, ge=1, le=14, description="Hysteresis: clear days in a row before an episode resolves (a value hovering at a threshold opens one episode, not fifty).")
+    silence_guard_fraction: float = Field(default=0.5, gt=0, le=1, description="If more than this share of monitored devices went silent at once (an ingest or database outage, not the patients), silence flags are held back and the gap is logged.")
+    lease_s: float = Field(default=30.0, gt=1, description="Seconds a replica's lease lasts; only the holder evaluates and sends, another replica takes over when it lapses.")
+    replica_id: str | None = Field(default=None, description="This replica's name in the lease (default: host name and process id).")
+    smtp_host: str = Field(default="127.0.0.1", description="SMTP server for alert e-mails.")
+    smtp_port: int = Field(default=587, ge=1, le=65535, description="SMTP port (587 with STARTTLS, 465 with implicit TLS, 25 or a catcher's port without TLS).")
+    smtp_tls: Literal["starttls", "implicit", "off"] = Field(default="starttls", description="starttls (required), implicit (TLS from the first byte) or off (only for a local catcher).")
+    smtp_username: str | None = Field(default=None, description="SMTP user name (AUTH); unset: no authentication.")
+    smtp_password: str | None = Field(default=None, description="SMTP password.")
+    smtp_ca_file: Path | None = Field(default=None, description="CA certificate to trust for the SMTP server's TLS (a private CA); unset: the system's.")
+    smtp_timeout_s: float = Field(default=30.0, gt=0, description="Seconds before an SMTP attempt is given up (and retried later).")
+    mail_from: str = Field(default="Compression monitor <monitor@localhost>", description="From address of the alert e-mails.")
+    dashboard_url: str = Field(default="http://127.0.0.1:3000", description="Grafana base URL for the links to a patient's dashboard in e-mails.")
+    digest_hour: int = Field(default=7, ge=0, le=23, description="Local hour (clinic time) at which each physio's daily digest is sent.")
+    write_flags: bool = Field(default=True, description="Write episodes and daily flags to InfluxDB (measurements flag_episode and flag_day) for the dashboards.")
+    log_level: str = Field(default="INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
+    log_format: Literal["console", "json"] = Field(default="console", description="Log format: json (one object per line) or console.")
