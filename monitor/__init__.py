@@ -2,7 +2,8 @@
 
 Pipeline, one module per stage:
 
-- ``registry``: who is monitored: patients, their clinic's time zone, physio and prescription (``model.PatientContext``).
+- ``registry``: who is monitored: patients, their clinic's time zone, physio, prescription
+  (``model.PatientContext``).
 - ``queries`` / ``compliance``: per patient and local day, the stored data's statistics (``model.DayStats``) from
   InfluxDB by InfluxQL, and the flags of each day (the definitions of ``docs/ground-truth.md``).
 - ``episodes``: flags over days become episodes (start, end, severity), with hysteresis; written to InfluxDB.

@@ -1,0 +1,111 @@
+"""Who is monitored, from the device registry: each patient's clinic time zone, physio and current prescription.
+
+Read through the registry's own service (as the system), so the monitor sees
+exactly what the API shows. Whatever keeps a patient from being monitored
+fully (no physio, an inactive physio, no prescription, a prescription missing
+a field, several garment kinds) goes into ``PatientContext.problems``: it is
+logged and reported to the clinic, never a crash.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import UTC, date, datetime
+from zoneinfo import ZoneInfo
+
+from devices.registry import schemas as s
+from devices.registry.service import SYSTEM, Registry
+from monitor.model import BootRx, PatientContext, SockRx
+
+
+def load_contexts(registry: Registry, now: datetime | None = None) -> list[PatientContext]:
+    """Every patient of every clinic, with what the monitor needs (sorted by patient code)."""
+    now = now or datetime.now(UTC)
+    clinics = {c.code: c for c in registry.list_clinics(SYSTEM)}
+    physios = {p.email: p for p in registry.list_physios(SYSTEM)}
+    prescriptions: dict[str, list[s.PrescriptionOut]] = defaultdict(list)
+    for rx in registry.list_prescriptions(SYSTEM):
+        prescriptions[rx.patient].append(rx)
+    holding: dict[str, list[str]] = defaultdict(list)
+    now_ms = int(now.timestamp() * 1000)
+    for entry in registry.snapshot(SYSTEM).assignments:
+        if entry.from_ms <= now_ms and (entry.to_ms is None or now_ms < entry.to_ms):
+            holding[entry.patient].append(entry.device_id)
+    contexts = []
+    for patient in registry.list_patients(SYSTEM):
+        tz = clinics[patient.clinic].timezone
+        today = now.astimezone(ZoneInfo(tz)).date()
+        physio = physios.get(patient.physio) if patient.physio else None
+        contexts.append(_context(patient, tz, physio, _current(prescriptions[patient.code], today),
+                                 tuple(sorted(holding[patient.code]))))  # fmt: skip
+    return contexts
+
+
+def _current(rxs: list[s.PrescriptionOut], today: date) -> list[s.PrescriptionOut]:
+    return [rx for rx in rxs if rx.valid_from <= today and (rx.valid_to is None or today <= rx.valid_to)]
+
+
+def _context(
+    patient: s.PatientOut,
+    tz: str,
+    physio: s.PhysioOut | None,
+    current: list[s.PrescriptionOut],
+    devices: tuple[str, ...],
+) -> PatientContext:
+    problems: list[str] = []
+    if physio is None:
+        problems.append("no responsible physio: alerts cannot be sent")
+    elif not physio.active:
+        problems.append(f"responsible physio {physio.email} is inactive: alerts cannot be sent")
+    if not devices:
+        problems.append("no garment assigned")
+    rx, rx_problems = _prescription(current)
+    problems += rx_problems
+    reachable = physio is not None and physio.active
+    return PatientContext(
+        patient=patient.code,
+        clinic=patient.clinic,
+        timezone=tz,
+        kind="sock" if isinstance(rx, SockRx) else "boot" if isinstance(rx, BootRx) else None,
+        rx=rx,
+        physio_email=physio.email if reachable and physio else None,
+        physio_name=physio.name if reachable and physio else None,
+        devices=devices,
+        max_silence_hours=current[0].max_silence_hours if current else 24.0,
+        problems=tuple(problems),
+    )
+
+
+def _prescription(current: list[s.PrescriptionOut]) -> tuple[SockRx | BootRx | None, list[str]]:
+    if not current:
+        return None, ["no current prescription: wear and pressure cannot be judged"]
+    problems = []
+    if len(current) > 1:
+        kinds = ", ".join(sorted(rx.garment_kind for rx in current))
+        problems.append(f"several garment kinds prescribed ({kinds}): monitoring the {current[0].garment_kind} only")
+    rx = current[0]
+    try:
+        return (_sock(rx) if rx.garment_kind == "sock" else _boot(rx)), problems
+    except ValueError as exc:
+        return None, [*problems, f"prescription #{rx.id} cannot be used: {exc}"]
+
+
+def _need(value: float | int | None, name: str) -> float:
+    if value is None:
+        raise ValueError(f"{name} is missing")
+    return float(value)
+
+
+def _sock(rx: s.PrescriptionOut) -> SockRx:
+    return SockRx(low_mmhg=_need(rx.ankle_min_mmhg, "ankle_min_mmhg"),
+                  high_mmhg=_need(rx.ankle_max_mmhg, "ankle_max_mmhg"),
+                  wear_hours_per_day=_need(rx.wear_hours_per_day, "wear_hours_per_day"),
+                  wear_days_per_week=int(rx.wear_days_per_week or 7), zones=tuple(rx.zones),
+                  tolerance_s=rx.out_of_range_tolerance_minutes * 60.0)  # fmt: skip
+
+
+def _boot(rx: s.PrescriptionOut) -> BootRx:
+    return BootRx(sessions_per_week=int(_need(rx.sessions_per_week, "sessions_per_week")),
+                  session_min_s=_need(rx.session_min_minutes, "session_min_minutes") * 60.0,
+                  session_max_s=_need(rx.session_max_minutes, "session_max_minutes") * 60.0,
+                  max_chamber_mmhg=_need(rx.max_chamber_mmhg, "max_chamber_mmhg"), zones=tuple(rx.zones))  # fmt: skip
