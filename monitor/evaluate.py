@@ -1,0 +1,199 @@
+"""One evaluation: day results -> stored day flags and episodes -> e-mails queued in the outbox, in one transaction.
+
+Everything a physio is told follows from the stored episodes: an e-mail is
+queued when an episode opens and when it resolves, each under a unique key,
+so re-evaluating (every minute, after a restart, on another replica) never
+queues it twice. History seen for the first time (the monitor's first run,
+or late data revealing a run that is already over) is recorded without
+e-mails: it shows on dashboards and in the digest, and no storm follows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from monitor.episodes import Decision, Run, closed_unrecorded, flags_seen, reconcile, runs
+from monitor.model import SAFETY, SEVERITY, SILENT, DayResult, PatientContext
+from monitor.state import DayFlags, Episode, State
+
+log = logging.getLogger(__name__)
+LOW_BATTERY = "low_battery"
+LOW_BATTERY_PCT = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    """What is true right now of a patient, beyond complete days: today's safety flags, silence, battery."""
+
+    today: date
+    safety: tuple[str, ...] = ()
+    silent_now: bool = False
+    battery_pct: float | None = None
+
+    def flags(self) -> tuple[str, ...] | None:
+        """Today's flags for the runs (``None`` when nothing is known yet for today)."""
+        found = list(self.safety)
+        if self.silent_now:
+            found.append(SILENT)
+        if self.battery_pct is not None and self.battery_pct < LOW_BATTERY_PCT:
+            found.append(LOW_BATTERY)
+        return tuple(sorted(found)) or None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one evaluation changed (for logs, metrics and tests)."""
+
+    opened: list[tuple[str, str]] = field(default_factory=list)
+    resolved: list[tuple[str, str]] = field(default_factory=list)
+    recorded: list[tuple[str, str]] = field(default_factory=list)
+    day_changes: int = 0
+    held_back: list[str] = field(default_factory=list)
+
+
+def evaluate(
+    state: State,
+    contexts: Sequence[PatientContext],
+    results: Mapping[str, Sequence[DayResult]],
+    live: Mapping[str, Live],
+    resolve_after: int,
+    silence_guard: float,
+    mail_data: MailData,
+) -> Outcome:
+    """Apply one evaluation of every patient to the state, in one transaction."""
+    out = Outcome()
+    hold_silence = _silence_storm(contexts, results, live, silence_guard)
+    if hold_silence:
+        log.warning("silence held back: %d of %d monitored patients went silent at once (an ingest or database "
+                    "gap, not the patients); no silence alerts until data flows", *hold_silence)  # fmt: skip
+    with state.transaction() as session:
+        for ctx in contexts:
+            days = list(results.get(ctx.patient, ()))
+            now = live.get(ctx.patient)
+            out.day_changes += _store_days(session, ctx, days)
+            series: list[tuple[date, tuple[str, ...] | None]] = [(r.stats.day, r.flags) for r in days if r.flags]
+            if now is not None:
+                today_flags = now.flags()
+                if hold_silence and today_flags:
+                    today_flags = tuple(f for f in today_flags if f != SILENT) or None
+                series.append((now.today, today_flags))
+            _episodes(session, state, ctx, series, now.today if now else _last_day(days), resolve_after,
+                      bool(hold_silence), out, mail_data)  # fmt: skip
+    return out
+
+
+class MailData:
+    """Builds the data an episode e-mail is composed from (kept in the outbox row); the app supplies charts."""
+
+    def episode(self, ctx: PatientContext, episode: Episode, kind: str) -> dict[str, Any]:
+        """Everything the e-mail about ``episode`` needs; only the pseudonymous code identifies the patient."""
+        return {"kind": kind, "patient": ctx.patient, "clinic": ctx.clinic, "flag": episode.flag,
+                "severity": episode.severity, "start_day": episode.start_day.isoformat(),
+                "end_day": episode.end_day.isoformat() if episode.end_day else None,
+                "physio_name": ctx.physio_name, "physio_email": ctx.physio_email, "note": episode.note}  # fmt: skip
+
+
+def _silence_storm(
+    contexts: Sequence[PatientContext], results: Mapping[str, Sequence[DayResult]], live: Mapping[str, Live],
+    fraction: float,
+) -> tuple[int, int] | None:  # fmt: skip
+    monitored = [c for c in contexts if c.devices]
+    silent = sum(1 for c in monitored if (live.get(c.patient) and live[c.patient].silent_now)
+                 or _latest_silent(results.get(c.patient, ())))  # fmt: skip
+    if len(monitored) >= 3 and silent > fraction * len(monitored):
+        return silent, len(monitored)
+    return None
+
+
+def _latest_silent(days: Sequence[DayResult]) -> bool:
+    judged = [r for r in days if r.flags is not None]
+    return bool(judged) and judged[-1].flags == (SILENT,)
+
+
+def _last_day(days: Sequence[DayResult]) -> date:
+    return days[-1].stats.day if days else datetime.now(UTC).date()
+
+
+def _store_days(session: Session, ctx: PatientContext, days: Sequence[DayResult]) -> int:
+    """Record each judged day; count those whose flags changed since last time (late data, new days)."""
+    changes = 0
+    for result in days:
+        if result.flags is None:
+            continue
+        row = session.get(DayFlags, (ctx.patient, result.stats.day))
+        flags = list(result.flags)
+        if row is None:
+            session.add(DayFlags(patient=ctx.patient, day=result.stats.day, flags=flags, wear_s=result.stats.wear_s))
+            changes += 1
+        elif row.flags != flags or abs(row.wear_s - result.stats.wear_s) > 30:
+            row.flags, row.wear_s, row.changed_at = flags, result.stats.wear_s, datetime.now(UTC)
+            changes += 1
+    return changes
+
+
+def _episodes(
+    session: Session, state: State, ctx: PatientContext, series: list[tuple[date, tuple[str, ...] | None]],
+    today: date, resolve_after: int, hold_silence: bool, out: Outcome, mail_data: MailData,
+) -> None:  # fmt: skip
+    stored = list(session.scalars(select(Episode).where(Episode.patient == ctx.patient)))
+    flags = flags_seen(series) | {e.flag for e in stored if e.open_key is not None}
+    for flag in sorted(flags):
+        # Safety flags resolve after one clear day: they are about single events, not a tendency.
+        found = runs(series, flag, 1 if flag in SAFETY else resolve_after)
+        mine = [e for e in stored if e.flag == flag]
+        current = next((e for e in mine if e.open_key is not None), None)
+        decision = reconcile(found, current.start_day if current else None, today)
+        if decision.action == "open" and flag == SILENT and hold_silence:
+            out.held_back.append(ctx.patient)
+            continue
+        _apply(session, state, ctx, flag, decision, current, out, mail_data)
+        for run in closed_unrecorded(found, [e.start_day for e in mine]):
+            session.add(_episode(ctx, run, open_=False))
+            out.recorded.append((ctx.patient, flag))
+
+
+def _episode(ctx: PatientContext, run: Run, open_: bool) -> Episode:
+    return Episode(patient=ctx.patient, clinic=ctx.clinic, flag=run.flag, severity=SEVERITY.get(run.flag, "info"),
+                   start_day=run.start, last_day=run.last, end_day=None if open_ else run.end,
+                   open_key=f"{ctx.patient}:{run.flag}" if open_ else None,
+                   resolved_at=None if open_ else datetime.now(UTC))  # fmt: skip
+
+
+def _apply(
+    session: Session, state: State, ctx: PatientContext, flag: str, decision: Decision, current: Episode | None,
+    out: Outcome, mail_data: MailData,
+) -> None:  # fmt: skip
+    if decision.action == "open" and decision.run is not None:
+        episode = _episode(ctx, decision.run, open_=True)
+        session.add(episode)
+        session.flush()
+        episode.notified = _notify(session, state, ctx, episode, "opened", mail_data)
+        out.opened.append((ctx.patient, flag))
+    elif decision.action == "update" and current is not None and decision.run is not None:
+        current.start_day, current.last_day = decision.run.start, decision.run.last
+    elif decision.action == "resolve" and current is not None:
+        current.end_day = decision.end or current.last_day
+        current.open_key = None
+        current.resolved_at = datetime.now(UTC)
+        if decision.run is None:
+            current.note = "resolved: data that arrived late shows the flag did not hold"
+        if current.notified:
+            _notify(session, state, ctx, current, "resolved", mail_data)
+        out.resolved.append((ctx.patient, flag))
+
+
+def _notify(session: Session, state: State, ctx: PatientContext, episode: Episode, kind: str,
+            mail_data: MailData) -> bool:  # fmt: skip
+    if not ctx.physio_email:
+        log.warning("episode %s of %s %s: no physio to tell (%s)", episode.flag, ctx.patient, kind,
+                    "; ".join(ctx.problems) or "none registered")  # fmt: skip
+        return False
+    return state.enqueue(session, f"{kind}:{episode.id}", kind, ctx.physio_email,
+                         mail_data.episode(ctx, episode, kind)) or True  # fmt: skip

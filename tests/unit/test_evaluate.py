@@ -1,0 +1,92 @@
+"""One evaluation against the durable state: e-mails queued once per episode change, no storms."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from monitor.evaluate import Live, MailData, evaluate
+from monitor.model import DayResult, DayStats, PatientContext, SockRx
+from monitor.state import Episode, Outbox, State
+
+D0 = date(2026, 11, 1)
+RX = SockRx(23.0, 32.0, 8.0, 7, ("ankle", "calf"))
+
+
+def ctx(code: str, physio: str | None = "ann@clinic.example") -> PatientContext:
+    name = "Ann" if physio else None
+    return PatientContext(code, "bow", "America/Edmonton", "sock", RX, physio, name, ("d-" + code,))
+
+
+def results(code: str, pattern: str) -> list[DayResult]:
+    """``x`` under_use, ``s`` silent, ``.`` compliant; the last character is today (incomplete)."""
+    out = []
+    for i, c in enumerate(pattern):
+        flags = ("silent",) if c == "s" else ("under_use",) if c == "x" else ("compliant",)
+        last = i == len(pattern) - 1
+        out.append(DayResult(code, DayStats(D0 + timedelta(days=i), 0, 0, not last), None if last else flags))
+    return out
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> State:
+    return State(f"sqlite:///{tmp_path / 'monitor.db'}")
+
+
+def run(state: State, patterns: dict[str, str], contexts: list[PatientContext] | None = None) -> None:
+    contexts = contexts or [ctx(code) for code in patterns]
+    res = {code: results(code, p) for code, p in patterns.items()}
+    live = {code: Live(D0 + timedelta(days=len(p) - 1)) for code, p in patterns.items()}
+    evaluate(state, contexts, res, live, resolve_after=2, silence_guard=0.5, mail_data=MailData())
+
+
+def mails(state: State) -> list[str]:
+    with state.transaction() as session:
+        return sorted(f"{o.kind}:{o.data['patient']}:{o.data['flag']}" for o in session.scalars(select(Outbox)))
+
+
+def test_one_opening_and_one_resolving_email_per_episode(state: State) -> None:
+    run(state, {"P1": "...xx?"})
+    run(state, {"P1": "...xx?"})  # re-evaluation, restart: nothing new
+    run(state, {"P1": "...xxx?"})
+    assert mails(state) == ["opened:P1:under_use"]
+    run(state, {"P1": "...xxx.?"})  # one clear day: hysteresis keeps it open
+    assert mails(state) == ["opened:P1:under_use"]
+    run(state, {"P1": "...xxx..?"})
+    assert mails(state) == ["opened:P1:under_use", "resolved:P1:under_use"]
+    with state.transaction() as session:
+        (episode,) = session.scalars(select(Episode)).all()
+        assert (episode.start_day, episode.end_day, episode.open_key) == (D0 + timedelta(3), D0 + timedelta(6), None)
+
+
+def test_history_seen_first_is_recorded_without_email(state: State) -> None:
+    run(state, {"P1": "xx.....?"})
+    assert mails(state) == []
+    with state.transaction() as session:
+        assert [(e.flag, e.end_day) for e in session.scalars(select(Episode))] == [("under_use", D0 + timedelta(2))]
+
+
+def test_late_data_erasing_a_silent_day_resolves_it(state: State) -> None:
+    run(state, {"P1": "....s?"})
+    run(state, {"P1": "......?"})  # the day's readings arrived (store-and-forward)
+    assert mails(state) == ["opened:P1:silent", "resolved:P1:silent"]
+    with state.transaction() as session:
+        (episode,) = session.scalars(select(Episode)).all()
+        assert "late" in episode.note
+
+
+def test_everyone_silent_at_once_is_an_outage_not_an_alert_storm(state: State) -> None:
+    run(state, {f"P{i}": "....s?" for i in range(5)})
+    assert mails(state) == []
+    run(state, {"P0": "....s?", "P1": ".....?", "P2": ".....?", "P3": ".....?", "P4": ".....?"})
+    assert mails(state) == ["opened:P0:silent"]
+
+
+def test_no_physio_means_no_email_but_the_episode_is_kept(state: State) -> None:
+    run(state, {"P1": "..xx?"}, [ctx("P1", physio=None)])
+    assert mails(state) == []
+    with state.transaction() as session:
+        assert [e.open_key for e in session.scalars(select(Episode))] == ["P1:under_use"]
