@@ -32,8 +32,8 @@ WORN_OUT_WINDOW_DAYS: Final = 7
 SESSION_WINDOW_DAYS: Final = 7
 
 FLAGS: Final = (
-    "compliant", "under_use", "worn_out", "too_tight", "rolled_down", "boot_overpressure",
-    "boot_short_sessions", "boot_missed_sessions", "silent",
+    "compliant", "under_use", "worn_out", "too_tight", "too_loose", "rolled_down", "boot_overpressure",
+    "boot_short_sessions", "boot_long_sessions", "boot_missed_sessions", "silent",
 )  # fmt: skip
 
 
@@ -213,6 +213,8 @@ def _sock_day(rx: SockPrescription, days: list[DaySlice], i: int) -> dict[str, A
         flags.append("worn_out")
     if above > SUSTAINED_S:
         flags.append("too_tight")
+    if below > SUSTAINED_S:
+        flags.append("too_loose")
     if reversed_ > SUSTAINED_S:
         flags.append("rolled_down")
     ankles = day.worn_ankles()
@@ -238,6 +240,8 @@ def _boot_day(rx: BootPrescription, days: list[DaySlice], i: int) -> dict[str, A
         flags.append("boot_overpressure")
     if any(e.duration_s is not None and e.duration_s < rx.session_min_s for e in ends):
         flags.append("boot_short_sessions")
+    if any(e.duration_s is not None and e.duration_s > rx.session_max_s for e in ends):
+        flags.append("boot_long_sessions")
     if started < required:
         flags.append("boot_missed_sessions")
     return {

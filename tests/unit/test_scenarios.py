@@ -234,8 +234,10 @@ def test_scenario_flags_over_fourteen_days() -> None:
     assert all(f == ["under_use"] for f in flags_of("under_use"))
     assert all(f == ["too_tight"] for f in flags_of("too_tight"))
     worn_out = flags_of("worn_out")
-    assert worn_out[0] == ["compliant"] and worn_out[-1] == ["worn_out"]
-    assert sum(f == ["rolled_down"] for f in flags_of("rolled_down")) >= 7
+    # A worn-out stocking is also too loose (below the band) for most of each day before the weekly median follows.
+    assert worn_out[0] == ["compliant"] and worn_out[-1] == ["too_loose", "worn_out"]
+    # Rolled down, the ankle reads 0.8 x the signal: below the band for the same minutes.
+    assert sum("rolled_down" in f for f in flags_of("rolled_down")) >= 7
     silent = flags_of("silent")
     assert silent[0] == ["compliant"] and silent[-3:] == [["silent"]] * 3
     assert all(f == ["compliant"] for f in flags_of("clock_skew"))
