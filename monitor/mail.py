@@ -1,0 +1,732 @@
+"""Alert e-mails to the responsible physio: composing them (text + HTML with an inline chart) and sending them by SMTP.
+
+Three e-mails, each built from a plain, frozen description that the monitor fills from its own state
+(nothing here touches a database, so an outbox can store the description or the composed bytes):
+
+- :class:`EpisodeMail` (``kind="opened"`` / ``"resolved"``) -> :func:`compose_episode`: one e-mail when a
+  flag's episode opens (at once for safety flags) and one when it resolves;
+- :class:`DigestMail` -> :func:`compose_digest`: the daily digest per physio, every patient's adherence and
+  what changed since the previous digest.
+
+Every message is ``multipart/alternative``: a plain-text part and ``multipart/related`` holding the HTML and its
+PNG chart(s) referenced by ``cid:``. Patients appear only by their pseudonymous code (the registry's rule for
+e-mails): none of these inputs has a field for a display name. The ``Message-ID`` is derived from the outbox's
+dedupe key, so a re-sent e-mail is recognisably the same message.
+
+:class:`SmtpSender` sends one message per connection with aiosmtplib (STARTTLS or implicit TLS, AUTH) and raises
+:class:`MailError` whose ``temporary`` says whether to retry; :func:`next_attempt` is the outbox's backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import html
+import io
+import logging
+import math
+import random
+import ssl
+import textwrap
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import format_datetime, getaddresses, parseaddr
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Literal
+from urllib.parse import quote
+from zoneinfo import ZoneInfo
+
+import aiosmtplib
+
+from monitor.model import (
+    BOOT_MISSED_SESSIONS,
+    BOOT_OVERPRESSURE,
+    BOOT_SHORT_SESSIONS,
+    ROLLED_DOWN,
+    SAFETY,
+    SEVERITY,
+    SILENT,
+    TOO_TIGHT,
+    UNDER_USE,
+    WORN_OUT,
+    Severity,
+)
+
+if TYPE_CHECKING:
+    from monitor.settings import MonitorSettings
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Words a physio understands
+
+FLAG_TITLE: Final[dict[str, str]] = {
+    SILENT: "No data from the garment",
+    UNDER_USE: "Under-use",
+    TOO_TIGHT: "Too tight",
+    ROLLED_DOWN: "Rolled down",
+    WORN_OUT: "Worn out",
+    BOOT_OVERPRESSURE: "Boot over-pressure",
+    BOOT_SHORT_SESSIONS: "Short boot sessions",
+    BOOT_MISSED_SESSIONS: "Missed boot sessions",
+}
+FLAG_EXPLANATION: Final[dict[str, str]] = {
+    SILENT: "no reading at all from the garment for a whole day: not worn, battery flat, "
+    "or the phone or hub that relays it is off",
+    UNDER_USE: "worn for fewer hours a day than prescribed",
+    TOO_TIGHT: "ankle pressure above the prescribed band for more than 30 minutes of wear in a day",
+    ROLLED_DOWN: "calf pressure above ankle pressure (by more than 3 mmHg) for more than 30 minutes "
+    "of wear in a day, the top of the stocking has probably rolled down and constricts the leg",
+    WORN_OUT: "median ankle pressure over the last 7 days below the prescribed band: the garment has probably "
+    "lost its compression and needs replacing",
+    BOOT_OVERPRESSURE: "a chamber of the pneumatic boot went above the prescribed maximum pressure during a session",
+    BOOT_SHORT_SESSIONS: "a boot session ended before the prescribed minimum duration",
+    BOOT_MISSED_SESSIONS: "fewer boot sessions over the last 7 days than prescribed",
+}
+SEVERITY_WORD: Final[dict[str, str]] = {"critical": "URGENT", "warning": "Warning", "info": "Info"}
+_SEVERITY_RANK: Final[dict[str, int]] = {"critical": 0, "warning": 1, "info": 2}
+
+DASHBOARD_PATH: Final = "/d/compression-patient/patient"
+
+
+def flag_title(flag: str) -> str:
+    """The flag's short name in words (``rolled_down`` -> ``Rolled down``); unknown flags are de-underscored."""
+    return FLAG_TITLE.get(flag) or flag.replace("_", " ").capitalize()
+
+
+def flag_explanation(flag: str) -> str:
+    """What the flag means, in a sentence a physio understands."""
+    return FLAG_EXPLANATION.get(flag) or flag_title(flag).lower()
+
+
+def dashboard_link(dashboard_url: str, patient: str) -> str:
+    """The patient's Grafana dashboard: ``{dashboard_url}/d/compression-patient/patient?var-patient=<code>``."""
+    return f"{dashboard_url.rstrip('/')}{DASHBOARD_PATH}?var-patient={quote(patient, safe='')}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inputs (plain data, independent of the database; msgspec/JSON-serialisable)
+
+
+@dataclass(frozen=True, slots=True)
+class ChartSeries:
+    """The last days of one patient for the chart: wear hours per day against the target, pressure against the band.
+
+    One entry per local day, oldest first (usually 14); ``None`` where the day has no value (no data, not worn).
+    Socks: ``pressure_mmhg`` is the day's median ankle pressure and ``band_low``/``band_high`` the prescribed
+    range. Boots: give the day's peak chamber pressure, ``pressure_label="peak chamber"``, ``band_high`` the
+    prescribed maximum and ``band_low=None``; ``target_hours`` may be ``None``.
+    """
+
+    days: tuple[date, ...]
+    wear_hours: tuple[float | None, ...]
+    target_hours: float | None
+    pressure_mmhg: tuple[float | None, ...]
+    band_low: float | None = None
+    band_high: float | None = None
+    pressure_label: str = "ankle median"
+
+    def __post_init__(self) -> None:
+        if not (len(self.days) == len(self.wear_hours) == len(self.pressure_mmhg)):
+            raise ValueError("ChartSeries: days, wear_hours and pressure_mmhg must have the same length")
+
+
+@dataclass(frozen=True, slots=True)
+class EpisodeMail:
+    """An episode of one flag for one patient opened or resolved: what the e-mail says.
+
+    ``dedupe_key`` is the outbox's unique key of this e-mail (the Message-ID derives from it); ``thread_key`` the
+    key of the opening e-mail, given on a resolving one so mail clients show both as one thread.
+    ``started_at``/``ended_at`` are aware datetimes, shown in the clinic's ``timezone``. ``summary`` holds short
+    lines of evidence (e.g. ``"2025-11-08: 95 min with calf above ankle"``).
+    """
+
+    dedupe_key: str
+    kind: Literal["opened", "resolved"]
+    patient: str
+    clinic: str
+    timezone: str
+    flag: str
+    severity: Severity
+    started_at: datetime
+    physio_email: str
+    physio_name: str | None = None
+    ended_at: datetime | None = None
+    summary: tuple[str, ...] = ()
+    chart: ChartSeries | None = None
+    thread_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DigestRow:
+    """One patient in a physio's daily digest.
+
+    Adherence: ``days_on_target`` of the ``days_judged`` last complete days without any flag (usually 7);
+    ``previous_days_on_target`` the same figure in the previous digest (the change is shown). ``wear_hours`` is
+    the last complete day's wear against ``target_hours``. ``opened``/``resolved``: flags whose episode opened or
+    resolved since the previous digest; ``open_flags``: every flag with an episode open now. ``notes``: what
+    keeps the patient from being evaluated fully (``PatientContext.problems``).
+    """
+
+    patient: str
+    kind: Literal["sock", "boot"] | None
+    days_on_target: int | None
+    days_judged: int = 7
+    previous_days_on_target: int | None = None
+    wear_hours: float | None = None
+    target_hours: float | None = None
+    open_flags: tuple[str, ...] = ()
+    opened: tuple[str, ...] = ()
+    resolved: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    chart: ChartSeries | None = None
+
+    @property
+    def needs_attention(self) -> bool:
+        """Something open, newly opened, or keeping the patient from being evaluated."""
+        return bool(self.open_flags or self.opened or self.notes)
+
+    @property
+    def worst_severity(self) -> Severity | None:
+        """The highest severity among the open flags."""
+        severities = [SEVERITY.get(f, "warning") for f in (*self.open_flags, *self.opened)]
+        return min(severities, key=_SEVERITY_RANK.__getitem__, default=None)
+
+    def changes(self) -> list[str]:
+        """What changed since the previous digest, in words (empty: nothing)."""
+        out = [f"new: {flag_title(f)}" for f in self.opened]
+        out += [f"resolved: {flag_title(f)}" for f in self.resolved]
+        prev, now = self.previous_days_on_target, self.days_on_target
+        if prev is not None and now is not None and prev != now:
+            out.append(f"on target {now}/{self.days_judged} days, was {prev}/{self.days_judged}")
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class DigestMail:
+    """A physio's daily digest for one local ``day`` (the last complete day) of their clinic: every patient."""
+
+    dedupe_key: str
+    physio_email: str
+    clinic: str
+    timezone: str
+    day: date
+    rows: tuple[DigestRow, ...]
+    physio_name: str | None = None
+    charts: Literal["attention", "all", "none"] = field(default="attention")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Composition
+
+
+def message_id(dedupe_key: str, sender: str) -> str:
+    """The deterministic ``Message-ID`` of the e-mail with this outbox key: ``<hash@sender's domain>``."""
+    digest = hashlib.sha256(dedupe_key.encode()).hexdigest()[:32]
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "compression-monitor.invalid"
+    return f"<{digest}@{domain}>"
+
+
+def _local(moment: datetime, timezone: str) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(ZoneInfo(timezone)).strftime("%a %d %b %Y %H:%M %Z")
+
+
+def _hours(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} h"
+
+
+def _duration(start: datetime, end: datetime) -> str:
+    seconds = max(0.0, (end - start).total_seconds())
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def episode_subject(mail: EpisodeMail) -> str:
+    """``[URGENT] Boot over-pressure: PT-57EEBB (demo-clinic)``, ``[Resolved] Rolled down: PT-96965D (...)``."""
+    tag = "Resolved" if mail.kind == "resolved" else SEVERITY_WORD.get(mail.severity, mail.severity)
+    return f"[{tag}] {flag_title(mail.flag)}: {mail.patient} ({mail.clinic})"
+
+
+def digest_subject(mail: DigestMail) -> str:
+    """``Daily digest 2025-11-08, demo-clinic: 13 patients, 3 need attention``."""
+    attention = sum(1 for r in mail.rows if r.needs_attention)
+    urgent = sum(1 for r in mail.rows if r.worst_severity == "critical")
+    tail = f", {urgent} urgent" if urgent else ""
+    return (f"Daily digest {mail.day.isoformat()}, {mail.clinic}: {len(mail.rows)} patients, "
+            f"{attention} need attention{tail}")  # fmt: skip
+
+
+def _new_message(subject: str, sender: str, to_email: str, to_name: str | None, dedupe_key: str,
+                 now: datetime | None) -> EmailMessage:  # fmt: skip
+    msg = EmailMessage(policy=policy.SMTP)
+    msg["Subject"] = subject
+    msg["From"] = sender
+    msg["To"] = f"{to_name} <{to_email}>" if to_name else to_email
+    msg["Date"] = format_datetime(now or datetime.now(UTC))
+    msg["Message-ID"] = message_id(dedupe_key, sender)
+    msg["Auto-Submitted"] = "auto-generated"
+    msg["X-Compression-Dedupe-Key"] = dedupe_key
+    return msg
+
+
+def _attach(msg: EmailMessage, text: str, html_body: str, images: Sequence[tuple[str, bytes]]) -> None:
+    """multipart/alternative: text/plain, then multipart/related (text/html + inline PNGs by Content-ID)."""
+    msg.set_content(text, subtype="plain", charset="utf-8")
+    msg.add_alternative(html_body, subtype="html", charset="utf-8")
+    html_part = next(p for p in msg.iter_parts() if p.get_content_type() == "text/html")
+    for cid, png in images:
+        html_part.add_related(png, maintype="image", subtype="png", cid=f"<{cid}>", disposition="inline",
+                              filename=f"{cid.partition('@')[0]}.png")  # fmt: skip
+
+
+def _chart_cid(dedupe_key: str, index: int = 0) -> str:
+    return f"chart{index}-{hashlib.sha256(dedupe_key.encode()).hexdigest()[:16]}@compression"
+
+
+def _chart_text(series: ChartSeries) -> list[str]:
+    """The chart's numbers as a small table for the plain-text part."""
+    lines = [f"  {'day':<10}  {'wear':>7}  {series.pressure_label + ' (mmHg)':>20}"]
+    for day, wear, pressure in zip(series.days, series.wear_hours, series.pressure_mmhg, strict=True):
+        p = "-" if pressure is None else f"{pressure:.1f}"
+        lines.append(f"  {day.isoformat():<10}  {_hours(wear):>7}  {p:>20}")
+    target = "none" if series.target_hours is None else _hours(series.target_hours)
+    band = _band_words(series)
+    lines.append(f"  target wear {target}" + (f"; {band}" if band else ""))
+    return lines
+
+
+def _band_words(series: ChartSeries) -> str:
+    if series.band_low is not None and series.band_high is not None:
+        return f"prescribed band {series.band_low:g}-{series.band_high:g} mmHg"
+    if series.band_high is not None:
+        return f"prescribed maximum {series.band_high:g} mmHg"
+    if series.band_low is not None:
+        return f"prescribed minimum {series.band_low:g} mmHg"
+    return ""
+
+
+_STYLE: Final = "font-family:Helvetica,Arial,sans-serif;font-size:14px;color:#222;line-height:1.4"
+_SEVERITY_COLOUR: Final[dict[str, str]] = {"critical": "#b00020", "warning": "#b35c00", "info": "#37618e"}
+_FOOTER: Final = (
+    "You get one e-mail when an episode opens and one when it resolves (never one per check), "
+    "and a daily digest of all your patients. Patients appear only by their pseudonymous code."
+)
+
+
+def compose_episode(mail: EpisodeMail, *, sender: str, dashboard_url: str, now: datetime | None = None) -> EmailMessage:
+    """The opening or resolving e-mail of an episode, to its physio (text + HTML with the chart inline).
+
+    ``sender`` is the From header (``Name <address>``); ``dashboard_url`` Grafana's base URL; ``now`` the Date
+    header (default: now). The chart is rendered once, only if ``mail.chart`` is given.
+    """
+    e = html.escape
+    title = flag_title(mail.flag)
+    explanation = flag_explanation(mail.flag)
+    link = dashboard_link(dashboard_url, mail.patient)
+    opened = mail.kind == "opened"
+    severity = SEVERITY_WORD.get(mail.severity, mail.severity)
+    headline = f"{title}: {'opened' if opened else 'resolved'}" + (f" ({severity})" if opened else "")
+    when = [("Started", _local(mail.started_at, mail.timezone))]
+    if mail.ended_at is not None:
+        when.append(("Resolved", _local(mail.ended_at, mail.timezone)))
+        when.append(("Lasted", _duration(mail.started_at, mail.ended_at)))
+    if opened and mail.flag in SAFETY:
+        why = "This is a safety flag: it is e-mailed as soon as it is seen, also during the current day."
+    elif opened:
+        why = "You will get one more e-mail when it resolves."
+    else:
+        why = "No further e-mails about this episode; a new one opens if the flag comes back."
+
+    greeting = f"Dear {mail.physio_name}," if mail.physio_name else "Hello,"
+    text = [greeting, "", headline, "", f"Patient:  {mail.patient} (clinic {mail.clinic})"]
+    text += [f"{k + ':':<9} {v}" for k, v in when]
+    text += ["", f"What it means: {explanation}.", why]
+    if mail.summary:
+        text += ["", "Details:"] + [f"- {line}" for line in mail.summary]
+    if mail.chart is not None:
+        text += ["", "Last days:", *_chart_text(mail.chart)]
+    text += ["", f"Dashboard: {link}", "", *textwrap.wrap(_FOOTER, 76)]
+
+    images: list[tuple[str, bytes]] = []
+    chart_html = ""
+    if mail.chart is not None:
+        cid = _chart_cid(mail.dedupe_key)
+        images.append((cid, render_chart(mail.chart)))
+        alt = f"Last {len(mail.chart.days)} days: wear hours against the target, {mail.chart.pressure_label} pressure"
+        chart_html = (f'<p><a href="{e(link)}"><img src="cid:{e(cid)}" alt="{e(alt)}" width="600" height="300" '
+                      f'style="max-width:100%;height:auto;border:0"></a></p>')  # fmt: skip
+    colour = "#2e7d32" if not opened else _SEVERITY_COLOUR.get(mail.severity, "#222")
+    rows = "".join(f"<tr><td style='padding:2px 12px 2px 0;color:#555'>{e(k)}</td><td>{e(v)}</td></tr>"
+                   for k, v in [("Patient", f"{mail.patient} (clinic {mail.clinic})"), *when])  # fmt: skip
+    details = ""
+    if mail.summary:
+        details = "<p style='margin-bottom:4px'>Details:</p><ul style='margin-top:0'>" + "".join(
+            f"<li>{e(line)}</li>" for line in mail.summary) + "</ul>"  # fmt: skip
+    body = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{e(episode_subject(mail))}</title></head>
+<body style="{_STYLE}">
+<p>{e(greeting)}</p>
+<h2 style="color:{colour};font-size:18px;margin:8px 0">{e(headline)}</h2>
+<table style="border-collapse:collapse;font-size:14px">{rows}</table>
+<p><b>What it means:</b> {e(explanation)}.<br>{e(why)}</p>
+{details}{chart_html}
+<p><a href="{e(link)}" style="color:#1a5fb4">Open {e(mail.patient)}'s dashboard</a></p>
+<p style="color:#777;font-size:12px">{e(_FOOTER)}</p>
+</body></html>
+"""
+    msg = _new_message(episode_subject(mail), sender, mail.physio_email, mail.physio_name, mail.dedupe_key, now)
+    if mail.thread_key is not None:
+        msg["In-Reply-To"] = message_id(mail.thread_key, sender)
+        msg["References"] = message_id(mail.thread_key, sender)
+    if opened and mail.severity == "critical":
+        msg["Importance"] = "high"
+        msg["X-Priority"] = "1"
+    _attach(msg, "\n".join(text) + "\n", body, images)
+    return msg
+
+
+def compose_digest(mail: DigestMail, *, sender: str, dashboard_url: str, now: datetime | None = None) -> EmailMessage:
+    """A physio's daily digest: every patient given, those needing attention first, with what changed.
+
+    Charts (rows with ``chart``) are inlined for the rows needing attention (``mail.charts="attention"``), all
+    of them (``"all"``) or none.
+    """
+    e = html.escape
+    rows = sorted(mail.rows, key=lambda r: (not r.needs_attention, _SEVERITY_RANK.get(r.worst_severity or "", 3),
+                                            r.patient))  # fmt: skip
+    attention = [r for r in rows if r.needs_attention]
+    greeting = f"Dear {mail.physio_name}," if mail.physio_name else "Hello,"
+    intro = (f"Your patients at {mail.clinic} on {mail.day.strftime('%a %d %b %Y')}: {len(rows)} patients, "
+             f"{len(attention)} need attention.")  # fmt: skip
+    legend = "Adherence: days of the last complete days with no flag (the garment worn as prescribed)."
+
+    def adherence(r: DigestRow) -> str:
+        return "-" if r.days_on_target is None else f"{r.days_on_target}/{r.days_judged} days"
+
+    def wear(r: DigestRow) -> str:
+        return _hours(r.wear_hours) + ("" if r.target_hours is None else f" of {_hours(r.target_hours)}")
+
+    def status(r: DigestRow) -> str:
+        parts = [flag_title(f) for f in r.open_flags] or ["on track" if not r.notes else ""]
+        return ", ".join(p for p in parts if p) or "-"
+
+    text = [greeting, "", intro, legend, ""]
+    for r in rows:
+        text.append(f"{r.patient}  ({r.kind or 'no garment'})  adherence {adherence(r)}  "
+                    f"last day worn {wear(r)}")  # fmt: skip
+        text.append(f"    status: {status(r)}")
+        text.append(f"    changed: {'; '.join(r.changes()) or 'nothing'}")
+        text += [f"    note: {n}" for n in r.notes]
+        text.append(f"    dashboard: {dashboard_link(dashboard_url, r.patient)}")
+    text += ["", *textwrap.wrap(_FOOTER, 76)]
+
+    images: list[tuple[str, bytes]] = []
+    table_rows = []
+    charts_html = []
+    for index, r in enumerate(rows):
+        link = dashboard_link(dashboard_url, r.patient)
+        colour = _SEVERITY_COLOUR.get(r.worst_severity or "", "#2e7d32" if not r.notes else "#b35c00")
+        changes = r.changes()
+        notes = "".join(f"<br><span style='color:#b35c00'>{e(n)}</span>" for n in r.notes)
+        cell = "padding:4px 10px;border-bottom:1px solid #ddd;vertical-align:top"
+        table_rows.append(
+            f"<tr><td style='{cell}'><a href='{e(link)}' style='color:#1a5fb4'>{e(r.patient)}</a></td>"
+            f"<td style='{cell}'>{e(r.kind or '-')}</td><td style='{cell}'>{e(adherence(r))}</td>"
+            f"<td style='{cell}'>{e(wear(r))}</td>"
+            f"<td style='{cell};color:{colour}'>{e(status(r))}{notes}</td>"
+            f"<td style='{cell}'>{e('; '.join(changes) or '-')}</td></tr>"
+        )
+        wanted = mail.charts == "all" or (mail.charts == "attention" and r.needs_attention)
+        if r.chart is not None and wanted:
+            cid = _chart_cid(mail.dedupe_key, index)
+            images.append((cid, render_chart(r.chart)))
+            charts_html.append(
+                f"<p style='margin-bottom:2px'><b>{e(r.patient)}</b>: {e(status(r))}</p>"
+                f"<a href='{e(link)}'><img src='cid:{e(cid)}' alt='{e(r.patient)}: last days' "
+                f"width='600' height='300' style='max-width:100%;height:auto;border:0'></a>"
+            )
+    head = "".join(f"<th style='text-align:left;padding:4px 10px;border-bottom:2px solid #999'>{h}</th>"
+                   for h in ("Patient", "Garment", "Adherence", "Last day worn", "Status", "Changed"))  # fmt: skip
+    body = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{e(digest_subject(mail))}</title></head>
+<body style="{_STYLE}">
+<p>{e(greeting)}</p>
+<p>{e(intro)}<br><span style="color:#555">{e(legend)}</span></p>
+<table style="border-collapse:collapse;font-size:13px"><tr>{head}</tr>
+{"".join(table_rows)}
+</table>
+{"".join(charts_html)}
+<p style="color:#777;font-size:12px">{e(_FOOTER)}</p>
+</body></html>
+"""
+    msg = _new_message(digest_subject(mail), sender, mail.physio_email, mail.physio_name, mail.dedupe_key, now)
+    _attach(msg, "\n".join(text) + "\n", body, images)
+    return msg
+
+
+def parse_message(raw: bytes) -> EmailMessage:
+    """An e-mail stored as bytes (``msg.as_bytes()``, e.g. in the outbox) back as an :class:`EmailMessage`."""
+    parsed = BytesParser(policy=policy.SMTP).parsebytes(raw)
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chart
+
+CHART_SIZE_PX: Final = (600, 300)
+_DPI: Final = 100
+_GREEN, _ORANGE, _RED, _BLUE, _GREY = "#2e7d32", "#e08a00", "#b00020", "#37618e", "#9e9e9e"
+
+
+@functools.lru_cache(maxsize=64)
+def render_chart(series: ChartSeries) -> bytes:
+    """A 600x300 PNG, two panels: wear hours per day against the target; pressure against the prescribed band.
+
+    Pure (no pyplot state, safe in a worker thread) and memoised per series; matplotlib is imported on first use.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(CHART_SIZE_PX[0] / _DPI, CHART_SIZE_PX[1] / _DPI), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    wear_ax, pressure_ax = fig.subplots(1, 2)
+    x = list(range(len(series.days)))
+    step = max(1, (len(x) + 6) // 7)
+    ticks = x[::step]
+    labels = [series.days[i].strftime("%d %b") if i == 0 or series.days[i].day <= step
+              else series.days[i].strftime("%d") for i in ticks]  # fmt: skip
+
+    wear = [w if w is not None else 0.0 for w in series.wear_hours]
+    target = series.target_hours
+    colours = [_GREY if w is None else (_GREEN if target is None or w >= target else _ORANGE)
+               for w in series.wear_hours]  # fmt: skip
+    wear_ax.bar(x, wear, color=colours, width=0.75)
+    for i, w in enumerate(series.wear_hours):
+        if w is None:
+            wear_ax.text(i, 0.0, "?", ha="center", va="bottom", fontsize=7, color="#777")
+    if target is not None:
+        wear_ax.axhline(target, color=_BLUE, linestyle="--", linewidth=1.2, label=f"target {target:g} h")
+        wear_ax.legend(loc="upper left", fontsize=7, frameon=False)
+    top = max([*wear, target or 0.0, 1.0])
+    wear_ax.set_ylim(0, top * 1.3)
+    wear_ax.set_title("Wear per day (h)", fontsize=9)
+
+    low_band, high_band = series.band_low, series.band_high
+    if low_band is not None and high_band is not None:
+        pressure_ax.axhspan(low_band, high_band, color=_GREEN, alpha=0.15, linewidth=0, label="prescribed band")
+    elif high_band is not None:
+        pressure_ax.axhline(high_band, color=_RED, linestyle="--", linewidth=1.2, label="prescribed maximum")
+    elif low_band is not None:
+        pressure_ax.axhline(low_band, color=_ORANGE, linestyle="--", linewidth=1.2, label="prescribed minimum")
+    # Gaps (None) break the line rather than bridging days without data.
+    py = [math.nan if p is None else p for p in series.pressure_mmhg]
+    pressure_ax.plot(x, py, color=_BLUE, linewidth=1.2, label=series.pressure_label)
+    outside = [(high_band is not None and p > high_band) or (low_band is not None and p < low_band) for p in py]
+    pressure_ax.scatter(x, py, s=10, zorder=3, color=[_RED if o else _BLUE for o in outside])
+    values = [p for p in py if not math.isnan(p)] + [v for v in (low_band, high_band) if v is not None]
+    if values:
+        low, high = min(values), max(values)
+        pad = max(2.0, (high - low) * 0.15)
+        pressure_ax.set_ylim(max(0.0, low - pad), high + pad * 2.5)  # room for the legend above the data
+    pressure_ax.legend(loc="upper left", fontsize=7, frameon=False, ncols=2)
+    pressure_ax.set_title(f"Pressure, {series.pressure_label} (mmHg)", fontsize=9)
+
+    for ax in (wear_ax, pressure_ax):
+        ax.set_xlim(-0.6, max(len(x), 1) - 0.4)
+        ax.set_xticks(ticks, labels)
+        ax.yaxis.set_major_locator(MaxNLocator(5))
+        ax.tick_params(labelsize=7)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.grid(axis="y", linewidth=0.4, alpha=0.5)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.1, top=0.9, wspace=0.16)  # fixed: tight_layout costs 150 ms
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=_DPI, metadata={"Software": None})
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sending
+
+TlsMode = Literal["starttls", "optional", "implicit", "off"]
+
+
+class MailError(Exception):
+    """An e-mail was not sent. ``temporary``: try again later (server down, timeout, 4xx); else a 5xx or a
+    configuration problem that retrying the same message will not fix (still never dropped silently: the
+    outbox keeps it and says so)."""
+
+    def __init__(self, message: str, *, temporary: bool, code: int | None = None) -> None:
+        super().__init__(message)
+        self.temporary = temporary
+        self.code = code
+
+
+def _code_error(what: str, code: int, message: str) -> MailError:
+    return MailError(f"{what}: {code} {message}", temporary=400 <= code < 500, code=code)
+
+
+def classify(exc: BaseException) -> MailError:
+    """The :class:`MailError` for an exception of an SMTP attempt (aiosmtplib's, OS or TLS errors)."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        codes = [r.code for r in exc.recipients]
+        detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+        return MailError(f"every recipient refused: {detail}", temporary=all(400 <= c < 500 for c in codes),
+                         code=codes[0] if codes else None)  # fmt: skip
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        return _code_error("authentication refused", exc.code, exc.message)
+    if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
+        return _code_error("server refused the connection", exc.code, exc.message)
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return _code_error(type(exc).__name__, exc.code, exc.message)
+    if isinstance(exc, (aiosmtplib.SMTPTimeoutError, TimeoutError)):
+        return MailError(f"timed out: {exc}", temporary=True)
+    if isinstance(exc, (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected)):
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return MailError(f"server certificate not trusted: {cause}", temporary=False)
+        return MailError(f"cannot reach the server: {exc}", temporary=True)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return MailError(f"server certificate not trusted: {exc}", temporary=False)
+    if isinstance(exc, (ssl.SSLError, ConnectionError, OSError)):
+        return MailError(f"connection failed: {exc}", temporary=True)
+    if isinstance(exc, aiosmtplib.SMTPNotSupported | aiosmtplib.SMTPException):
+        return MailError(f"server does not support what is configured: {exc}", temporary=False)
+    return MailError(f"cannot send: {exc!r}", temporary=False)  # e.g. ValueError: an address that cannot be sent
+
+
+class SmtpSender:
+    """Sends e-mails over SMTP with aiosmtplib, one connection per message.
+
+    ``tls``: ``starttls`` (required: the session is upgraded or the attempt fails), ``optional`` (upgrade when the
+    server offers it), ``implicit`` (TLS from the first byte, port 465) or ``off`` (only for a local catcher).
+    Credentials are never sent without TLS. ``ca_file`` trusts a private CA for the server's certificate (else the
+    system's CAs). ``mail_from`` is the envelope sender (its address part); default: the message's From.
+    ``timeout_s`` bounds each SMTP step, and the whole attempt at 3 × ``timeout_s``.
+    """
+
+    def __init__(self, host: str, port: int, *, tls: TlsMode = "starttls", username: str | None = None,
+                 password: str | None = None, timeout_s: float = 30.0, ca_file: str | Path | None = None,
+                 mail_from: str | None = None, local_hostname: str | None = None) -> None:  # fmt: skip
+        if tls not in ("starttls", "optional", "implicit", "off"):
+            raise ValueError(f"tls must be starttls, optional, implicit or off, not {tls!r}")
+        if username is not None and tls == "off":
+            raise ValueError("SMTP credentials are never sent without TLS: set tls to starttls or implicit")
+        self.host = host
+        self.port = port
+        self.tls: TlsMode = tls
+        self.username = username
+        self.password = password
+        self.timeout_s = timeout_s
+        self.ca_file = Path(ca_file) if ca_file is not None else None
+        self.mail_from = parseaddr(mail_from)[1] if mail_from else None
+        self.local_hostname = local_hostname
+        self._tls_context: ssl.SSLContext | None = None
+
+    @classmethod
+    def from_settings(cls, settings: MonitorSettings) -> SmtpSender:
+        """The sender configured by the monitor's ``COMPRESSION_MONITOR_SMTP_*`` settings."""
+        return cls(settings.smtp_host, settings.smtp_port, tls=settings.smtp_tls, username=settings.smtp_username,
+                   password=settings.smtp_password, timeout_s=settings.smtp_timeout_s, ca_file=settings.smtp_ca_file,
+                   mail_from=settings.mail_from)  # fmt: skip
+
+    def __repr__(self) -> str:
+        user = f"{self.username}@" if self.username else ""
+        return f"SmtpSender(smtp://{user}{self.host}:{self.port}, tls={self.tls})"
+
+    def _context(self) -> ssl.SSLContext:
+        if self._tls_context is None:
+            self._tls_context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        return self._tls_context
+
+    async def send(self, message: EmailMessage) -> None:
+        """Deliver ``message`` to its To/Cc/Bcc recipients; :class:`MailError` (``temporary`` or not) if not."""
+        recipients = [a for _, a in getaddresses(message.get_all("To", []) + message.get_all("Cc", [])
+                                                 + message.get_all("Bcc", [])) if a]  # fmt: skip
+        if not recipients:
+            raise MailError("the message has no recipient", temporary=False)
+        use_tls = self.tls == "implicit"
+        start_tls: bool | None = {"starttls": True, "optional": None, "implicit": False, "off": False}[self.tls]
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.timeout_s * 3):
+                _, response = await aiosmtplib.send(
+                    message,
+                    sender=self.mail_from,
+                    recipients=recipients,
+                    hostname=self.host,
+                    port=self.port,
+                    username=self.username,
+                    password=self.password,
+                    use_tls=use_tls,
+                    start_tls=start_tls,
+                    tls_context=self._context() if self.tls != "off" else None,
+                    timeout=self.timeout_s,
+                    local_hostname=self.local_hostname,
+                )
+        except MailError:
+            raise
+        except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
+            raise classify(exc) from exc
+        log.info("mail sent: %s to %s via %r in %.2f s (%s)", message.get("Message-ID"), ", ".join(recipients),
+                 self, time.monotonic() - started, response)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Retry schedule
+
+RETRY_FIRST_S: Final = 5.0  # first retry after about 5 s: a blip costs seconds, not minutes
+RETRY_FACTOR: Final = 2.0
+RETRY_MAX_S: Final = 300.0  # never wait more than 5 minutes: mail flows again soon after the server returns
+RETRY_JITTER: Final = 0.2  # ±20 %, so replicas and queued mails do not retry in lockstep
+
+
+def next_attempt(attempts: int, *, first_s: float = RETRY_FIRST_S, max_s: float = RETRY_MAX_S,
+                 rng: random.Random | None = None) -> float:  # fmt: skip
+    """Seconds to wait after ``attempts`` failed attempts (1, 2, ...): capped exponential with ±20 % jitter.
+
+    5, 10, 20, 40, 80, 160, 300, 300, ... seconds (before jitter); never more than ``max_s``.
+    """
+    n = max(1, attempts)
+    base = min(max_s, first_s * RETRY_FACTOR ** min(n - 1, 64))
+    jitter = 1.0 + (rng or random).uniform(-RETRY_JITTER, RETRY_JITTER)
+    return min(max_s, base * jitter)
+
+
+__all__ = [
+    "CHART_SIZE_PX",
+    "FLAG_EXPLANATION",
+    "FLAG_TITLE",
+    "RETRY_FIRST_S",
+    "RETRY_MAX_S",
+    "ChartSeries",
+    "DigestMail",
+    "DigestRow",
+    "EpisodeMail",
+    "MailError",
+    "SmtpSender",
+    "classify",
+    "compose_digest",
+    "compose_episode",
+    "dashboard_link",
+    "digest_subject",
+    "episode_subject",
+    "flag_explanation",
+    "flag_title",
+    "message_id",
+    "next_attempt",
+    "parse_message",
+    "render_chart",
+]
