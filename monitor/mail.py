@@ -70,10 +70,12 @@ FLAG_TITLE: Final[dict[str, str]] = {
     SILENT: "No data from the garment",
     UNDER_USE: "Under-use",
     TOO_TIGHT: "Too tight",
+    "too_loose": "Too loose",
     ROLLED_DOWN: "Rolled down",
     WORN_OUT: "Worn out",
     BOOT_OVERPRESSURE: "Boot over-pressure",
     BOOT_SHORT_SESSIONS: "Short boot sessions",
+    "boot_long_sessions": "Long boot sessions",
     BOOT_MISSED_SESSIONS: "Missed boot sessions",
 }
 FLAG_EXPLANATION: Final[dict[str, str]] = {
@@ -81,12 +83,14 @@ FLAG_EXPLANATION: Final[dict[str, str]] = {
     "or the phone or hub that relays it is off",
     UNDER_USE: "worn for fewer hours a day than prescribed",
     TOO_TIGHT: "ankle pressure above the prescribed band for more than 30 minutes of wear in a day",
+    "too_loose": "ankle pressure below the prescribed band for more than 30 minutes of wear in a day",
     ROLLED_DOWN: "calf pressure above ankle pressure (by more than 3 mmHg) for more than 30 minutes "
     "of wear in a day, the top of the stocking has probably rolled down and constricts the leg",
     WORN_OUT: "median ankle pressure over the last 7 days below the prescribed band: the garment has probably "
     "lost its compression and needs replacing",
     BOOT_OVERPRESSURE: "a chamber of the pneumatic boot went above the prescribed maximum pressure during a session",
     BOOT_SHORT_SESSIONS: "a boot session ended before the prescribed minimum duration",
+    "boot_long_sessions": "a boot session lasted longer than the prescribed maximum duration",
     BOOT_MISSED_SESSIONS: "fewer boot sessions over the last 7 days than prescribed",
 }
 SEVERITY_WORD: Final[dict[str, str]] = {"critical": "URGENT", "warning": "Warning", "info": "Info"}
