@@ -481,7 +481,8 @@ def compose_digest(mail: DigestMail, *, sender: str, dashboard_url: str, now: da
 
 def parse_message(raw: bytes) -> EmailMessage:
     """An e-mail stored as bytes (``msg.as_bytes()``, e.g. in the outbox) back as an :class:`EmailMessage`."""
-    parsed = BytesParser(policy=policy.SMTP).parsebytes(raw)
+    # Stored with SMTP's CRLF line ends; parsed with \n so text parts read as they were composed.
+    parsed = BytesParser(policy=policy.default).parsebytes(raw.replace(b"\r\n", b"\n"))
     assert isinstance(parsed, EmailMessage)
     return parsed
 

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from monitor.mail import ChartSeries, EpisodeMail, MailError, SmtpSender, compose_episode, next_attempt
+from monitor.mail import (
+    ChartSeries,
+    EpisodeMail,
+    MailError,
+    SmtpSender,
+    compose_episode,
+    next_attempt,
+    parse_message,
+)
 from tests.smtp import SmtpTestServer, make_certificates
 
 pytestmark = pytest.mark.integration
@@ -85,7 +93,7 @@ async def test_server_down_is_temporary_and_the_mail_arrives_after_it_returns(
 ) -> None:
     """An outbox-style loop: try, back off by next_attempt, try again; the same message arrives once."""
     sender = sender_for(server, certs[0])
-    message = alert("episode:7:opened")
+    message = parse_message(alert("episode:7:opened").as_bytes())  # as an outbox stores it
     server.stop()
     with pytest.raises(MailError) as caught:
         await sender.send(message)
@@ -111,6 +119,7 @@ async def test_server_down_is_temporary_and_the_mail_arrives_after_it_returns(
     [got] = await server.wait_for_async(1)
     assert failures >= 1 and attempts == failures + 1
     assert got.message["Message-ID"] == message["Message-ID"]
+    assert got.message["Subject"] == "[URGENT] Boot over-pressure: PT-57EEBB (demo-clinic)"
 
 
 @pytest.mark.parametrize(("reply", "temporary"), [("451 4.3.0 Mailbox busy, try later", True),
