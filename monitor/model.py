@@ -96,6 +96,15 @@ class DayStats:
     above_range_s: float = 0.0
     below_range_s: float = 0.0
     reversed_gradient_s: float = 0.0
+    # socks, the weekly median test of worn_out composed from daily counts (monitor.compliance.weekly_median_below)
+    ankle_samples: int = 0  # worn samples with an ankle pressure
+    below_samples: int = 0  # ... of which strictly below the band's low bound
+    below_max_mmhg: float | None = None  # the highest of those below
+    not_below_min_mmhg: float | None = None  # the lowest of those at or above the low bound
+    ankle_7d_below_low: bool | None = None  # window d-6..d: median below the low bound (None: no worn sample)
+    target_days_in_window: int = 0  # days of the window worn at least the prescribed hours
+    target_days_required_in_window: int = 0  # ceil(wear_days_per_week x window_days / 7)
+    window_days: int = 0  # days of the window from the patient's first day with data (at most 7)
     # boots
     peak_mmhg: float | None = None
     sessions_started: int = 0

@@ -1,0 +1,531 @@
+"""Compliance per patient and local day: statistics from InfluxDB, the daily flags, adherence summaries.
+
+One definition for the monitor and the dashboards (``docs/compliance.md``):
+the flags are exactly those of ``docs/ground-truth.md``, which the simulators'
+ground truth computes and the integration tests grade against.
+
+- :func:`day_stats` asks InfluxDB for daily aggregates (``monitor.queries``),
+  a handful of statements per clinic time zone for all its patients at once,
+  and returns each patient's :class:`~monitor.model.DayStats`, oldest first.
+  It recomputes the whole window every time it runs: data a garment stored
+  and forwarded late (an offline phone, a gateway's backlog) lands on its
+  own past days, and the next evaluation sees it there and updates those
+  days' flags. Nothing is cached between runs, so late data always counts.
+- :func:`with_windows` fills in the 7-day window values (weekly median
+  test, sessions in the window) from the daily ones; pure.
+- :func:`flags_for` turns a patient's days into flags; pure.
+- :func:`adherence` summarises a patient's judged days for the digest and dashboards; pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta
+from typing import Any, Final
+from zoneinfo import ZoneInfo
+
+import aiohttp
+
+from devices.protocol import ZONES
+from monitor import queries as q
+from monitor.model import (
+    BOOT_MISSED_SESSIONS,
+    BOOT_OVERPRESSURE,
+    BOOT_SHORT_SESSIONS,
+    COMPLIANT,
+    ROLLED_DOWN,
+    SILENT,
+    TOO_TIGHT,
+    UNDER_USE,
+    WORN_OUT,
+    BootRx,
+    DayResult,
+    DayStats,
+    PatientContext,
+    SockRx,
+)
+
+# The monitor's flags beyond the first ground-truth vocabulary (also in the ground truth now).
+TOO_LOOSE: Final = "too_loose"
+BOOT_LONG_SESSIONS: Final = "boot_long_sessions"
+DAILY_FLAGS: Final = frozenset({SILENT, UNDER_USE, TOO_TIGHT, TOO_LOOSE, ROLLED_DOWN, WORN_OUT, BOOT_OVERPRESSURE,
+                                BOOT_SHORT_SESSIONS, BOOT_LONG_SESSIONS, BOOT_MISSED_SESSIONS})  # fmt: skip
+
+WINDOW_DAYS: Final = 7  # worn_out's median and boot_missed_sessions' count: days d-6 .. d
+SUSTAINED_S: Final = 1800.0  # rolled_down: more than 30 worn minutes with a reversed gradient
+RTM_MIN_DAYS: Final = 16  # US remote therapeutic monitoring bills a 30-day period with 16+ days of data
+DAY_MS: Final = 86_400_000
+
+
+# --- InfluxDB ---------------------------------------------------------------------------------------------------------
+
+
+class InfluxQueryError(RuntimeError):
+    """InfluxDB refused a query or could not be reached."""
+
+
+@dataclass(frozen=True, slots=True)
+class InfluxReader:
+    """Read-only InfluxQL over the v1 HTTP API (``/query``), with basic or token auth.
+
+    ``concurrency`` statements run at once (InfluxDB uses a core per query:
+    two suit a 2-core host).
+    """
+
+    url: str
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+    timeout_s: float = 60.0
+    concurrency: int = 2
+
+    def headers(self) -> dict[str, str]:
+        """Authorization, if any."""
+        if self.token:
+            return {"Authorization": f"Token {self.token}"}
+        if self.username:
+            raw = f"{self.username}:{self.password or ''}".encode()
+            return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+        return {}
+
+    async def run(self, database: str, statements: Sequence[str]) -> list[list[dict[str, Any]]]:
+        """Each statement's series (``name``, ``tags``, ``columns``, ``values``; times in epoch ms), in order."""
+        gate = asyncio.Semaphore(max(1, self.concurrency))
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout, headers=self.headers()) as session:
+
+            async def one(statement: str) -> list[dict[str, Any]]:
+                async with gate:
+                    form = {"db": database, "q": statement, "epoch": "ms"}
+                    try:
+                        async with session.post(f"{self.url.rstrip('/')}/query", data=form) as resp:
+                            body = await resp.json(content_type=None)
+                            status = resp.status
+                    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                        raise InfluxQueryError(f"InfluxDB query failed: {exc!r}") from exc
+                if status != 200 or not isinstance(body, dict):
+                    raise InfluxQueryError(f"InfluxDB answered {status}: {str(body)[:500]}")
+                series: list[dict[str, Any]] = []
+                for result in body.get("results", []):
+                    if "error" in result:
+                        raise InfluxQueryError(f"{result['error']} in: {statement[:300]}")
+                    series.extend(result.get("series", []))
+                return series
+
+            return list(await asyncio.gather(*(one(s) for s in statements)))
+
+
+# --- statistics from InfluxDB ---------------------------------------------------------------------------------------
+
+
+def local_midnight_ms(day: date, zone: ZoneInfo) -> int:
+    """Epoch ms of ``day``'s local midnight in ``zone``."""
+    return int(datetime(day.year, day.month, day.day, tzinfo=zone).timestamp() * 1000)
+
+
+def local_days(timezone: str, days_back: int, now_ms: int, lookback: int = 0) -> list[tuple[date, int, int]]:
+    """``(day, start_ms, end_ms)`` of the local days from ``days_back + lookback`` days ago up to today, oldest first.
+
+    Daylight-saving days span 23 or 25 hours.
+    """
+    zone = ZoneInfo(timezone)
+    today = datetime.fromtimestamp(now_ms / 1000, zone).date()
+    out = []
+    for back in range(days_back + lookback, -1, -1):
+        day = today - timedelta(days=back)
+        out.append((day, local_midnight_ms(day, zone), local_midnight_ms(day + timedelta(days=1), zone)))
+    return out
+
+
+@dataclass(slots=True)
+class _Zone:
+    """The statements of one time zone and how to read their answers back."""
+
+    timezone: str
+    days: list[tuple[date, int, int]]
+    statements: list[str] = field(default_factory=list)
+    readers: list[str] = field(default_factory=list)
+
+    def add(self, statement: str, reader: str) -> None:
+        self.statements.append(statement)
+        self.readers.append(reader)
+
+
+def plan_zone(timezone: str, contexts: Sequence[PatientContext], days: list[tuple[date, int, int]],
+              now_ms: int) -> _Zone:  # fmt: skip
+    """The statements that give every patient of one time zone their daily statistics."""
+    zone = _Zone(timezone, days)
+    start, end = days[0][1], days[-1][2]
+    everyone = [c.patient for c in contexts]
+    socks = [c for c in contexts if isinstance(c.rx, SockRx)]
+    boots = [c.patient for c in contexts if isinstance(c.rx, BootRx)]
+    zone.add(q.daily_samples(everyone, timezone, start, end), "samples")
+    zone.add(q.daily_events(everyone, timezone, start, end), "events")
+    zone.add(q.daily_statuses(everyone, timezone, start, end), "statuses")
+    zone.add(q.daily_worn(everyone, timezone, start, end), "worn")
+    if socks:
+        codes = [c.patient for c in socks]
+        zone.add(q.daily_reversed(codes, timezone, start, end), "reversed")
+        bands: dict[tuple[float, float], list[str]] = defaultdict(list)
+        for c in socks:
+            assert isinstance(c.rx, SockRx)
+            bands[(c.rx.low_mmhg, c.rx.high_mmhg)].append(c.patient)
+        for (low, high), members in sorted(bands.items()):
+            zone.add(q.daily_above(members, high, timezone, start, end), "above")
+            zone.add(q.daily_below(members, low, timezone, start, end), "below")
+            zone.add(q.daily_not_below(members, low, timezone, start, end), "not_below")
+        # The exact weekly median for display: the window ending with the last complete day.
+        complete = [d for d in days if d[2] <= now_ms]
+        if complete:
+            last = complete[-1]
+            window_start = days[max(0, days.index(last) - WINDOW_DAYS + 1)][1]
+            zone.add(q.ankle_median(codes, window_start, last[2]), "median_7d")
+    if boots:
+        zone.add(q.daily_peak(boots, timezone, start, end), "peak")
+        zone.add(q.session_ends(boots, start, end), "ends")
+    return zone
+
+
+def _rows(series: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    for s in series:
+        tags = s.get("tags") or {}
+        for values in s["values"]:
+            yield {**tags, **dict(zip(s["columns"], values, strict=True))}
+
+
+def _apply(zone: _Zone, reader: str, series: list[dict[str, Any]], stats: dict[str, dict[date, DayStats]],
+           kinds: Mapping[str, str | None]) -> None:  # fmt: skip
+    by_start = {start: day for day, start, _ in zone.days}
+    bounds = [(start, end, day) for day, start, end in zone.days]
+
+    def day_of(t: int) -> date | None:
+        found = by_start.get(t)
+        if found is not None:
+            return found
+        # Not a bucket start (a raw point such as a session_end): the fetched local day it falls in.
+        return next((day for start, end, day in bounds if start <= t < end), None)
+
+    for row in _rows(series):
+        patient = row.get("patient")
+        day = day_of(int(row["time"]))
+        if patient not in stats or day is None or day not in stats[patient]:
+            continue
+        s = stats[patient][day]
+        if reader == "samples":
+            s.samples = int(row["samples"] or 0)
+            s.wear_s = float(row["wear_s"] or 0.0)
+            s.points += s.samples
+            s.battery_min_pct = None if row["battery_min_pct"] is None else float(row["battery_min_pct"])
+        elif reader == "events":
+            n = int(row["events"] or 0)
+            s.points += n
+            if row.get("type") == "session_start":
+                s.sessions_started += n
+        elif reader == "statuses":
+            s.points += int(row["statuses"] or 0)
+        elif reader == "worn":
+            s.worn_samples = int(row["worn_samples"] or 0)
+            if kinds.get(patient) == "sock":
+                s.ankle_samples = int(row["ankle_samples"] or 0)
+                s.ankle_median_mmhg = _float(row["ankle_median_mmhg"])
+        elif reader == "reversed":
+            s.reversed_gradient_s = float(row["reversed_gradient_s"] or 0.0)
+        elif reader == "above":
+            s.above_range_s = float(row["above_range_s"] or 0.0)
+        elif reader == "below":
+            s.below_range_s = float(row["below_range_s"] or 0.0)
+            s.below_samples = int(row["below_samples"] or 0)
+            s.below_max_mmhg = _float(row["below_max_mmhg"])
+        elif reader == "not_below":
+            s.not_below_min_mmhg = _float(row["not_below_min_mmhg"])
+        elif reader == "peak":
+            values = [float(v) for k, v in row.items() if k in ZONES and v is not None]
+            s.peak_mmhg = max(values) if values else None
+        elif reader == "ends" and row.get("duration_s") is not None:
+            s.session_durations_s.append(float(row["duration_s"]))
+
+
+def _median_7d(series: list[dict[str, Any]], stats: dict[str, dict[date, DayStats]], last: date) -> None:
+    for row in _rows(series):
+        patient = row.get("patient")
+        if patient in stats and last in stats[patient]:
+            stats[patient][last].ankle_median_7d_mmhg = _float(row["ankle_median_mmhg"])
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+async def day_stats(
+    influx: InfluxReader | str,
+    database: str,
+    contexts: Sequence[PatientContext],
+    days_back: int,
+    now_ms: int | None = None,
+) -> dict[str, list[DayStats]]:
+    """Each patient's statistics for the local days from ``days_back`` days ago to today, oldest first.
+
+    Days are the local days of the patient's clinic (``ctx.timezone``); the
+    last one, today, is incomplete (``complete=False``). The 7-day windows
+    (:func:`with_windows`) are filled in, with 6 more days fetched before the
+    first one so every returned day has its whole window.
+
+    The whole range is recomputed from InfluxDB on every call: that is what
+    makes late data count (store-and-forward backlogs land on their own past
+    days, and those days' statistics and flags change on the next call).
+
+    Async, on aiohttp: the statements of every time zone run concurrently
+    (``InfluxReader.concurrency`` at a time) and the monitor's loop stays
+    responsive; each statement covers a whole time zone (or one pressure band
+    of it), so the number of requests does not grow with the patients.
+    """
+    reader = InfluxReader(influx) if isinstance(influx, str) else influx
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    by_zone: dict[str, list[PatientContext]] = defaultdict(list)
+    for ctx in contexts:
+        by_zone[ctx.timezone].append(ctx)
+    zones = [plan_zone(tz, members, local_days(tz, days_back, now_ms, WINDOW_DAYS - 1), now_ms)
+             for tz, members in sorted(by_zone.items())]  # fmt: skip
+    answers = await reader.run(database, [s for z in zones for s in z.statements])
+    out: dict[str, list[DayStats]] = {}
+    position = 0
+    for zone in zones:
+        members = by_zone[zone.timezone]
+        kinds = {c.patient: ("sock" if isinstance(c.rx, SockRx) else "boot" if isinstance(c.rx, BootRx) else None)
+                 for c in members}  # fmt: skip
+        stats = {c.patient: {day: DayStats(day, start, end, end <= now_ms) for day, start, end in zone.days}
+                 for c in members}  # fmt: skip
+        complete = [d for d, _, end in zone.days if end <= now_ms]
+        for reader_name in zone.readers:
+            series = answers[position]
+            position += 1
+            if reader_name == "median_7d":
+                _median_7d(series, stats, complete[-1])
+            else:
+                _apply(zone, reader_name, series, stats, kinds)
+        for ctx in members:
+            days = with_windows(ctx, [stats[ctx.patient][d] for d, _, _ in zone.days])
+            out[ctx.patient] = days[WINDOW_DAYS - 1 :]
+    return out
+
+
+# --- windows (pure) --------------------------------------------------------------------------------------------------
+
+
+def weekly_median_below(days: Sequence[DayStats], low_mmhg: float) -> bool | None:
+    """Is the median ankle pressure of all worn samples of ``days`` strictly below ``low_mmhg``? ``None``: no sample.
+
+    Composed exactly from the daily counts (the median itself is not
+    additive): with ``n`` worn samples, ``k`` of them below, the median is
+    below when ``k > n / 2``; when ``k == n / 2`` (``n`` even) it is the mean
+    of the highest sample below and the lowest not below.
+    """
+    n = sum(d.ankle_samples for d in days)
+    k = sum(d.below_samples for d in days)
+    if n == 0:
+        return None
+    if 2 * k > n:
+        return True
+    if 2 * k < n:
+        return False
+    highs = [d.below_max_mmhg for d in days if d.below_max_mmhg is not None]
+    lows = [d.not_below_min_mmhg for d in days if d.not_below_min_mmhg is not None]
+    if not highs or not lows:
+        return None  # inconsistent statistics (a sample stored between the queries): judge it next time
+    return (max(highs) + min(lows)) / 2 < low_mmhg
+
+
+def with_windows(ctx: PatientContext, days: list[DayStats]) -> list[DayStats]:
+    """``days`` (consecutive, oldest first) with each day's 7-day window values filled in.
+
+    The window of day ``d`` is ``d-6 .. d``. The patient's monitoring starts on
+    their first day with a stored point among ``days``: the missed-sessions
+    window never reaches before it (``max(first, d-6) .. d``, the requirement
+    pro rata), as in the ground truth, where the first day is the simulation's.
+    """
+    first = next((i for i, d in enumerate(days) if d.points > 0), 0)
+    out = []
+    for i, day in enumerate(days):
+        window = days[max(0, i - WINDOW_DAYS + 1) : i + 1]
+        lo = max(first, i - WINDOW_DAYS + 1)
+        held = max(0, i + 1 - lo)
+        changes: dict[str, Any] = {"window_days": held}
+        if isinstance(ctx.rx, SockRx):
+            changes["ankle_7d_below_low"] = weekly_median_below(window, ctx.rx.low_mmhg)
+            target = ctx.rx.wear_hours_per_day * 3600
+            changes["target_days_in_window"] = sum(1 for d in days[lo : i + 1] if d.wear_s >= target)
+            changes["target_days_required_in_window"] = -(-ctx.rx.wear_days_per_week * held // 7)
+        elif isinstance(ctx.rx, BootRx):
+            changes["sessions_in_window"] = sum(d.sessions_started for d in days[lo : i + 1])
+            changes["sessions_required_in_window"] = ctx.rx.sessions_per_week * held // 7
+        out.append(replace(day, **changes))
+    return out
+
+
+# --- flags (pure) ----------------------------------------------------------------------------------------------------
+
+
+def day_flags(ctx: PatientContext, day: DayStats) -> tuple[str, ...] | None:
+    """The flags of one complete day with its window values filled in (``docs/ground-truth.md``).
+
+    ``("silent",)`` alone when nothing was stored; ``("compliant",)`` when no
+    rule holds; ``None`` when the day is incomplete or the patient has no
+    usable prescription (``ctx.problems`` says why; a silent day is still silent).
+    """
+    if not day.complete:
+        return None
+    if day.points == 0:
+        return (SILENT,)
+    rx = ctx.rx
+    flags: list[str] = []
+    if isinstance(rx, SockRx):
+        target = rx.wear_hours_per_day * 3600
+        if day.wear_s < target and (rx.wear_days_per_week >= 7
+                                    or day.target_days_in_window < day.target_days_required_in_window):  # fmt: skip
+            flags.append(UNDER_USE)
+        if day.ankle_7d_below_low is True:
+            flags.append(WORN_OUT)
+        if day.above_range_s > rx.tolerance_s:
+            flags.append(TOO_TIGHT)
+        if day.below_range_s > rx.tolerance_s:
+            flags.append(TOO_LOOSE)
+        if day.reversed_gradient_s > SUSTAINED_S:
+            flags.append(ROLLED_DOWN)
+    elif isinstance(rx, BootRx):
+        flags.extend(safety_flags(ctx, day))
+        if any(s < rx.session_min_s for s in day.session_durations_s):
+            flags.append(BOOT_SHORT_SESSIONS)
+        if any(s > rx.session_max_s for s in day.session_durations_s):
+            flags.append(BOOT_LONG_SESSIONS)
+        if day.sessions_in_window < day.sessions_required_in_window:
+            flags.append(BOOT_MISSED_SESSIONS)
+    else:
+        return None
+    return tuple(sorted(flags)) or (COMPLIANT,)
+
+
+def safety_flags(ctx: PatientContext, day: DayStats) -> tuple[str, ...]:
+    """The safety flags of any day, the current incomplete one included (alerted the moment they are seen)."""
+    rx = ctx.rx
+    if isinstance(rx, BootRx) and day.peak_mmhg is not None and day.peak_mmhg > rx.max_chamber_mmhg:
+        return (BOOT_OVERPRESSURE,)
+    return ()
+
+
+def flags_for(ctx: PatientContext, days: list[DayStats]) -> list[DayResult]:
+    """Each day's result: its statistics and flags (``None`` for the incomplete current day).
+
+    ``days`` come from :func:`day_stats` (windows filled in). Hand-made days
+    should go through :func:`with_windows` first, with the 6 days before the
+    first one to judge, or the first days' windows are shorter.
+    """
+    return [DayResult(ctx.patient, day, day_flags(ctx, day)) for day in days]
+
+
+# --- adherence (pure) ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Adherence:
+    """A patient's adherence over the last 7 and 30 local days, for the digest and the dashboards.
+
+    ``*_7d`` / ``*_30d`` count the complete days among the last 7 / 30
+    (``judged_*``); ``covered_*`` is the share of them meeting the target
+    (sock: worn at least the prescribed hours; boot: a session started).
+    ``data_days_30d`` counts the days with any stored point among the last 30
+    local days, today included; the US remote-therapeutic-monitoring codes
+    bill a 30-day period only with 16 or more (``rtm_eligible``).
+    """
+
+    patient: str
+    kind: str | None
+    judged_7d: int
+    judged_30d: int
+    target_days_7d: int
+    target_days_30d: int
+    covered_7d: float | None
+    covered_30d: float | None
+    data_days_30d: int
+    rtm_eligible: bool
+    flag_days_30d: dict[str, int]
+    # socks
+    wear_hours_mean_7d: float | None = None
+    wear_hours_mean_30d: float | None = None
+    in_range_share_30d: float | None = None
+    above_range_share_30d: float | None = None
+    below_range_share_30d: float | None = None
+    reversed_gradient_share_30d: float | None = None
+    ankle_median_7d_mmhg: float | None = None
+    # boots
+    sessions_7d: int = 0
+    sessions_30d: int = 0
+    sessions_per_week_30d: float | None = None
+    session_mean_s_30d: float | None = None
+    session_longest_s_30d: float | None = None
+    peak_mmhg_30d: float | None = None
+
+
+def meets_target(ctx: PatientContext, day: DayStats) -> bool:
+    """Did the day meet the prescription's daily target (sock: the wear hours; boot: a session)?"""
+    if isinstance(ctx.rx, SockRx):
+        return day.wear_s >= ctx.rx.wear_hours_per_day * 3600
+    if isinstance(ctx.rx, BootRx):
+        return day.sessions_started > 0
+    return False
+
+
+def _share(part: float, whole: float) -> float | None:
+    return part / whole if whole > 0 else None
+
+
+def adherence(ctx: PatientContext, results: Sequence[DayResult]) -> Adherence:
+    """Summary of ``results`` (one patient's consecutive days, oldest first, as :func:`flags_for` gives them)."""
+    recent = list(results)[-30:]
+    judged = [r for r in results if r.stats.complete][-30:]
+    week = judged[-7:]
+    flag_days: dict[str, int] = defaultdict(int)
+    for r in judged:
+        for flag in r.flags or ():
+            if flag != COMPLIANT:
+                flag_days[flag] += 1
+    target_7 = sum(1 for r in week if meets_target(ctx, r.stats))
+    target_30 = sum(1 for r in judged if meets_target(ctx, r.stats))
+    data_days = sum(1 for r in recent if r.stats.points > 0)
+    common: dict[str, Any] = {
+        "patient": ctx.patient, "kind": ctx.kind, "judged_7d": len(week), "judged_30d": len(judged),
+        "target_days_7d": target_7, "target_days_30d": target_30, "covered_7d": _share(target_7, len(week)),
+        "covered_30d": _share(target_30, len(judged)), "data_days_30d": data_days,
+        "rtm_eligible": data_days >= RTM_MIN_DAYS, "flag_days_30d": dict(sorted(flag_days.items())),
+    }  # fmt: skip
+    if isinstance(ctx.rx, SockRx):
+        worn = sum(r.stats.wear_s for r in judged)
+        above = sum(r.stats.above_range_s for r in judged)
+        below = sum(r.stats.below_range_s for r in judged)
+        medians = [r.stats.ankle_median_7d_mmhg for r in judged if r.stats.ankle_median_7d_mmhg is not None]
+        return Adherence(**common,
+                         wear_hours_mean_7d=_share(sum(r.stats.wear_s for r in week) / 3600, len(week)),
+                         wear_hours_mean_30d=_share(worn / 3600, len(judged)),
+                         in_range_share_30d=_share(worn - above - below, worn),
+                         above_range_share_30d=_share(above, worn), below_range_share_30d=_share(below, worn),
+                         reversed_gradient_share_30d=_share(sum(r.stats.reversed_gradient_s for r in judged), worn),
+                         ankle_median_7d_mmhg=medians[-1] if medians else None)  # fmt: skip
+    if isinstance(ctx.rx, BootRx):
+        durations = [s for r in judged for s in r.stats.session_durations_s]
+        peaks = [r.stats.peak_mmhg for r in judged if r.stats.peak_mmhg is not None]
+        sessions_30 = sum(r.stats.sessions_started for r in judged)
+        return Adherence(**common, sessions_7d=sum(r.stats.sessions_started for r in week), sessions_30d=sessions_30,
+                         sessions_per_week_30d=_share(sessions_30 * 7, len(judged)),
+                         session_mean_s_30d=_share(sum(durations), len(durations)),
+                         session_longest_s_30d=max(durations, default=None),
+                         peak_mmhg_30d=max(peaks, default=None))  # fmt: skip
+    return Adherence(**common)
+
+
+def adherence_all(contexts: Sequence[PatientContext], results: Mapping[str, Sequence[DayResult]]) -> list[Adherence]:
+    """:func:`adherence` of every patient with results, in ``contexts`` order."""
+    return [adherence(c, results[c.patient]) for c in contexts if c.patient in results]
