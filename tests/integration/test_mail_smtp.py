@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from compression.mailcatcher import start_mailcatcher
 from monitor.mail import (
     ChartSeries,
     EpisodeMail,
@@ -181,3 +182,23 @@ async def test_a_server_that_never_answers_times_out_as_temporary() -> None:
 def test_credentials_are_never_sent_in_the_clear() -> None:
     with pytest.raises(ValueError, match="TLS"):
         SmtpSender("127.0.0.1", 25, tls="off", username=USER, password=PASSWORD)
+
+
+async def test_demo_mail_catcher_keeps_each_mail_as_an_eml_file(tmp_path: Path) -> None:
+    catcher = start_mailcatcher(tmp_path)
+    try:
+        sender = SmtpSender(catcher.host, catcher.port, tls="off", timeout_s=5.0, mail_from=SENDER)
+        await sender.send(alert("episode:1:opened"))
+        catcher.stop()
+        catcher.start()  # numbering continues, files stay
+        await sender.send(alert("episode:1:resolved"))
+        first, second = catcher.messages()
+    finally:
+        catcher.stop()
+    assert [first.path.name[:5], second.path.name[:5]] == ["0001-", "0002-"]
+    assert first.sender == "monitor@clinic.example"
+    assert first.recipients == ("physio1@demo-clinic.example",)
+    assert first.subject == "[URGENT] Boot over-pressure: PT-57EEBB (demo-clinic)"
+    stored = parse_message(second.path.read_bytes())
+    assert stored["Message-ID"] == alert("episode:1:resolved")["Message-ID"]
+    assert not list(catcher.folder.glob(".incoming-*"))
