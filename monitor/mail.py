@@ -29,6 +29,7 @@ import math
 import random
 import ssl
 import textwrap
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -355,7 +356,7 @@ def compose_episode(mail: EpisodeMail, *, sender: str, dashboard_url: str, now: 
     greeting = f"Dear {mail.physio_name}," if mail.physio_name else "Hello,"
     text = [greeting, "", headline, "", f"Patient:  {mail.patient} (clinic {mail.clinic})"]
     text += [f"{k + ':':<9} {v}" for k, v in when]
-    text += ["", f"What it means: {explanation}.", why]
+    text += ["", *textwrap.wrap(f"What it means: {explanation}.", 76), *textwrap.wrap(why, 76)]
     if mail.summary:
         text += ["", "Details:"] + [f"- {line}" for line in mail.summary]
     if mail.chart is not None:
@@ -413,7 +414,7 @@ def compose_digest(mail: DigestMail, *, sender: str, dashboard_url: str, now: da
     greeting = f"Dear {mail.physio_name}," if mail.physio_name else "Hello,"
     intro = (f"Your patients at {mail.clinic} on {mail.day.strftime('%a %d %b %Y')}: {len(rows)} patients, "
              f"{len(attention)} need attention.")  # fmt: skip
-    legend = "Adherence: days of the last complete days with no flag (the garment worn as prescribed)."
+    legend = "Adherence: how many of the last complete days had no flag at all (worn as prescribed)."
 
     def adherence(r: DigestRow) -> str:
         return "-" if r.days_on_target is None else f"{r.days_on_target}/{r.days_judged} days"
@@ -422,8 +423,9 @@ def compose_digest(mail: DigestMail, *, sender: str, dashboard_url: str, now: da
         return _hours(r.wear_hours) + ("" if r.target_hours is None else f" of {_hours(r.target_hours)}")
 
     def status(r: DigestRow) -> str:
-        parts = [flag_title(f) for f in r.open_flags] or ["on track" if not r.notes else ""]
-        return ", ".join(p for p in parts if p) or "-"
+        if r.open_flags:
+            return ", ".join(flag_title(f) for f in r.open_flags)
+        return "not fully evaluated" if r.notes else "on track"
 
     text = [greeting, "", intro, legend, ""]
     for r in rows:
@@ -501,6 +503,14 @@ def render_chart(series: ChartSeries) -> bytes:
 
     Pure (no pyplot state, safe in a worker thread) and memoised per series; matplotlib is imported on first use.
     """
+    with _RENDER_LOCK:  # matplotlib does not promise thread safety; renders are short, one at a time
+        return _render(series)
+
+
+_RENDER_LOCK: Final = threading.Lock()
+
+
+def _render(series: ChartSeries) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
