@@ -17,10 +17,12 @@ from typing import Any
 import click
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings
 
 from compression import logs
 from devices.registry.cli import devices
 from ingest.settings import IngestSettings, SettingsError
+from monitor.settings import MonitorSettings
 from simulators.publisher import LoadSpec, Publisher, PublishReport, generate, publish_spread
 from simulators.run import RunOptions, RunReport, run_fleet
 from simulators.scenarios import DEFAULT_TZ, SCENARIOS, build_fleet, list_scenarios
@@ -49,13 +51,14 @@ def _click_type(info: FieldInfo) -> Any:
     return {int: int, float: float}.get(base, str)  # type: ignore[arg-type]
 
 
-def settings_options(model: type[IngestSettings]) -> Callable[[F], F]:
+def settings_options(model: type[BaseSettings]) -> Callable[[F], F]:
     """One CLI flag per settings field, documented by the field's description."""
+    prefix = str(model.model_config.get("env_prefix", "COMPRESSION_"))
 
     def decorate(func: F) -> F:
         for name, info in reversed(list(model.model_fields.items())):
             flag = "--" + name.replace("_", "-")
-            env = f"COMPRESSION_{name.upper()}"
+            env = f"{prefix}{name.upper()}"
             help_text = f"{info.description} [env {env}; default {info.default!r}]"
             if info.annotation is bool:
                 decl = f"{flag}/--no-{name.replace('_', '-')}"
@@ -91,6 +94,48 @@ def ingest(**overrides: Any) -> None:
     settings = load_settings(overrides)
     logs.configure(settings.log_level, settings.log_format)
     asyncio.run(run_ingester(settings))
+
+
+@cli.command()
+@settings_options(MonitorSettings)
+@click.option("--once", is_flag=True, help="Evaluate once, queue and send what is due, then exit (cron, checks).")
+def monitor(once: bool, **overrides: Any) -> None:
+    """Watch compliance: flags per patient and day, episodes, alert e-mails to the responsible physio.
+
+    Every --interval-s it recomputes each patient's last --days-back local days
+    from InfluxDB (late data counts), keeps flags as episodes with hysteresis,
+    and e-mails the physio once when an episode opens and once when it resolves
+    (safety flags such as boot over-pressure within --safety-interval-s), plus
+    a daily digest. Replicas share --state-database-url; one holds the lease
+    and works. Stops cleanly on SIGTERM/SIGINT.
+    """
+    from monitor.app import Monitor, run_monitor
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        settings = MonitorSettings(**given)
+    except ValidationError as exc:
+        raise click.UsageError(f"invalid settings:\n{exc}") from exc
+    logs.configure(settings.log_level, settings.log_format)
+    if not once:
+        asyncio.run(run_monitor(settings))
+        return
+
+    async def one_round() -> None:
+        mon = Monitor(settings)
+        if not mon.state.acquire_lease(mon.replica, settings.lease_s):
+            raise click.ClickException("another monitor replica holds the lease; nothing done")
+        try:
+            if not await mon.evaluate_once():
+                raise click.ClickException("InfluxDB could not be read; nothing evaluated")
+            await mon.digest_if_due()
+            sent = await mon.send_due()
+            click.echo(f"evaluated; episodes opened {mon.counters.opened}, resolved {mon.counters.resolved}; "
+                       f"e-mails sent {sent}, waiting {mon.state.pending()}", err=True)  # fmt: skip
+        finally:
+            mon.state.release_lease(mon.replica)
+
+    asyncio.run(one_round())
 
 
 def _progress(total: int) -> Callable[[PublishReport], None]:

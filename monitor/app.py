@@ -1,0 +1,462 @@
+"""``compression monitor``: the loop that evaluates, keeps episodes, and sends e-mails.
+
+Each replica tries to hold the lease (``state.leases``); only the holder works:
+
+- every ``interval_s``: every patient's last ``days_back`` local days from
+  InfluxDB (recomputed each time, so late data counts), their flags, the
+  episodes, the e-mails queued (``monitor.evaluate``), flags written back to
+  InfluxDB for the dashboards;
+- every ``safety_interval_s``: today's boot pressures only, so an
+  over-pressure opens its episode and e-mail within seconds;
+- at each clinic's ``digest_hour``: one digest per physio, queued once per day;
+- all the time: due e-mails sent, retried with backoff until the server
+  takes them.
+
+If InfluxDB cannot be read, nothing is evaluated (no alert storm after an
+outage); the outbox keeps its e-mails through any restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import msgspec
+from sqlalchemy import select
+
+from devices.registry.db import make_engine, migrate, session_factory
+from devices.registry.service import Registry
+from monitor import queries as q
+from monitor.compliance import InfluxQueryError, InfluxReader, adherence, day_stats, flags_for, safety_flags
+from monitor.evaluate import Live, MailData, Outcome, evaluate
+from monitor.mail import (
+    ChartSeries,
+    DigestMail,
+    DigestRow,
+    EpisodeMail,
+    MailError,
+    SmtpSender,
+    compose_digest,
+    compose_episode,
+    next_attempt,
+)
+from monitor.model import BootRx, DayResult, PatientContext, SockRx
+from monitor.registry import load_contexts
+from monitor.settings import MonitorSettings
+from monitor.state import DayFlags, Episode, Outbox, State
+
+log = logging.getLogger(__name__)
+CHART_DAYS = 14
+
+
+@dataclass(slots=True)
+class Counters:
+    """What the monitor did, for logs and tests."""
+
+    evaluations: int = 0
+    safety_checks: int = 0
+    skipped_unreadable: int = 0
+    opened: int = 0
+    resolved: int = 0
+    sent: int = 0
+    retries: int = 0
+    failed: int = 0
+    digests: int = 0
+    last_evaluation_s: float = 0.0
+    lease_held: bool = False
+    problems: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+class ChartMailData(MailData):
+    """Episode e-mail data with the patient's last 14 days for the chart, from the evaluation's results."""
+
+    def __init__(self, results: Mapping[str, Sequence[DayResult]]) -> None:
+        self.results = results
+
+    def episode(self, ctx: PatientContext, episode: Episode, kind: str) -> dict[str, Any]:
+        """An :class:`EpisodeMail` as JSON-ready data (composed when it is sent)."""
+        zone = ZoneInfo(ctx.timezone)
+        start = datetime(episode.start_day.year, episode.start_day.month, episode.start_day.day, tzinfo=zone)
+        end = episode.end_day
+        mail = EpisodeMail(
+            dedupe_key=f"{kind}:{episode.id}", kind=kind, patient=ctx.patient, clinic=ctx.clinic,  # type: ignore[arg-type]
+            timezone=ctx.timezone, flag=episode.flag, severity=episode.severity,  # type: ignore[arg-type]
+            started_at=start, physio_email=ctx.physio_email or "", physio_name=ctx.physio_name,
+            ended_at=datetime(end.year, end.month, end.day, tzinfo=zone) if end else None,
+            summary=_summary(ctx, episode, self.results.get(ctx.patient, ())),
+            chart=chart_series(ctx, self.results.get(ctx.patient, ())),
+            thread_key=f"opened:{episode.id}" if kind == "resolved" else None,
+        )  # fmt: skip
+        return {"mail": msgspec.to_builtins(mail)}
+
+
+def chart_series(ctx: PatientContext, results: Sequence[DayResult]) -> ChartSeries | None:
+    """The last 14 complete days: wear hours against the target, ankle median (sock) or peak (boot) against the band."""
+    days = [r.stats for r in results if r.stats.complete][-CHART_DAYS:]
+    if not days:
+        return None
+    wear = tuple(round(d.wear_s / 3600, 2) if d.points else None for d in days)
+    if isinstance(ctx.rx, SockRx):
+        return ChartSeries(tuple(d.day for d in days), wear, ctx.rx.wear_hours_per_day,
+                           tuple(d.ankle_median_mmhg for d in days), ctx.rx.low_mmhg, ctx.rx.high_mmhg)  # fmt: skip
+    if isinstance(ctx.rx, BootRx):
+        return ChartSeries(tuple(d.day for d in days), wear, None, tuple(d.peak_mmhg for d in days), None,
+                           ctx.rx.max_chamber_mmhg, pressure_label="peak chamber")  # fmt: skip
+    return None
+
+
+def _summary(ctx: PatientContext, episode: Episode, results: Sequence[DayResult]) -> tuple[str, ...]:
+    lines = []
+    for r in results:
+        if r.stats.day < episode.start_day or (episode.end_day and r.stats.day >= episode.end_day):
+            continue
+        s = r.stats
+        if isinstance(ctx.rx, SockRx):
+            ankle = f", ankle median {s.ankle_median_mmhg:.1f} mmHg" if s.ankle_median_mmhg else ""
+            lines.append(f"{s.day}: worn {s.wear_s / 3600:.1f} h of {ctx.rx.wear_hours_per_day:g} h{ankle}")
+        elif isinstance(ctx.rx, BootRx):
+            peak = f", peak {s.peak_mmhg:.0f} mmHg (max {ctx.rx.max_chamber_mmhg:g})" if s.peak_mmhg else ""
+            lines.append(f"{s.day}: {s.sessions_started} session(s){peak}")
+    return tuple(lines[-7:])
+
+
+class Monitor:
+    """One replica of the monitor."""
+
+    def __init__(self, settings: MonitorSettings) -> None:
+        self.settings = settings
+        self.state = State(settings.state_database_url)
+        engine = make_engine(settings.registry_database_url)
+        migrate(engine)
+        self.registry = Registry(session_factory(engine))
+        self.reader = InfluxReader(settings.influx_url, settings.influx_username, settings.influx_password,
+                                   settings.influx_token)  # fmt: skip
+        self.sender = SmtpSender.from_settings(settings)
+        self.replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.counters = Counters()
+        self._stop = asyncio.Event()
+        self._contexts: list[PatientContext] = []
+        self._results: dict[str, list[DayResult]] = {}
+
+    def stop(self) -> None:
+        """Finish the current step, give up the lease, return from :meth:`run`."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Work while holding the lease, until :meth:`stop`."""
+        next_full = next_safety = 0.0
+        log.info("monitor %s: influx=%s db=%s registry=%s state=%s smtp=%s:%d every %gs (safety %gs)",
+                 self.replica, self.settings.influx_url, self.settings.influx_database,
+                 self.settings.registry_database_url.split("@")[-1], self.settings.state_database_url.split("@")[-1],
+                 self.settings.smtp_host, self.settings.smtp_port, self.settings.interval_s,
+                 self.settings.safety_interval_s)  # fmt: skip
+        try:
+            while not self._stop.is_set():
+                held = await asyncio.to_thread(self.state.acquire_lease, self.replica, self.settings.lease_s)
+                if held != self.counters.lease_held:
+                    log.info("monitor %s %s the lease", self.replica, "holds" if held else "does not hold")
+                self.counters.lease_held = held
+                if held:
+                    now = time.monotonic()
+                    if now >= next_full:
+                        ok = await self.evaluate_once()
+                        next_full = now + (self.settings.interval_s if ok else min(10.0, self.settings.interval_s))
+                        next_safety = now + self.settings.safety_interval_s
+                    elif now >= next_safety:
+                        await self.safety_once()
+                        next_safety = now + self.settings.safety_interval_s
+                    await self.digest_if_due()
+                    await self.send_due()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=self._pause(held))
+        finally:
+            await asyncio.to_thread(self.state.release_lease, self.replica)
+
+    def _pause(self, held: bool) -> float:
+        if not held:
+            return max(1.0, self.settings.lease_s / 3)
+        return max(0.2, min(1.0, self.settings.safety_interval_s / 5))
+
+    # --- evaluation ---------------------------------------------------------------------------------------------
+
+    async def evaluate_once(self, now_ms: int | None = None) -> bool:
+        """Evaluate every patient; False (and nothing changed) when InfluxDB cannot be read."""
+        started = time.monotonic()
+        contexts = await asyncio.to_thread(load_contexts, self.registry)
+        self._note_problems(contexts)
+        judged = [c for c in contexts if c.rx is not None]
+        try:
+            stats = await day_stats(self.reader, self.settings.influx_database, judged, self.settings.days_back,
+                                    now_ms)  # fmt: skip
+            seen = await self._last_seen(judged, now_ms)
+        except InfluxQueryError as exc:
+            self.counters.skipped_unreadable += 1
+            log.warning("evaluation skipped, InfluxDB unreadable (no flags change until it answers): %s", exc)
+            return False
+        self._contexts = contexts
+        self._results = {c.patient: flags_for(c, stats.get(c.patient, [])) for c in judged}
+        await self._apply(seen, now_ms)
+        self.counters.evaluations += 1
+        self.counters.last_evaluation_s = time.monotonic() - started
+        log.info("evaluated %d patients (%d judged) in %.2fs", len(contexts), len(judged),
+                 self.counters.last_evaluation_s)  # fmt: skip
+        return True
+
+    async def safety_once(self, now_ms: int | None = None) -> None:
+        """Re-check today's boot pressures only, against the last full evaluation's days."""
+        boots = [c for c in self._contexts if isinstance(c.rx, BootRx) and c.patient in self._results]
+        if not boots:
+            return
+        try:
+            peaks = await self._today_peaks(boots, now_ms)
+            seen = await self._last_seen(boots, now_ms)
+        except InfluxQueryError as exc:
+            log.warning("safety check skipped, InfluxDB unreadable: %s", exc)
+            return
+        for ctx in boots:
+            days = self._results[ctx.patient]
+            if days and not days[-1].stats.complete and ctx.patient in peaks:
+                today = replace(days[-1].stats, peak_mmhg=max(peaks[ctx.patient], days[-1].stats.peak_mmhg or 0.0))
+                days[-1] = DayResult(ctx.patient, today, None)
+        self.counters.safety_checks += 1
+        await self._apply(seen, now_ms, only=boots)
+
+    async def _apply(self, seen: Mapping[str, int], now_ms: int | None, only: Sequence[PatientContext] = ()) -> None:
+        contexts = list(only) or [c for c in self._contexts if c.patient in self._results]
+        now = (now_ms if now_ms is not None else int(time.time() * 1000)) / 1000
+        live = {c.patient: self._live(c, seen.get(c.patient), now) for c in contexts}
+        outcome: Outcome = await asyncio.to_thread(
+            evaluate, self.state, contexts, self._results, live, self.settings.resolve_after_days,
+            self.settings.silence_guard_fraction, ChartMailData(self._results))  # fmt: skip
+        self.counters.opened += len(outcome.opened)
+        self.counters.resolved += len(outcome.resolved)
+        for patient, flag in outcome.opened:
+            log.info("episode opened: %s %s", patient, flag)
+        for patient, flag in outcome.resolved:
+            log.info("episode resolved: %s %s", patient, flag)
+        if self.settings.write_flags:
+            await self._write_flags(contexts)
+
+    def _live(self, ctx: PatientContext, last_seen_ms: int | None, now_s: float) -> Live:
+        days = self._results.get(ctx.patient, [])
+        today_stats = days[-1].stats if days and not days[-1].stats.complete else None
+        today = today_stats.day if today_stats else datetime.fromtimestamp(now_s, ZoneInfo(ctx.timezone)).date()
+        silent = bool(ctx.devices) and (last_seen_ms is None
+                                        or now_s - last_seen_ms / 1000 > ctx.max_silence_hours * 3600)  # fmt: skip
+        return Live(today, safety_flags(ctx, today_stats) if today_stats else (), silent,
+                    today_stats.battery_min_pct if today_stats else None)  # fmt: skip
+
+    async def _today_peaks(self, boots: Sequence[PatientContext], now_ms: int | None) -> dict[str, float]:
+        by_zone: dict[str, list[str]] = defaultdict(list)
+        for c in boots:
+            by_zone[c.timezone].append(c.patient)
+        now = (now_ms if now_ms is not None else int(time.time() * 1000)) / 1000
+        statements = []
+        for tz, patients in by_zone.items():
+            zone = ZoneInfo(tz)
+            midnight = datetime.fromtimestamp(now, zone).replace(hour=0, minute=0, second=0, microsecond=0)
+            statements.append(q.daily_peak(patients, tz, int(midnight.timestamp() * 1000), int(now * 1000) + 300_000))
+        peaks: dict[str, float] = {}
+        for series in await self.reader.run(self.settings.influx_database, statements):
+            for s in series:
+                patient = (s.get("tags") or {}).get("patient")
+                for row in s["values"]:
+                    values = [v for v in row[1:] if isinstance(v, int | float)]
+                    if patient and values:
+                        peaks[patient] = max(peaks.get(patient, 0.0), float(max(values)))
+        return peaks
+
+    async def _last_seen(self, contexts: Sequence[PatientContext], now_ms: int | None) -> dict[str, int]:
+        """Newest stored point per patient (sample, event or status) within the evaluated days."""
+        if not contexts:
+            return {}
+        end = (now_ms if now_ms is not None else int(time.time() * 1000)) + 300_000
+        start = end - (self.settings.days_back + 1) * 86_400_000
+        patients = [c.patient for c in contexts]
+        where = f"{q.patient_filter(patients)} AND {q.time_range(start, end)}"
+        statements = [f"SELECT last(seq) FROM sample WHERE {where} GROUP BY patient",
+                      f'SELECT last("count") FROM event WHERE {where} GROUP BY patient',
+                      f"SELECT last(state) FROM status WHERE {where} GROUP BY patient"]  # fmt: skip
+        seen: dict[str, int] = {}
+        for series in await self.reader.run(self.settings.influx_database, statements):
+            for s in series:
+                patient = (s.get("tags") or {}).get("patient")
+                if patient and s["values"]:
+                    seen[patient] = max(seen.get(patient, 0), int(s["values"][0][0]))
+        return seen
+
+    def _note_problems(self, contexts: Sequence[PatientContext]) -> None:
+        for ctx in contexts:
+            if ctx.problems and self.counters.problems.get(ctx.patient) != ctx.problems:
+                log.warning("patient %s (%s): %s", ctx.patient, ctx.clinic, "; ".join(ctx.problems))
+        self.counters.problems = {c.patient: c.problems for c in contexts if c.problems}
+
+    async def _write_flags(self, contexts: Sequence[PatientContext]) -> None:
+        """``flag_day`` (one point per patient-day, every flag a boolean field) and ``flag_episode`` points."""
+        lines = []
+        for ctx in contexts:
+            for r in self._results.get(ctx.patient, []):
+                if r.flags is not None:
+                    lines.append(_flag_day_line(ctx, r))
+        lines += await asyncio.to_thread(self._episode_lines, [c.patient for c in contexts])
+        if not lines:
+            return
+        try:
+            async with aiohttp.ClientSession(headers=self.reader.headers(),
+                                             timeout=aiohttp.ClientTimeout(total=60)) as http:  # fmt: skip
+                for i in range(0, len(lines), 5000):
+                    async with http.post(f"{self.settings.influx_url.rstrip('/')}/write",
+                                         params={"db": self.settings.influx_database, "precision": "ms"},
+                                         data="\n".join(lines[i:i + 5000]).encode()) as resp:  # fmt: skip
+                        if resp.status >= 300:
+                            log.warning("writing flags to InfluxDB: %d %s", resp.status, (await resp.text())[:300])
+                            return
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("writing flags to InfluxDB failed (kept in the state database; next evaluation retries): %s",
+                        exc)  # fmt: skip
+
+    def _episode_lines(self, patients: Sequence[str]) -> list[str]:
+        wanted = set(patients)
+        with self.state.transaction() as session:
+            episodes = [e for e in session.scalars(select(Episode)) if e.patient in wanted]
+            return [_episode_line(e) for e in episodes]
+
+    # --- digest -------------------------------------------------------------------------------------------------
+
+    async def digest_if_due(self, now: datetime | None = None) -> int:
+        """Queue each physio's digest once per local day, from ``digest_hour`` on; returns how many were queued."""
+        now = now or datetime.now(UTC)
+        by_physio: dict[tuple[str, str], list[PatientContext]] = defaultdict(list)
+        problems: dict[str, list[PatientContext]] = defaultdict(list)
+        for ctx in self._contexts:
+            if ctx.physio_email:
+                by_physio[(ctx.clinic, ctx.physio_email)].append(ctx)
+            elif ctx.problems:
+                problems[ctx.clinic].append(ctx)  # no physio: every physio of the clinic hears of it
+        queued = 0
+        for (clinic, email), patients in sorted(by_physio.items()):
+            tz = ZoneInfo(patients[0].timezone)
+            local = now.astimezone(tz)
+            if local.hour < self.settings.digest_hour:
+                continue
+            day = local.date() - timedelta(days=1)
+            key = f"digest:{email}:{local.date().isoformat()}"
+            rows = await asyncio.to_thread(self._digest_rows, patients + problems.get(clinic, []), day)
+            mail = DigestMail(key, email, clinic, patients[0].timezone, day, tuple(rows),
+                              physio_name=patients[0].physio_name)  # fmt: skip
+            if await asyncio.to_thread(self._enqueue, key, "digest", email, {"mail": msgspec.to_builtins(mail)}):
+                queued += 1
+        self.counters.digests += queued
+        return queued
+
+    def _enqueue(self, key: str, kind: str, recipient: str, data: dict[str, Any]) -> bool:
+        with self.state.transaction() as session:
+            return self.state.enqueue(session, key, kind, recipient, data)
+
+    def _digest_rows(self, patients: Sequence[PatientContext], day: date) -> list[DigestRow]:
+        since = datetime.now(UTC) - timedelta(days=1)
+        with self.state.transaction() as session:
+            episodes = list(session.scalars(select(Episode).where(Episode.patient.in_([p.patient for p in patients]))))
+            changed = {(d.patient, d.day) for d in session.scalars(
+                select(DayFlags).where(DayFlags.patient.in_([p.patient for p in patients]),
+                                       DayFlags.changed_at >= since, DayFlags.day < day))}  # fmt: skip
+        rows = []
+        for ctx in patients:
+            mine = [e for e in episodes if e.patient == ctx.patient]
+            results = self._results.get(ctx.patient, [])
+            summary = adherence(ctx, results) if results else None
+            last = next((r.stats for r in reversed(results) if r.stats.complete), None)
+            late = sorted(d.isoformat() for p, d in changed if p == ctx.patient)
+            notes = list(ctx.problems) + ([f"late data changed: {', '.join(late)}"] if late else [])
+            rows.append(DigestRow(
+                patient=ctx.patient, kind=ctx.kind,
+                days_on_target=summary.target_days_7d if summary else None,
+                days_judged=summary.judged_7d if summary else 7,
+                wear_hours=round(last.wear_s / 3600, 2) if last else None,
+                target_hours=ctx.rx.wear_hours_per_day if isinstance(ctx.rx, SockRx) else None,
+                open_flags=tuple(sorted(e.flag for e in mine if e.open_key)),
+                opened=tuple(sorted(e.flag for e in mine if e.opened_at >= since and e.notified)),
+                resolved=tuple(sorted(e.flag for e in mine if e.resolved_at and e.resolved_at >= since)),
+                notes=tuple(notes), chart=chart_series(ctx, results)))  # fmt: skip
+        return rows
+
+    # --- sending ------------------------------------------------------------------------------------------------
+
+    async def send_due(self) -> int:
+        """Send every due e-mail of the outbox; failures are retried later with backoff. Returns how many went."""
+        rows = await asyncio.to_thread(self.state.claim_due, self.replica)
+        sent = 0
+        for row in rows:
+            try:
+                message = await asyncio.to_thread(self._compose, row)
+                await self.sender.send(message)
+            except MailError as exc:
+                delay = next_attempt(row.attempts + 1)
+                await asyncio.to_thread(self.state.mark_retry, row.id, str(exc), delay, not exc.temporary)
+                if exc.temporary:
+                    self.counters.retries += 1
+                    log.warning("e-mail %s to %s not sent (attempt %d), retry in %.0fs: %s", row.dedupe_key,
+                                row.recipient, row.attempts + 1, delay, exc)  # fmt: skip
+                else:
+                    self.counters.failed += 1
+                    log.error("e-mail %s to %s refused for good (kept in the outbox as failed): %s",
+                              row.dedupe_key, row.recipient, exc)  # fmt: skip
+                if exc.temporary:
+                    break  # the server is away: the rest waits for the next round
+                continue
+            await asyncio.to_thread(self.state.mark_sent, row.id)
+            sent += 1
+            log.info("e-mail %s sent to %s", row.dedupe_key, row.recipient)
+        self.counters.sent += sent
+        return sent
+
+    def _compose(self, row: Outbox) -> Any:
+        sender, url = self.settings.mail_from, self.settings.dashboard_url
+        if row.kind == "digest":
+            return compose_digest(msgspec.convert(row.data["mail"], DigestMail), sender=sender, dashboard_url=url)
+        return compose_episode(msgspec.convert(row.data["mail"], EpisodeMail), sender=sender, dashboard_url=url)
+
+
+def _tag(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(" ", "\\ ").replace(",", "\\,").replace("=", "\\=")
+
+
+def _flag_day_line(ctx: PatientContext, r: DayResult) -> str:
+    from monitor.mail import FLAG_TITLE
+
+    flags = r.flags or ()
+    fields = [f"{name}={'true' if name in flags else 'false'}" for name in sorted({*FLAG_TITLE, *flags})]
+    fields.append(f'flags="{",".join(flags)}"')
+    fields.append(f"wear_s={r.stats.wear_s}")
+    return f"flag_day,clinic={_tag(ctx.clinic)},patient={_tag(ctx.patient)} {','.join(fields)} {r.stats.start_ms}"
+
+
+def _episode_line(e: Episode) -> str:
+    start_ms = int(datetime(e.start_day.year, e.start_day.month, e.start_day.day, tzinfo=UTC).timestamp() * 1000)
+    end = f",end_day=\"{e.end_day.isoformat()}\"" if e.end_day else ""
+    return (f"flag_episode,clinic={_tag(e.clinic)},flag={_tag(e.flag)},patient={_tag(e.patient)},"
+            f"severity={e.severity} id={e.id}i,open={'true' if e.open_key else 'false'},"
+            f"start_day=\"{e.start_day.isoformat()}\",last_day=\"{e.last_day.isoformat()}\"{end} "
+            f"{start_ms}")  # fmt: skip
+
+
+async def run_monitor(settings: MonitorSettings) -> None:
+    """Run until SIGTERM/SIGINT."""
+    monitor = Monitor(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, monitor.stop)
+    await monitor.run()
