@@ -26,6 +26,7 @@ from pydantic import TypeAdapter
 from compression.localservers import mosquitto_config
 from devices.registry.settings import RegistrySettings
 from ingest.settings import IngestSettings
+from monitor.settings import MonitorSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -40,6 +41,8 @@ FIELDS = IngestSettings.model_fields
 SETTING_VARS = {f"COMPRESSION_{name.upper()}": name for name in FIELDS}
 REGISTRY_FIELDS = RegistrySettings.model_fields
 REGISTRY_VARS = {f"COMPRESSION_REGISTRY_{name.upper()}": name for name in REGISTRY_FIELDS}
+MONITOR_FIELDS = MonitorSettings.model_fields
+MONITOR_VARS = {f"COMPRESSION_MONITOR_{name.upper()}": name for name in MONITOR_FIELDS}
 # The secrets that docker-compose.yml requires (${VAR:?...}) and .env.example leaves empty.
 REQUIRED_SECRETS = ("MQTT_INGEST_PASSWORD", "INFLUXDB_ADMIN_PASSWORD", "INFLUXDB_INGEST_PASSWORD")
 INGEST_ACCOUNT = "svc.ingest"
@@ -80,20 +83,25 @@ def test_every_setting_is_in_env_example_and_nothing_else() -> None:
     assert len(SETTING_VARS) >= 30, "IngestSettings lost its fields?"
     assert sorted(set(SETTING_VARS) - documented) == [], "settings missing from .env.example"
     assert sorted(set(REGISTRY_VARS) - documented) == [], "registry settings missing from .env.example"
-    assert sorted(documented - set(SETTING_VARS) - set(REGISTRY_VARS)) == [], "variables that no setting reads"
+    assert sorted(set(MONITOR_VARS) - documented) == [], "monitor settings missing from .env.example"
+    unread = documented - set(SETTING_VARS) - set(REGISTRY_VARS) - set(MONITOR_VARS)
+    assert sorted(unread) == [], "variables that no setting reads"
     assert not set(SETTING_VARS) & set(REGISTRY_VARS), "one variable read by two settings classes"
+    assert not (set(SETTING_VARS) | set(REGISTRY_VARS)) & set(MONITOR_VARS), "one variable read by two classes"
 
 
-def test_env_example_gives_each_registry_setting_its_default(clean_environ: None) -> None:
+@pytest.mark.parametrize("settings", [RegistrySettings, MonitorSettings])
+def test_env_example_gives_each_service_setting_its_default(clean_environ: None, settings: Any) -> None:
     entries = env_example()
-    for var, name in REGISTRY_VARS.items():
-        field = REGISTRY_FIELDS[name]
+    prefix = settings.model_config["env_prefix"]
+    for name, field in settings.model_fields.items():
+        var = f"{prefix}{name.upper()}"
         commented, value, _ = entries[var]
         if field.default is None:
             assert commented, f"{var} has no default: its line must be commented out"
         else:
             assert not commented and TypeAdapter(field.annotation).validate_python(value) == field.default, var
-    assert RegistrySettings(_env_file=ENV_EXAMPLE).model_dump() == RegistrySettings().model_dump()  # type: ignore[call-arg]
+    assert settings(_env_file=ENV_EXAMPLE).model_dump() == settings().model_dump()
 
 
 def test_env_example_gives_each_setting_its_default() -> None:
