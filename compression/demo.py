@@ -16,11 +16,14 @@ import click
 
 from compression.influxql import rows, scalar
 from compression.localservers import BrokerAccess, InfluxDB, Mosquitto, start_influxdb, start_mosquitto
+from compression.mailcatcher import MailCatcher, start_mailcatcher
 from devices.registry.broker import BrokerSync
 from devices.registry.db import make_engine, migrate, session_factory
 from devices.registry.service import SYSTEM, Registry
 from ingest.app import Ingester
 from ingest.settings import IngestSettings
+from monitor.app import Monitor
+from monitor.settings import MonitorSettings
 from simulators.registration import DEMO_CLINIC, Registered, register_fleet
 from simulators.run import RunOptions, RunReport, gateway_plan, run_fleet
 from simulators.scenarios import Fleet, every_scenario
@@ -153,6 +156,13 @@ def run_demo(days: int, data_dir: str, keep: bool, started: float) -> int:
         expected = sum(p["transport"]["samples_stored"] for p in truth["patients"])
         ingester, _ = asyncio.run(_ingest_fleet(mq, db, fleet, expected, reg, options))
         code = _summary(db, ingester, truth, truth_path)
+        catcher = start_mailcatcher(root)
+        try:
+            _say(f"running the monitor once (e-mails to a local SMTP catcher on {catcher.url})")
+            monitor = asyncio.run(_monitor(root, db, reg, catcher, days))
+            code = code or (0 if _monitor_summary(monitor, truth, catcher) else 1)
+        finally:
+            catcher.stop()
         _say(f"demo finished in {time.monotonic() - started:.1f} s")
         if keep:
             _say(f"servers still running; try: curl '{db.url}/query?db={DATABASE}&q=SHOW+MEASUREMENTS' (Ctrl-C stops)")
@@ -180,6 +190,59 @@ def _registry_summary(reg: DemoRegistry) -> None:
     first = next(iter(reg.registered.physios))
     _say(f"web page: compression devices --database-url {reg.url} serve, then http://127.0.0.1:8070/ui "
          f"(log in as {first}, password {reg.registered.physios[first]!r})")  # fmt: skip
+
+
+async def _monitor(root: Path, db: InfluxDB, reg: DemoRegistry, catcher: MailCatcher, days: int) -> Monitor:
+    """One round of the monitor over the simulated clinic: evaluate, queue, send (the digest is due at once)."""
+    await asyncio.to_thread(_remove, root, "monitor.db*")
+    settings = MonitorSettings(influx_url=db.url, influx_database=DATABASE, registry_database_url=reg.url,
+                               state_database_url=f"sqlite:///{root / 'monitor.db'}", smtp_host=catcher.host,
+                               smtp_port=catcher.port, smtp_tls="off", digest_hour=0, days_back=max(8, days + 1),
+                               mail_from="Compression demo <monitor@demo-clinic.example>")  # fmt: skip
+    monitor = Monitor(settings)
+    monitor.state.acquire_lease(monitor.replica, 300)
+    if not await monitor.evaluate_once():
+        raise click.ClickException("the monitor could not read InfluxDB")
+    await monitor.digest_if_due()
+    deadline = time.monotonic() + 120
+    while monitor.state.pending() and time.monotonic() < deadline:
+        await monitor.send_due()
+        await asyncio.sleep(0.2)
+    monitor.state.release_lease(monitor.replica)
+    return monitor
+
+
+def _monitor_summary(monitor: Monitor, truth: dict[str, Any], catcher: MailCatcher) -> bool:
+    """The monitor's flags next to the ground truth's, day by day; where the e-mails went."""
+    matched = total = 0
+    misses: list[str] = []
+    for patient in truth["patients"]:
+        judged = {r.stats.day.isoformat(): r.flags for r in monitor._results.get(patient["patient"], [])}
+        for day in patient["days"]:
+            if not day["complete"] or day["date"] not in judged:
+                continue
+            total += 1
+            got = list(judged[day["date"]] or ())
+            if got == day["flags"]:
+                matched += 1
+            else:
+                misses.append(f"{patient['patient']} {day['date']}: monitor {got}, truth {day['flags']}")
+    _say(f"monitor: flags match the ground truth on {matched} of {total} patient-days; "
+         f"{monitor.counters.opened} episodes open now (older ones recorded without e-mail)")  # fmt: skip
+    for line in misses[:10]:
+        click.echo(f"    differs: {line}")
+    mails = catcher.messages()
+    _say(f"{len(mails)} e-mails caught by the local SMTP catcher in {catcher.folder}/ (.eml files):")
+    for mail in mails[:20]:
+        click.echo(f"    to {', '.join(mail.recipients):<32} {mail.subject}")
+    if len(mails) > 20:
+        click.echo(f"    ... and {len(mails) - 20} more")
+    return total > 0 and matched == total and monitor.state.pending() == 0
+
+
+def _remove(root: Path, pattern: str) -> None:
+    for stale in root.glob(pattern):
+        stale.unlink()
 
 
 def _forget_previous_runs(root: Path) -> None:

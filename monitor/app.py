@@ -371,7 +371,8 @@ class Monitor:
             episodes = list(session.scalars(select(Episode).where(Episode.patient.in_([p.patient for p in patients]))))
             changed = {(d.patient, d.day) for d in session.scalars(
                 select(DayFlags).where(DayFlags.patient.in_([p.patient for p in patients]),
-                                       DayFlags.changed_at >= since, DayFlags.day < day))}  # fmt: skip
+                                       DayFlags.changed_at >= since, DayFlags.changed_at > DayFlags.computed_at,
+                                       DayFlags.day <= day))}  # fmt: skip
         rows = []
         for ctx in patients:
             mine = [e for e in episodes if e.patient == ctx.patient]

@@ -124,16 +124,19 @@ def _last_day(days: Sequence[DayResult]) -> date:
 def _store_days(session: Session, ctx: PatientContext, days: Sequence[DayResult]) -> int:
     """Record each judged day; count those whose flags changed since last time (late data, new days)."""
     changes = 0
+    now = datetime.now(UTC)
     for result in days:
         if result.flags is None:
             continue
         row = session.get(DayFlags, (ctx.patient, result.stats.day))
         flags = list(result.flags)
         if row is None:
-            session.add(DayFlags(patient=ctx.patient, day=result.stats.day, flags=flags, wear_s=result.stats.wear_s))
+            # computed_at == changed_at: first seen, not a change (the digest reports only changes).
+            session.add(DayFlags(patient=ctx.patient, day=result.stats.day, flags=flags, wear_s=result.stats.wear_s,
+                                 computed_at=now, changed_at=now))  # fmt: skip
             changes += 1
         elif row.flags != flags or abs(row.wear_s - result.stats.wear_s) > 30:
-            row.flags, row.wear_s, row.changed_at = flags, result.stats.wear_s, datetime.now(UTC)
+            row.flags, row.wear_s, row.changed_at = flags, result.stats.wear_s, now
             changes += 1
     return changes
 
