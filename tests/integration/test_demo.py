@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -22,4 +23,9 @@ def test_demo_stores_every_reading(servers_root: Path) -> None:
     assert "clinic 'demo-clinic'" in result.output and "13 patients" in result.output
     assert "(13 patients); 0 without a patient" in result.output
     assert (data_dir / "registry.db").exists()
+    # The monitor's flags equal the ground truth on every complete patient-day; the e-mails were caught.
+    match = re.search(r"flags match the ground truth on (\d+) of (\d+) patient-days", result.output)
+    assert match is not None and match[1] == match[2] and int(match[2]) >= 13, result.output
+    assert "[URGENT] Boot over-pressure" in result.output and "Daily digest" in result.output
+    assert list(data_dir.glob("mail-*/*.eml"))
     assert (data_dir / "ground-truth.json").stat().st_size > 1000
