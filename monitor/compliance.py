@@ -157,7 +157,7 @@ class _Zone:
 
 
 def plan_zone(timezone: str, contexts: Sequence[PatientContext], days: list[tuple[date, int, int]],
-              now_ms: int) -> _Zone:  # fmt: skip
+              now_ms: int, medians: bool = False) -> _Zone:  # fmt: skip
     """The statements that give every patient of one time zone their daily statistics."""
     zone = _Zone(timezone, days)
     start, end = days[0][1], days[-1][2]
@@ -167,7 +167,7 @@ def plan_zone(timezone: str, contexts: Sequence[PatientContext], days: list[tupl
     zone.add(q.daily_samples(everyone, timezone, start, end), "samples")
     zone.add(q.daily_events(everyone, timezone, start, end), "events")
     zone.add(q.daily_statuses(everyone, timezone, start, end), "statuses")
-    zone.add(q.daily_worn(everyone, timezone, start, end), "worn")
+    zone.add(q.daily_worn(everyone, timezone, start, end, medians), "worn")
     if socks:
         codes = [c.patient for c in socks]
         zone.add(q.daily_reversed(codes, timezone, start, end), "reversed")
@@ -181,7 +181,7 @@ def plan_zone(timezone: str, contexts: Sequence[PatientContext], days: list[tupl
             zone.add(q.daily_not_below(members, low, timezone, start, end), "not_below")
         # The exact weekly median for display: the window ending with the last complete day.
         complete = [d for d in days if d[2] <= now_ms]
-        if complete:
+        if complete and medians:
             last = complete[-1]
             window_start = days[max(0, days.index(last) - WINDOW_DAYS + 1)][1]
             zone.add(q.ankle_median(codes, window_start, last[2]), "median_7d")
@@ -232,7 +232,7 @@ def _apply(zone: _Zone, reader: str, series: list[dict[str, Any]], stats: dict[s
             s.worn_samples = int(row["worn_samples"] or 0)
             if kinds.get(patient) == "sock":
                 s.ankle_samples = int(row["ankle_samples"] or 0)
-                s.ankle_median_mmhg = _float(row["ankle_median_mmhg"])
+                s.ankle_median_mmhg = _float(row.get("ankle_median_mmhg"))
         elif reader == "reversed":
             s.reversed_gradient_s = float(row["reversed_gradient_s"] or 0.0)
         elif reader == "above":
@@ -267,6 +267,7 @@ async def day_stats(
     contexts: Sequence[PatientContext],
     days_back: int,
     now_ms: int | None = None,
+    medians: bool = False,
 ) -> dict[str, list[DayStats]]:
     """Each patient's statistics for the local days from ``days_back`` days ago to today, oldest first.
 
@@ -283,13 +284,17 @@ async def day_stats(
     (``InfluxReader.concurrency`` at a time) and the monitor's loop stays
     responsive; each statement covers a whole time zone (or one pressure band
     of it), so the number of requests does not grow with the patients.
+
+    ``medians`` adds the display-only medians (``ankle_median_mmhg`` per day,
+    ``ankle_median_7d_mmhg`` of the last complete day); they cost as much as
+    the rest together, and no flag needs them.
     """
     reader = InfluxReader(influx) if isinstance(influx, str) else influx
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     by_zone: dict[str, list[PatientContext]] = defaultdict(list)
     for ctx in contexts:
         by_zone[ctx.timezone].append(ctx)
-    zones = [plan_zone(tz, members, local_days(tz, days_back, now_ms, WINDOW_DAYS - 1), now_ms)
+    zones = [plan_zone(tz, members, local_days(tz, days_back, now_ms, WINDOW_DAYS - 1), now_ms, medians)
              for tz, members in sorted(by_zone.items())]  # fmt: skip
     answers = await reader.run(database, [s for z in zones for s in z.statements])
     out: dict[str, list[DayStats]] = {}

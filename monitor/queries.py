@@ -80,11 +80,17 @@ def daily_samples(patients: Iterable[str], timezone: str, start_ms: int, end_ms:
                   [patient_filter(patients), time_range(start_ms, end_ms)], timezone)  # fmt: skip
 
 
-def daily_worn(patients: Iterable[str], timezone: str, start_ms: int, end_ms: int) -> str:
-    """Per patient and local day: worn samples, how many carry an ankle pressure, their median ankle pressure."""
-    return _daily("count(worn) AS worn_samples, count(ankle_mmhg) AS ankle_samples, "
-                  "median(ankle_mmhg) AS ankle_median_mmhg", "sample",
-                  ["worn = true", patient_filter(patients), time_range(start_ms, end_ms)], timezone)  # fmt: skip
+def daily_worn(patients: Iterable[str], timezone: str, start_ms: int, end_ms: int, median: bool = False) -> str:
+    """Per patient and local day: worn samples, how many carry an ankle pressure (and their median ankle pressure).
+
+    The median is the costliest aggregate (InfluxDB keeps every value of the
+    bucket): it is for display only, the flags never need it.
+    """
+    select = "count(worn) AS worn_samples, count(ankle_mmhg) AS ankle_samples"
+    if median:
+        select += ", median(ankle_mmhg) AS ankle_median_mmhg"
+    return _daily(select, "sample", ["worn = true", patient_filter(patients), time_range(start_ms, end_ms)],
+                  timezone)  # fmt: skip
 
 
 def daily_above(patients: Iterable[str], high_mmhg: float, timezone: str, start_ms: int, end_ms: int) -> str:

@@ -197,7 +197,7 @@ async def test_every_scenario_flags_and_wear_match_the_ground_truth(backfill: Ba
         rx = by_code[ctx.patient]["prescription"]
         if isinstance(ctx.rx, SockRx):
             assert [ctx.rx.low_mmhg, ctx.rx.high_mmhg] == rx["range_mmhg"]
-    stats = await day_stats(InfluxReader(influx.url), backfill.database, backfill.contexts, DAYS)
+    stats = await day_stats(InfluxReader(influx.url), backfill.database, backfill.contexts, DAYS, medians=True)
     results = {c.patient: flags_for(c, stats[c.patient]) for c in backfill.contexts}
     for ctx in backfill.contexts:
         days = results[ctx.patient]
