@@ -164,21 +164,26 @@ class Monitor:
                  self.settings.safety_interval_s)  # fmt: skip
         try:
             while not self._stop.is_set():
-                held = await asyncio.to_thread(self.state.acquire_lease, self.replica, self.settings.lease_s)
-                if held != self.counters.lease_held:
-                    log.info("monitor %s %s the lease", self.replica, "holds" if held else "does not hold")
-                self.counters.lease_held = held
-                if held:
-                    now = time.monotonic()
-                    if now >= next_full:
-                        ok = await self.evaluate_once()
-                        next_full = now + (self.settings.interval_s if ok else min(10.0, self.settings.interval_s))
-                        next_safety = now + self.settings.safety_interval_s
-                    elif now >= next_safety:
-                        await self.safety_once()
-                        next_safety = now + self.settings.safety_interval_s
-                    await self.digest_if_due()
-                    await self.send_due()
+                held = False
+                try:
+                    held = await asyncio.to_thread(self.state.acquire_lease, self.replica, self.settings.lease_s)
+                    if held != self.counters.lease_held:
+                        log.info("monitor %s %s the lease", self.replica, "holds" if held else "does not hold")
+                    self.counters.lease_held = held
+                    if held:
+                        now = time.monotonic()
+                        if now >= next_full:
+                            ok = await self.evaluate_once()
+                            next_full = now + (self.settings.interval_s if ok else min(10.0, self.settings.interval_s))
+                            next_safety = now + self.settings.safety_interval_s
+                        elif now >= next_safety:
+                            await self.safety_once()
+                            next_safety = now + self.settings.safety_interval_s
+                        await self.digest_if_due()
+                        await self.send_due()
+                except Exception:  # e.g. the state database restarting: log, wait, try again; never exit
+                    self.counters.lease_held = held = False
+                    log.exception("monitor %s: this round failed; trying again shortly", self.replica)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), timeout=self._pause(held))
         finally:
@@ -397,11 +402,28 @@ class Monitor:
 
     async def send_due(self) -> int:
         """Send every due e-mail of the outbox; failures are retried later with backoff. Returns how many went."""
-        rows = await asyncio.to_thread(self.state.claim_due, self.replica)
         sent = 0
-        for row in rows:
+        # One e-mail at a time, each claimed just before its attempt for as long as an attempt can last (compose,
+        # then at most 3 x smtp_timeout_s): a replica killed mid-send holds back that one e-mail only, and not for
+        # long; and the lease is renewed before each, so a replica that lost it stops sending at once.
+        claim_s = 3 * self.settings.smtp_timeout_s + 5.0
+        while not self._stop.is_set():
+            if not await asyncio.to_thread(self.state.acquire_lease, self.replica, self.settings.lease_s):
+                self.counters.lease_held = False
+                break
+            rows = await asyncio.to_thread(self.state.claim_due, self.replica, 1, claim_s)
+            if not rows:
+                break
+            row = rows[0]
             try:
                 message = await asyncio.to_thread(self._compose, row)
+            except Exception as exc:  # a row that cannot become an e-mail: kept as failed, the others go on
+                self.counters.failed += 1
+                log.exception("e-mail %s to %s cannot be composed (kept in the outbox as failed)", row.dedupe_key,
+                              row.recipient)  # fmt: skip
+                await asyncio.to_thread(self.state.mark_retry, row.id, f"cannot compose: {exc!r}", 0.0, True)
+                continue
+            try:
                 await self.sender.send(message)
             except MailError as exc:
                 delay = next_attempt(row.attempts + 1)
@@ -446,7 +468,7 @@ def _flag_day_line(ctx: PatientContext, r: DayResult) -> str:
 
 def _episode_line(e: Episode) -> str:
     start_ms = int(datetime(e.start_day.year, e.start_day.month, e.start_day.day, tzinfo=UTC).timestamp() * 1000)
-    end = f",end_day=\"{e.end_day.isoformat()}\"" if e.end_day else ""
+    end = f',end_day="{e.end_day.isoformat()}"' if e.end_day else ""
     return (f"flag_episode,clinic={_tag(e.clinic)},flag={_tag(e.flag)},patient={_tag(e.patient)},"
             f"severity={e.severity} id={e.id}i,open={'true' if e.open_key else 'false'},"
             f"start_day=\"{e.start_day.isoformat()}\",last_day=\"{e.last_day.isoformat()}\"{end} "
