@@ -22,7 +22,7 @@ from devices.protocol import TimeWindow
 from ingest.batch import Batch, Batcher, Entry, OrderedAcker
 from ingest.consume import MqttConsumer
 from ingest.decode import DecodeConfig, Decoder
-from ingest.encode import attribute, rejected_line
+from ingest.encode import attribute, receipt_lines, rejected_line
 from ingest.enrich import Enrichment, source_for
 from ingest.metrics import IngestMetrics
 from ingest.settings import IngestSettings, redact_url
@@ -76,6 +76,7 @@ class Ingester:
                 unattributed = ()
             for measurement, device, reason, points in unattributed:
                 enrichment.unattributed(measurement, device, reason, points)
+            decoded.lines.extend(receipt_lines(decoded.lines, decoded.samples, int(time.time() * 1000)))
         for reason in decoded.rejections:
             self.metrics.rejected.labels(reason).inc()
         self._batcher.add(entry, decoded.lines, decoded.samples, decoded.newest_ms)

@@ -296,3 +296,42 @@ def _tagged_key(key: str, who: Attribution) -> str:
 
 def _tag_name(part: str) -> str:
     return part.partition("=")[0]
+
+
+# --- receipts: which patient-hours got data, for the monitor's incremental evaluation --------------------------------
+
+RECEIPT: Final = "receipt"
+_HOUR_NS: Final = 3_600_000_000_000
+
+
+def receipt_lines(lines: list[str], samples: int, received_ms: int) -> list[str]:
+    """``receipt`` points for one attributed message: the patient-hours its points fall in, stamped when received.
+
+    One point per (clinic, patient, hour), overwritten by every later message
+    of that hour, so the measurement stays small (patients x hours). The
+    monitor asks which hours received data since its last evaluation and
+    recomputes only those days: a store-and-forward backlog for last week is
+    noticed at once without rescanning everything. Written in the same batch as
+    the data, so a receipt is never visible before its points.
+    """
+    candidates: tuple[str, ...]
+    if samples:
+        candidates = (lines[0], lines[samples - 1])
+    elif lines and lines[0].startswith((EVENT + ",", STATUS + ",")):
+        candidates = (lines[0],)
+    else:
+        return []
+    out: list[str] = []
+    for text in candidates:
+        key = text[: text.index(" ")]
+        at = key.find(",patient=")
+        if at < 0:
+            continue  # not attributed: the monitor cannot use it
+        clinic = key.find(",clinic=")
+        patient = key[at + 9 :].split(",", 1)[0]
+        tags = f"clinic={key[clinic + 8 :].split(',', 1)[0]},patient={patient}" if clinic >= 0 else f"patient={patient}"
+        hour = int(text[text.rindex(" ") + 1 :]) // _HOUR_NS * _HOUR_NS
+        line = f"{RECEIPT},{tags} received_ms={received_ms}i {hour}"
+        if line not in out:
+            out.append(line)
+    return out

@@ -39,7 +39,17 @@ from sqlalchemy import select
 from devices.registry.db import make_engine, migrate, session_factory
 from devices.registry.service import Registry
 from monitor import queries as q
-from monitor.compliance import InfluxQueryError, InfluxReader, adherence, day_stats, flags_for, safety_flags
+from monitor.compliance import (
+    WINDOW_DAYS,
+    InfluxQueryError,
+    InfluxReader,
+    adherence,
+    flags_for,
+    local_days,
+    raw_day_stats,
+    safety_flags,
+    windowed,
+)
 from monitor.evaluate import Live, MailData, Outcome, evaluate
 from monitor.mail import (
     ChartSeries,
@@ -52,13 +62,15 @@ from monitor.mail import (
     compose_episode,
     next_attempt,
 )
-from monitor.model import BootRx, DayResult, PatientContext, SockRx
+from monitor.model import BootRx, DayResult, DayStats, PatientContext, SockRx
 from monitor.registry import load_contexts
 from monitor.settings import MonitorSettings
 from monitor.state import DayFlags, Episode, Outbox, State
 
 log = logging.getLogger(__name__)
 CHART_DAYS = 14
+# Receipts are asked for from a little before the previous evaluation: one written while it ran is not missed.
+RECEIPT_MARGIN_MS = 120_000
 
 
 @dataclass(slots=True)
@@ -75,6 +87,7 @@ class Counters:
     failed: int = 0
     digests: int = 0
     last_evaluation_s: float = 0.0
+    last_read_days: dict[int, int] = field(default_factory=dict)
     lease_held: bool = False
     problems: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -149,6 +162,11 @@ class Monitor:
         self._stop = asyncio.Event()
         self._contexts: list[PatientContext] = []
         self._results: dict[str, list[DayResult]] = {}
+        # Incremental evaluation: each patient's raw day statistics (and the context they were computed for),
+        # refreshed for the days that received data since the last evaluation (the ingester's receipts).
+        self._raw: dict[str, tuple[PatientContext, dict[date, DayStats]]] = {}
+        self._receipts_since_ms = 0
+        self._full_at = 0.0
 
     def stop(self) -> None:
         """Finish the current step, give up the lease, return from :meth:`run`."""
@@ -203,8 +221,7 @@ class Monitor:
         self._note_problems(contexts)
         judged = [c for c in contexts if c.rx is not None]
         try:
-            stats = await day_stats(self.reader, self.settings.influx_database, judged, self.settings.days_back,
-                                    now_ms)  # fmt: skip
+            stats = await self._day_stats(judged, now_ms)
             seen = await self._last_seen(judged, now_ms)
         except InfluxQueryError as exc:
             self.counters.skipped_unreadable += 1
@@ -218,6 +235,69 @@ class Monitor:
         log.info("evaluated %d patients (%d judged) in %.2fs", len(contexts), len(judged),
                  self.counters.last_evaluation_s)  # fmt: skip
         return True
+
+    async def _day_stats(self, judged: Sequence[PatientContext], now_ms: int | None) -> dict[str, list[DayStats]]:
+        """Every judged patient's last ``days_back`` days with their windows: from the cache, re-read from InfluxDB
+        for the days that got data since the last evaluation; everything re-read every ``full_every_s``."""
+        now = now_ms if now_ms is not None else int(time.time() * 1000)
+        span = self.settings.days_back + WINDOW_DAYS - 1
+        full = time.monotonic() - self._full_at > self.settings.full_every_s or not self._raw
+        since, self._receipts_since_ms = self._receipts_since_ms, now - RECEIPT_MARGIN_MS
+        if full:
+            back = {c.patient: span for c in judged}
+            self._full_at = time.monotonic()
+        else:
+            changed = await self._changed_since(judged, since, now)
+            back = {c.patient: self._days_to_read(c, changed.get(c.patient), now, span) for c in judged}
+        buckets: dict[int, list[PatientContext]] = defaultdict(list)
+        for ctx in judged:
+            buckets[back[ctx.patient]].append(ctx)
+        for days_back, members in sorted(buckets.items()):
+            fresh = await raw_day_stats(self.reader, self.settings.influx_database, members, days_back, now_ms)
+            for ctx in members:
+                cached = self._raw.get(ctx.patient)
+                days = dict(cached[1]) if cached and cached[0] == ctx and days_back < span else {}
+                days.update({d.day: d for d in fresh.get(ctx.patient, [])})
+                self._raw[ctx.patient] = (ctx, days)
+        self.counters.last_read_days = dict(sorted((k, len(v)) for k, v in buckets.items()))
+        out = {}
+        for ctx in judged:
+            wanted = [day for day, _, _ in local_days(ctx.timezone, span, now)]
+            days = self._raw[ctx.patient][1]
+            self._raw[ctx.patient] = (ctx, {d: days[d] for d in wanted})
+            out[ctx.patient] = windowed(ctx, [days[d] for d in wanted])
+        return out
+
+    def _days_to_read(self, ctx: PatientContext, earliest_ms: int | None, now: int, span: int) -> int:
+        """How many days back to re-read for ``ctx``: everything when its context changed or its cache has gaps,
+        else from the earliest day with new data, and at least yesterday (its completion) and today."""
+        cached = self._raw.get(ctx.patient)
+        if cached is None or cached[0] != ctx:
+            return span
+        zone = ZoneInfo(ctx.timezone)
+        today = datetime.fromtimestamp(now / 1000, zone).date()
+        wanted = [day for day, _, _ in local_days(ctx.timezone, span, now)]
+        missing = [d for d in wanted if d not in cached[1]]
+        oldest = min(missing, default=today - timedelta(days=1))
+        if earliest_ms is not None:
+            oldest = min(oldest, datetime.fromtimestamp(earliest_ms / 1000, zone).date())
+        return min(span, max(1, (today - oldest).days))
+
+    async def _changed_since(self, judged: Sequence[PatientContext], since_ms: int, now: int) -> dict[str, int]:
+        """Per patient, the earliest hour (epoch ms) that received data after ``since_ms`` (the ingester's receipts)."""
+        if not judged:
+            return {}
+        start = now - (self.settings.days_back + WINDOW_DAYS + 1) * 86_400_000
+        statement = (f"SELECT min(received_ms) FROM receipt WHERE received_ms > {int(since_ms)} AND "
+                     f"{q.patient_filter([c.patient for c in judged])} AND {q.time_range(start, now + 300_000)} "
+                     "GROUP BY time(1h), patient fill(none)")  # fmt: skip
+        earliest: dict[str, int] = {}
+        for series in await self.reader.run(self.settings.influx_database, [statement]):
+            for s in series:
+                patient = (s.get("tags") or {}).get("patient")
+                if patient and s["values"]:
+                    earliest[patient] = min(int(row[0]) for row in s["values"])
+        return earliest
 
     async def safety_once(self, now_ms: int | None = None) -> None:
         """Re-check today's boot pressures only, against the last full evaluation's days."""

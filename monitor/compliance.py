@@ -278,7 +278,9 @@ async def day_stats(
 
     The whole range is recomputed from InfluxDB on every call: that is what
     makes late data count (store-and-forward backlogs land on their own past
-    days, and those days' statistics and flags change on the next call).
+    days, and those days' statistics and flags change on the next call). The
+    monitor's incremental mode (:func:`raw_day_stats` for the days with new
+    data, merged into its cache, then :func:`windowed`) gives the same answer.
 
     Async, on aiohttp: the statements of every time zone run concurrently
     (``InfluxReader.concurrency`` at a time) and the monitor's loop stays
@@ -289,12 +291,37 @@ async def day_stats(
     ``ankle_median_7d_mmhg`` of the last complete day); they cost as much as
     the rest together, and no flag needs them.
     """
+    raw = await raw_day_stats(influx, database, contexts, days_back + WINDOW_DAYS - 1, now_ms, medians)
+    by_code = {c.patient: c for c in contexts}
+    return {code: windowed(by_code[code], days) for code, days in raw.items()}
+
+
+def windowed(ctx: PatientContext, days: list[DayStats]) -> list[DayStats]:
+    """``days`` (consecutive, oldest first) with their 7-day windows filled in, less the first 6 (their windows
+    reach before ``days``)."""
+    return with_windows(ctx, days)[WINDOW_DAYS - 1 :]
+
+
+async def raw_day_stats(
+    influx: InfluxReader | str,
+    database: str,
+    contexts: Sequence[PatientContext],
+    days_back: int,
+    now_ms: int | None = None,
+    medians: bool = False,
+) -> dict[str, list[DayStats]]:
+    """Per patient, the statistics of each local day from ``days_back`` days ago to today, windows not filled in.
+
+    Only these days are read from InfluxDB (the tag index narrows each
+    statement to the given patients, the time range to these days), so asking
+    for today and yesterday costs a thirtieth of the whole window.
+    """
     reader = InfluxReader(influx) if isinstance(influx, str) else influx
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     by_zone: dict[str, list[PatientContext]] = defaultdict(list)
     for ctx in contexts:
         by_zone[ctx.timezone].append(ctx)
-    zones = [plan_zone(tz, members, local_days(tz, days_back, now_ms, WINDOW_DAYS - 1), now_ms, medians)
+    zones = [plan_zone(tz, members, local_days(tz, days_back, now_ms), now_ms, medians)
              for tz, members in sorted(by_zone.items())]  # fmt: skip
     answers = await reader.run(database, [s for z in zones for s in z.statements])
     out: dict[str, list[DayStats]] = {}
@@ -314,8 +341,7 @@ async def day_stats(
             else:
                 _apply(zone, reader_name, series, stats, kinds)
         for ctx in members:
-            days = with_windows(ctx, [stats[ctx.patient][d] for d, _, _ in zone.days])
-            out[ctx.patient] = days[WINDOW_DAYS - 1 :]
+            out[ctx.patient] = [stats[ctx.patient][d] for d, _, _ in zone.days]
     return out
 
 
