@@ -34,12 +34,14 @@ import aiohttp
 from devices.protocol import ZONES
 from monitor import queries as q
 from monitor.model import (
+    BOOT_LONG_SESSIONS,
     BOOT_MISSED_SESSIONS,
     BOOT_OVERPRESSURE,
     BOOT_SHORT_SESSIONS,
     COMPLIANT,
     ROLLED_DOWN,
     SILENT,
+    TOO_LOOSE,
     TOO_TIGHT,
     UNDER_USE,
     WORN_OUT,
@@ -50,9 +52,6 @@ from monitor.model import (
     SockRx,
 )
 
-# The monitor's flags beyond the first ground-truth vocabulary (also in the ground truth now).
-TOO_LOOSE: Final = "too_loose"
-BOOT_LONG_SESSIONS: Final = "boot_long_sessions"
 DAILY_FLAGS: Final = frozenset({SILENT, UNDER_USE, TOO_TIGHT, TOO_LOOSE, ROLLED_DOWN, WORN_OUT, BOOT_OVERPRESSURE,
                                 BOOT_SHORT_SESSIONS, BOOT_LONG_SESSIONS, BOOT_MISSED_SESSIONS})  # fmt: skip
 

@@ -20,11 +20,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from monitor.episodes import Decision, Run, closed_unrecorded, flags_seen, reconcile, runs
-from monitor.model import SAFETY, SEVERITY, SILENT, DayResult, PatientContext
+from monitor.model import LOW_BATTERY, SAFETY, SEVERITY, SILENT, DayResult, PatientContext
 from monitor.state import DayFlags, Episode, State
 
 log = logging.getLogger(__name__)
-LOW_BATTERY = "low_battery"
 LOW_BATTERY_PCT = 15.0
 
 

@@ -19,6 +19,10 @@ BOOT_OVERPRESSURE: Final = "boot_overpressure"
 BOOT_SHORT_SESSIONS: Final = "boot_short_sessions"
 BOOT_MISSED_SESSIONS: Final = "boot_missed_sessions"
 COMPLIANT: Final = "compliant"
+TOO_LOOSE: Final = "too_loose"
+BOOT_LONG_SESSIONS: Final = "boot_long_sessions"
+# Live only (today's incomplete day), never a daily flag of the ground truth.
+LOW_BATTERY: Final = "low_battery"
 
 SEVERITY: Final[dict[str, Severity]] = {
     SILENT: "warning",
@@ -29,6 +33,9 @@ SEVERITY: Final[dict[str, Severity]] = {
     BOOT_OVERPRESSURE: "critical",
     BOOT_SHORT_SESSIONS: "warning",
     BOOT_MISSED_SESSIONS: "warning",
+    TOO_LOOSE: "info",
+    BOOT_LONG_SESSIONS: "warning",
+    LOW_BATTERY: "info",
 }
 # Safety flags are alerted the moment they are seen (also on the current, incomplete day).
 SAFETY: Final = frozenset({BOOT_OVERPRESSURE})
