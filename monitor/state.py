@@ -17,6 +17,7 @@ Why each table exists:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -35,7 +36,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from devices.registry.db import make_engine
@@ -113,7 +114,15 @@ class State:
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
+        for attempt in range(3):
+            try:
+                Base.metadata.create_all(self.engine)
+                break
+            except (OperationalError, ProgrammingError, IntegrityError):
+                # replicas starting at once on a new database: another one created a table in between
+                if attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
         self._factory = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
