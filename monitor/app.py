@@ -227,6 +227,8 @@ class Monitor:
             self.counters.skipped_unreadable += 1
             log.warning("evaluation skipped, InfluxDB unreadable (no flags change until it answers): %s", exc)
             return False
+        if not await self._still_holding():
+            return False
         self._contexts = contexts
         self._results = {c.patient: flags_for(c, stats.get(c.patient, [])) for c in judged}
         await self._apply(seen, now_ms)
@@ -298,6 +300,15 @@ class Monitor:
                 if patient and s["values"]:
                     earliest[patient] = min(int(row[0]) for row in s["values"])
         return earliest
+
+    async def _still_holding(self) -> bool:
+        """Renew the lease after the slow part of an evaluation; if another replica took it meanwhile, apply nothing."""
+        held = await asyncio.to_thread(self.state.acquire_lease, self.replica, self.settings.lease_s)
+        if not held:
+            self.counters.lease_held = False
+            log.warning("monitor %s lost the lease during an evaluation (longer than lease_s=%gs); its result is "
+                        "dropped, the holder evaluates", self.replica, self.settings.lease_s)  # fmt: skip
+        return held
 
     async def safety_once(self, now_ms: int | None = None) -> None:
         """Re-check today's boot pressures only, against the last full evaluation's days."""

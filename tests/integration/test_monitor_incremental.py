@@ -71,9 +71,9 @@ async def test_late_data_is_reread_alone_and_gives_the_full_answer(
     for back in range(1, 12):
         lines += worn_minutes(today - timedelta(days=back), 9, 9 * 60, 27.0, received - 86_400_000)
     write(influx, names.database, lines)
-    settings = MonitorSettings(influx_url=influx.url, influx_database=names.database, registry_database_url=registry_url,
-                               state_database_url=f"sqlite:///{tmp_path / 'monitor.db'}", write_flags=False,
-                               smtp_port=1)  # fmt: skip
+    settings = MonitorSettings(influx_url=influx.url, influx_database=names.database,
+                               registry_database_url=registry_url, write_flags=False, smtp_port=1,
+                               state_database_url=f"sqlite:///{tmp_path / 'monitor.db'}")  # fmt: skip
     monitor = Monitor(settings)
     assert await monitor.evaluate_once()
     assert monitor.counters.last_read_days == {SPAN: 1}, "the first evaluation reads the whole window"
