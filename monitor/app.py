@@ -407,6 +407,8 @@ class Monitor:
                 if r.flags is not None:
                     lines.append(_flag_day_line(ctx, r))
         lines += await asyncio.to_thread(self._episode_lines, [c.patient for c in contexts])
+        hour_ms = int(time.time() // 3600 * 3600 * 1000)
+        lines += [_problem_line(ctx, hour_ms) for ctx in self._contexts if ctx.problems]
         if not lines:
             return
         try:
@@ -555,6 +557,13 @@ def _flag_day_line(ctx: PatientContext, r: DayResult) -> str:
     fields.append(f'flags="{",".join(flags)}"')
     fields.append(f"wear_s={r.stats.wear_s}")
     return f"flag_day,clinic={_tag(ctx.clinic)},patient={_tag(ctx.patient)} {','.join(fields)} {r.stats.start_ms}"
+
+
+def _problem_line(ctx: PatientContext, hour_ms: int) -> str:
+    """A flag for the clinic: what keeps this patient from being monitored fully (one point per hour)."""
+    text = "; ".join(ctx.problems).replace("\\", "\\\\").replace('"', '\\"')
+    return (f"registry_problem,clinic={_tag(ctx.clinic)},patient={_tag(ctx.patient)} "
+            f'problems="{text}",count={len(ctx.problems)}i {hour_ms}')
 
 
 def _episode_line(e: Episode) -> str:

@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from compression.influxql import rows
 from compression.localservers import InfluxDB
 from devices.registry import schemas as s
 from devices.registry.db import make_engine, migrate, session_factory
@@ -92,4 +93,23 @@ async def test_late_data_is_reread_alone_and_gives_the_full_answer(
     assert [(d.day, d.wear_s, d.above_range_s, d.samples) for d in full["PT-INC1"]] == [
         (r.stats.day, r.stats.wear_s, r.stats.above_range_s, r.stats.samples) for r in monitor._results["PT-INC1"]
     ]
+    monitor.state.close()
+
+
+async def test_registry_problems_are_flagged_for_the_clinic(
+    influx: InfluxDB, names: Names, registry_url: str, tmp_path: Path
+) -> None:
+    engine = make_engine(registry_url)
+    reg = Registry(session_factory(engine))
+    reg.create_patient(SYSTEM, s.PatientIn(clinic="bow", code="PT-ORPHAN", display_name="Jane Example"))
+    engine.dispose()
+    write(influx, names.database, [])
+    settings = MonitorSettings(influx_url=influx.url, influx_database=names.database,
+                               registry_database_url=registry_url, smtp_port=1,
+                               state_database_url=f"sqlite:///{tmp_path / 'monitor.db'}")  # fmt: skip
+    monitor = Monitor(settings)
+    assert await monitor.evaluate_once()
+    found = rows(influx.url, names.database, "SELECT problems, count FROM registry_problem GROUP BY patient")
+    assert [(r["patient"], r["count"]) for r in found] == [("PT-ORPHAN", 3)]
+    assert "no responsible physio" in found[0]["problems"] and "Jane" not in found[0]["problems"]
     monitor.state.close()
