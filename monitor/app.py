@@ -409,6 +409,7 @@ class Monitor:
         lines += await asyncio.to_thread(self._episode_lines, [c.patient for c in contexts])
         hour_ms = int(time.time() // 3600 * 3600 * 1000)
         lines += [_problem_line(ctx, hour_ms) for ctx in self._contexts if ctx.problems]
+        lines += await asyncio.to_thread(self._patient_info_lines, contexts, hour_ms)
         if not lines:
             return
         try:
@@ -424,6 +425,52 @@ class Monitor:
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("writing flags to InfluxDB failed (kept in the state database; next evaluation retries): %s",
                         exc)  # fmt: skip
+
+    def _patient_info_lines(self, contexts: Sequence[PatientContext], hour_ms: int) -> list[str]:
+        """``patient_info``: per patient, what the dashboards cannot read from the samples (physio, targets, band,
+        the adherence summary, open episodes by severity, an ``attention`` score); one point per patient and hour,
+        overwritten by every evaluation of that hour (docs/schema.md)."""
+        wanted = {c.patient for c in contexts}
+        with self.state.transaction() as session:
+            episodes = [e for e in session.scalars(select(Episode).where(Episode.open_key.is_not(None)))
+                        if e.patient in wanted]  # fmt: skip
+        lines = []
+        for ctx in contexts:
+            results = self._results.get(ctx.patient, [])
+            opened = [e for e in episodes if e.patient == ctx.patient]
+            counts = {sev: sum(1 for e in opened if e.severity == sev) for sev in ("critical", "warning", "info")}
+            fields: dict[str, str] = {f"open_{sev}": f"{n}i" for sev, n in counts.items()}
+            fields["open_flags"] = '"' + ",".join(sorted({e.flag for e in opened})) + '"'
+            fields["problems"] = f"{len(ctx.problems)}i"
+            # Who needs attention first: 100 per open critical episode, 10 per warning or registry problem, 1 per info.
+            score = 100 * counts["critical"] + 10 * (counts["warning"] + bool(ctx.problems)) + counts["info"]
+            fields["attention"] = f"{score}i"
+            if isinstance(ctx.rx, SockRx):
+                fields.update(wear_target_h=repr(ctx.rx.wear_hours_per_day), band_low=repr(ctx.rx.low_mmhg),
+                              band_high=repr(ctx.rx.high_mmhg))  # fmt: skip
+            elif isinstance(ctx.rx, BootRx):
+                fields.update(max_chamber_mmhg=repr(ctx.rx.max_chamber_mmhg),
+                              sessions_per_week=f"{ctx.rx.sessions_per_week}i")  # fmt: skip
+            if results:
+                today = results[-1].stats
+                if not today.complete:
+                    fields["wear_today_h"] = repr(round(today.wear_s / 3600, 4))
+                a = adherence(ctx, results)
+                fields["data_days_30d"] = f"{a.data_days_30d}i"
+                fields["target_days_7d"] = f"{a.target_days_7d}i"
+                fields["judged_7d"] = f"{a.judged_7d}i"
+                shares = ("covered_7d", "covered_30d", "wear_hours_mean_7d", "in_range_share_30d",
+                          "above_range_share_30d", "below_range_share_30d", "reversed_gradient_share_30d")  # fmt: skip
+                for name in shares:
+                    value = getattr(a, name)
+                    if value is not None:
+                        fields[name] = repr(round(float(value), 4))
+                if isinstance(ctx.rx, BootRx):
+                    fields["sessions_7d"] = f"{a.sessions_7d}i"
+            tags = (f"clinic={_tag(ctx.clinic)},kind={ctx.kind or 'none'},patient={_tag(ctx.patient)},"
+                    f"physio={_tag(ctx.physio_email or 'none')},timezone={_tag(ctx.timezone)}")  # fmt: skip
+            lines.append(f"patient_info,{tags} {','.join(f'{k}={v}' for k, v in sorted(fields.items()))} {hour_ms}")
+        return lines
 
     def _episode_lines(self, patients: Sequence[str]) -> list[str]:
         wanted = set(patients)
