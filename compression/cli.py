@@ -279,24 +279,32 @@ def _simulate_load(mqtt_url: str, devices: int, messages: int, samples: int, rat
 
 
 @cli.command()
-@click.option("--days", default=7, show_default=True, help="Days of simulated history (1..28).")
+@click.option("--days", default=14, show_default=True, help="Days of simulated history, backfilled (1..28).")
+@click.option("--live-minutes", default=2.0, show_default=True, type=float,
+              help="Then the fleet goes on live for this long while the monitor runs its loop (0: no live phase).")
 @click.option("--data-dir", default="var/demo", show_default=True, help="Folder for the local servers' data.")
-@click.option("--keep/--no-keep", default=False, help="Keep the servers running after the summary (Ctrl-C stops).")
-def demo(days: int, data_dir: str, keep: bool) -> None:
-    """Run the platform locally end to end and summarise what was stored.
+@click.option("--keep/--no-keep", default=False,
+              help="Keep the servers and the registry web page (http://127.0.0.1:8070/ui) running (Ctrl-C stops).")
+def demo(days: int, live_minutes: float, data_dir: str, keep: bool) -> None:
+    """Run the platform locally end to end and summarise what was stored, flagged and e-mailed.
 
-    Starts Mosquitto and InfluxDB as plain processes on free loopback ports
-    under --data-dir, registers a demo clinic in a fresh registry (physios,
-    one patient, garment and prescription per scenario, two gateways) whose
-    accounts and ACL the broker enforces, runs the ingester (tagging samples
-    with patient codes from the registry), backfills one simulated patient per
-    scenario (socks and boots, plus a few malformed messages to show
-    rejections) and prints what InfluxDB holds next to the ground truth.
+    Starts Mosquitto, InfluxDB and an SMTP catcher as plain processes on free
+    loopback ports under --data-dir; registers a demo clinic in a fresh
+    registry (physios, one patient, garment and prescription per scenario,
+    two gateways) whose accounts and ACL the broker enforces; runs the
+    ingester (tagging samples with patient codes); backfills --days of one
+    simulated patient per scenario (socks and boots, plus a few malformed
+    messages); runs the monitor (flags, episodes, e-mails to the catcher);
+    then lets the fleet go on live for --live-minutes with the monitor's loop
+    running. Prints what was stored and flagged next to the ground truth, and
+    where to look.
     """
     from compression.demo import run_demo
 
+    if not 1 <= days <= 28:
+        raise click.UsageError("--days must be between 1 and 28")
     logs.configure("WARNING")
-    sys.exit(run_demo(days=days, data_dir=data_dir, keep=keep, started=time.monotonic()))
+    sys.exit(run_demo(days=days, data_dir=data_dir, keep=keep, started=time.monotonic(), live_minutes=live_minutes))
 
 
 cli.add_command(devices)

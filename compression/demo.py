@@ -68,13 +68,36 @@ def _say(text: str) -> None:
     click.echo(click.style("==> ", fg="cyan", bold=True) + text)
 
 
-async def _ingest_fleet(
-    mq: Mosquitto, db: InfluxDB, fleet: Fleet, expected: int, reg: DemoRegistry, options: RunOptions
-) -> tuple[Ingester, RunReport]:
-    settings = IngestSettings(mqtt_url=_with_user(mq.url, INGEST_ACCOUNT, reg.ingest_password), influx_url=db.url,
-                              influx_database=DATABASE, metrics_port=0, registry_url=reg.url,
-                              mqtt_client_id=f"demo-ingest-{uuid.uuid4().hex[:6]}")  # fmt: skip
-    ingester = Ingester(settings)
+@dataclass(slots=True)
+class Phases:
+    """What the demo ran: the ingester, the backfill and live reports, the monitor."""
+
+    ingester: Ingester
+    backfill: RunReport
+    live: RunReport | None
+    monitor: Monitor
+
+
+def _ingest_settings(mq: Mosquitto, db: InfluxDB, reg: DemoRegistry) -> IngestSettings:
+    return IngestSettings(mqtt_url=_with_user(mq.url, INGEST_ACCOUNT, reg.ingest_password), influx_url=db.url,
+                          influx_database=DATABASE, metrics_port=0, registry_url=reg.url, registry_refresh_s=1.0,
+                          mqtt_client_id=f"demo-ingest-{uuid.uuid4().hex[:6]}")  # fmt: skip
+
+
+async def _stored(ingester: Ingester, acks: int) -> None:
+    """Until the ingester has stored (and acknowledged) ``acks`` messages in all (at most 2 minutes)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if ingester.metrics.value("compression_ingest_messages_acked_total") >= acks:
+            return
+        await asyncio.sleep(0.2)
+
+
+async def _run_phases(
+    mq: Mosquitto, db: InfluxDB, fleet: Fleet, reg: DemoRegistry, options: RunOptions, catcher: MailCatcher,
+    root: Path, days: int, cutoff_ms: int,
+) -> Phases:  # fmt: skip
+    ingester = Ingester(_ingest_settings(mq, db, reg))
     task = asyncio.create_task(ingester.run())
     await asyncio.sleep(0.5)
     _say(f"ingester running (metrics: http://127.0.0.1:{ingester.metrics_port}/metrics)")
@@ -82,17 +105,46 @@ async def _ingest_fleet(
     def progress(report: RunReport) -> None:
         click.echo(f"\r    sent {report.messages:>7,} messages, {report.samples:>9,} samples", nl=False)
 
-    report = await asyncio.to_thread(run_fleet, fleet, options, False, progress)
+    backfill = await asyncio.to_thread(run_fleet, fleet, options, False, progress, 600.0,
+                                       lambda m: m.publish_at_ms <= cutoff_ms)  # fmt: skip
     click.echo()
-    _say(f"the fleet sent {report.messages:,} messages ({report.samples:,} samples, {report.bad_payloads} "
-         f"deliberately malformed) in {report.seconds:.1f} s; the broker acknowledged {report.acked:,}")  # fmt: skip
-    deadline = time.monotonic() + 120
-    # Polls the database itself: "stored" means queryable, whatever the ingester's counters say.
-    while scalar(db.url, DATABASE, "SELECT count(worn) FROM sample") < expected and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.2)
+    _say(f"backfill: {backfill.messages:,} messages ({backfill.samples:,} samples, {backfill.bad_payloads} "
+         f"deliberately malformed) in {backfill.seconds:.1f} s; the broker took {backfill.acked:,}")  # fmt: skip
+    await _stored(ingester, backfill.acked)
+    _say(f"the monitor evaluates the clinic (e-mails to a local SMTP catcher on {catcher.url})")
+    monitor = await _first_round(root, db, reg, catcher, days)
+    live = None
+    if fleet.period.end_ms > cutoff_ms:
+        live = await _live(fleet, options, monitor, cutoff_ms, catcher)
+        await _stored(ingester, backfill.acked + live.acked)
     ingester.stop()
     await task
-    return ingester, report
+    return Phases(ingester, backfill, live, monitor)
+
+
+async def _live(
+    fleet: Fleet, options: RunOptions, monitor: Monitor, cutoff_ms: int, catcher: MailCatcher
+) -> RunReport:
+    """The fleet goes on live (each message when it falls due) while the monitor runs its loop."""
+    seconds = (fleet.period.end_ms - cutoff_ms) / 1000
+    every, safety = monitor.settings.interval_s, monitor.settings.safety_interval_s
+    _say(f"live: the garments go on sending in real time for {seconds:.0f} s; the monitor runs its loop "
+         f"(evaluation every {every:g} s, safety checks every {safety:g} s)")  # fmt: skip
+    loop_task = asyncio.create_task(monitor.run())
+    sender = asyncio.create_task(asyncio.to_thread(run_fleet, fleet, options, True, None, 120.0,
+                                                   lambda m: m.publish_at_ms > cutoff_ms))  # fmt: skip
+    while not sender.done():
+        await asyncio.wait({sender}, timeout=10)
+        c = monitor.counters
+        click.echo(f"    live: {c.evaluations} evaluations, {c.safety_checks} safety checks, {c.opened} episodes "
+                   f"opened, {len(catcher.messages())} e-mails caught")  # fmt: skip
+    report = sender.result()
+    await asyncio.sleep(min(5.0, monitor.settings.interval_s))
+    monitor.stop()
+    await loop_task
+    _say(f"live: {report.messages:,} messages ({report.samples:,} samples) sent as they fell due; "
+         f"the broker acknowledged {report.acked:,}")  # fmt: skip
+    return report
 
 
 def _patient_line(patient: dict[str, Any], stored: int, wear_hours: float) -> str:
@@ -136,41 +188,67 @@ def _summary(db: InfluxDB, ingester: Ingester, truth: dict[str, Any], truth_path
     return 0 if ok else 1
 
 
-def run_demo(days: int, data_dir: str, keep: bool, started: float) -> int:
-    """Start local servers, backfill one simulated patient per scenario, print a summary; 0 on success."""
+def run_demo(days: int, data_dir: str, keep: bool, started: float, live_minutes: float = 0.0) -> int:
+    """Local servers, a registered demo clinic, a backfill of one patient per scenario, then (``live_minutes``)
+    the fleet live with the monitor running; a summary of what was stored, flagged and e-mailed. 0 on success."""
     root = Path(data_dir)
     _forget_previous_runs(root)
     _say(f"starting Mosquitto (accounts and ACL from the registry) and InfluxDB on free loopback ports under {root}/")
     mq = start_mosquitto(root, access=_empty_access(root))
     db = start_influxdb(root)
+    catcher = start_mailcatcher(root)
     try:
-        _say(f"Mosquitto {mq.url}, InfluxDB {db.url}")
-        fleet = every_scenario(seed=1, days=days, end=datetime.now(UTC))
+        _say(f"Mosquitto {mq.url}, InfluxDB {db.url}, SMTP catcher {catcher.url}")
+        now_ms = int(time.time() * 1000)
+        end = datetime.fromtimestamp((now_ms + int(live_minutes * 60_000)) / 1000, UTC)
+        fleet = every_scenario(seed=1, days=days, end=end)
         reg = _register(root, mq, fleet, RunOptions(mq.url, connections=CONNECTIONS))
         options = RunOptions(mq.url, connections=CONNECTIONS, credentials=reg.registered.gateways)
         _registry_summary(reg)
         truth = fleet.ground_truth()
         truth_path = root / "ground-truth.json"
         fleet.write_ground_truth(truth_path)
-        _say(f"simulating {len(fleet.devices)} patients, one per scenario, over the last {days} days")
-        expected = sum(p["transport"]["samples_stored"] for p in truth["patients"])
-        ingester, _ = asyncio.run(_ingest_fleet(mq, db, fleet, expected, reg, options))
-        code = _summary(db, ingester, truth, truth_path)
-        catcher = start_mailcatcher(root)
-        try:
-            _say(f"running the monitor once (e-mails to a local SMTP catcher on {catcher.url})")
-            monitor = asyncio.run(_monitor(root, db, reg, catcher, days))
-            code = code or (0 if _monitor_summary(monitor, truth, catcher) else 1)
-        finally:
-            catcher.stop()
+        _say(f"simulating {len(fleet.devices)} patients, one per scenario: {days} days of history backfilled"
+             + (f", then {live_minutes:g} min live" if live_minutes > 0 else ""))  # fmt: skip
+        phases = asyncio.run(_run_phases(mq, db, fleet, reg, options, catcher, root, days, now_ms))
+        code = _summary(db, phases.ingester, truth, truth_path)
+        code = code or (0 if _monitor_summary(phases.monitor, truth, catcher) else 1)
+        _look_at(db, reg, catcher, root)
         _say(f"demo finished in {time.monotonic() - started:.1f} s")
         if keep:
-            _say(f"servers still running; try: curl '{db.url}/query?db={DATABASE}&q=SHOW+MEASUREMENTS' (Ctrl-C stops)")
+            _serve_registry(reg)
             _wait_forever()
         return code
     finally:
+        catcher.stop()
         mq.stop()
         db.stop()
+
+
+def _look_at(db: InfluxDB, reg: DemoRegistry, catcher: MailCatcher, root: Path) -> None:
+    first = next(iter(reg.registered.physios))
+    _say("what to look at:")
+    click.echo(f"    e-mails (.eml, open in any mail client):  {catcher.folder}/")
+    click.echo(f"    ground truth per patient and day:        {root / 'ground-truth.json'}")
+    click.echo(f"    InfluxDB (--keep):   curl '{db.url}/query?db={DATABASE}&q=SELECT+*+FROM+flag_day+LIMIT+5'")
+    click.echo(f"    registry web page (--keep): http://127.0.0.1:8070/ui  log in as {first} / "
+               f"{reg.registered.physios[first]}")  # fmt: skip
+    click.echo(f"    the registry from the shell: compression devices --database-url {reg.url} patient list")
+
+
+def _serve_registry(reg: DemoRegistry) -> None:
+    """The registry's API and web page in the background while the servers are kept (Ctrl-C stops)."""
+    import threading
+
+    import uvicorn
+
+    from devices.registry.api import create_app
+    from devices.registry.settings import RegistrySettings
+
+    app = create_app(reg.registry, RegistrySettings(database_url=reg.url))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=8070, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    _say("servers still running, registry web page on http://127.0.0.1:8070/ui (Ctrl-C stops)")
 
 
 def _empty_access(root: Path) -> BrokerAccess:
@@ -187,20 +265,18 @@ def _registry_summary(reg: DemoRegistry) -> None:
     _say(f"registry {reg.url}: clinic {DEMO_CLINIC!r}, {len(reg.registered.physios)} physios, {len(patients)} "
          f"patients, {len(reg.registered.devices)} garments relayed by {len(reg.registered.gateways)} gateways, "
          "one prescription each; the broker accepts only these accounts (ACL: own topics)")  # fmt: skip
-    first = next(iter(reg.registered.physios))
-    _say(f"web page: compression devices --database-url {reg.url} serve, then http://127.0.0.1:8070/ui "
-         f"(log in as {first}, password {reg.registered.physios[first]!r})")  # fmt: skip
 
 
-async def _monitor(root: Path, db: InfluxDB, reg: DemoRegistry, catcher: MailCatcher, days: int) -> Monitor:
-    """One round of the monitor over the simulated clinic: evaluate, queue, send (the digest is due at once)."""
+async def _first_round(root: Path, db: InfluxDB, reg: DemoRegistry, catcher: MailCatcher, days: int) -> Monitor:
+    """The monitor's first evaluation over the backfilled clinic: queue and send (the digest is due at once)."""
     await asyncio.to_thread(_remove, root, "monitor.db*")
     settings = MonitorSettings(influx_url=db.url, influx_database=DATABASE, registry_database_url=reg.url,
                                state_database_url=f"sqlite:///{root / 'monitor.db'}", smtp_host=catcher.host,
                                smtp_port=catcher.port, smtp_tls="off", digest_hour=0, days_back=max(8, days + 1),
+                               interval_s=15.0, safety_interval_s=5.0, lease_s=60.0,
                                mail_from="Compression demo <monitor@demo-clinic.example>")  # fmt: skip
     monitor = Monitor(settings)
-    monitor.state.acquire_lease(monitor.replica, 300)
+    monitor.state.acquire_lease(monitor.replica, settings.lease_s)
     if not await monitor.evaluate_once():
         raise click.ClickException("the monitor could not read InfluxDB")
     await monitor.digest_if_due()
@@ -208,7 +284,8 @@ async def _monitor(root: Path, db: InfluxDB, reg: DemoRegistry, catcher: MailCat
     while monitor.state.pending() and time.monotonic() < deadline:
         await monitor.send_due()
         await asyncio.sleep(0.2)
-    monitor.state.release_lease(monitor.replica)
+    _say(f"first evaluation: {monitor.counters.opened} episodes open, {len(catcher.messages())} e-mails sent "
+         "(older episodes recorded without e-mail)")  # fmt: skip
     return monitor
 
 

@@ -110,8 +110,9 @@ def run_fleet(
     live: bool = False,
     progress: Progress | None = None,
     flush_timeout: float = 600.0,
+    only: Callable[[SimMessage], bool] | None = None,
 ) -> RunReport:
-    """Publish every message of ``fleet``; with ``live``, each one no earlier than its ``publish_at``.
+    """Publish the messages of ``fleet`` (those ``only`` keeps); with ``live``, each no earlier than its publish time.
 
     Returns once the broker has acknowledged everything (or ``flush_timeout``
     ran out: then ``acked`` < ``messages`` says so).
@@ -125,6 +126,8 @@ def run_fleet(
     first, span = fleet.period.start_ms, max(1, fleet.period.end_ms - fleet.period.start_ms)
     try:
         for message in fleet.messages():
+            if only is not None and not only(message):
+                continue
             if live:
                 _wait_until(message.publish_at_ms)
             _send(clients[ranks[message.device_id] % len(clients)], message, report)
