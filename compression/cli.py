@@ -20,6 +20,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 from compression import logs
+from dashboards.cli import dashboards
 from devices.registry.cli import devices
 from ingest.settings import IngestSettings, SettingsError
 from monitor.settings import MonitorSettings
@@ -308,6 +309,7 @@ def demo(days: int, live_minutes: float, data_dir: str, keep: bool) -> None:
 
 
 cli.add_command(devices)
+cli.add_command(dashboards)
 
 
 def main() -> None:
