@@ -1,9 +1,12 @@
 #!/bin/sh
-# Make the broker's password file from environment variables, install the ACL
-# beside it, then run the given command (the image's entrypoint and mosquitto).
+# Make the broker's static accounts from environment variables: the password
+# file $MOSQUITTO_CONFIG_DIR/static.passwd and the ACL static.acl beside it
+# (copied from the acl file beside this script); then run the given command.
 #
-# docker-compose.yml runs it as the entrypoint of the mosquitto service, so the
-# password file is made anew at every start and no secret is ever committed:
+# entrypoint.sh (the mosquitto service's entry point in docker-compose.yml)
+# runs it at every start of the container, so no secret is ever committed, and
+# merges these files with the accounts the device registry writes into the
+# password_file and acl_file that mosquitto.conf names:
 #
 #   MQTT_INGEST_PASSWORD       required: the ingester's account, svc.ingest.
 #                              Only A-Z a-z 0-9 . _ ~ - (it goes into the
@@ -15,16 +18,15 @@
 # $MOSQUITTO_CONFIG_DIR/healthcheck-password (mode 0600) for the health check;
 # a rerun keeps the password of that file, so the health check does not fail
 # between the rerun and the reload.
-# The ACL is copied from beside this script (mounted read-only at /deploy).
 #
-# After changing the ACL or the passwords of a running broker:
-#   docker-compose exec mosquitto sh /deploy/make-passwd.sh
-#   docker-compose kill -s HUP mosquitto
-# (a changed .env reaches the container only when it is recreated:
-#  docker-compose up -d mosquitto).
+# After changing the ACL of a running broker (a changed .env reaches the
+# container only when it is recreated: docker compose up -d mosquitto):
+#   docker compose exec mosquitto sh /deploy/make-passwd.sh
+# entrypoint.sh's watcher notices the new files within seconds, merges them
+# with the registry's and sends the broker SIGHUP.
 #
 # Files are written to temporary names and renamed into place, so that a
-# reload never reads half a file; as root they are given to the mosquitto
+# reader never sees half a file; as root they are given to the mosquitto
 # user with mode 0600 (mosquitto >= 2.0.16 warns about any other owner or mode).
 # Note: mosquitto_passwd -b takes the password as an argument, visible to the
 # processes of this container for the instant it runs.
@@ -79,8 +81,8 @@ case $health_password in
     "" | *[!0-9a-f]*) health_password=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n') ;;
 esac
 
-passwd_tmp=$(mktemp "$config_dir/.passwd.XXXXXX")
-acl_tmp=$(mktemp "$config_dir/.acl.XXXXXX")
+passwd_tmp=$(mktemp "$config_dir/.static.passwd.XXXXXX")
+acl_tmp=$(mktemp "$config_dir/.static.acl.XXXXXX")
 health_tmp=$(mktemp "$config_dir/.healthcheck-password.XXXXXX")
 trap 'rm -f "$passwd_tmp" "$acl_tmp" "$health_tmp"' EXIT
 
@@ -93,11 +95,11 @@ printf '%s\n' "$health_password" >"$health_tmp"
 cp "$deploy_dir/acl" "$acl_tmp"
 
 install_file "$health_tmp" "$config_dir/healthcheck-password"
-install_file "$acl_tmp" "$config_dir/acl"
-install_file "$passwd_tmp" "$config_dir/passwd"
+install_file "$acl_tmp" "$config_dir/static.acl"
+install_file "$passwd_tmp" "$config_dir/static.passwd"
 trap - EXIT
 
-echo "make-passwd.sh: $config_dir/passwd has ${ingest_user}, ${health_user}${device_id:+ and $device_id}"
+echo "make-passwd.sh: $config_dir/static.passwd has ${ingest_user}, ${health_user}${device_id:+ and $device_id}"
 
 if [ "$#" -gt 0 ]; then
     exec "$@"

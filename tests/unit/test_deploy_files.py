@@ -308,7 +308,13 @@ def test_mosquitto_conf_keeps_what_it_acknowledged() -> None:
     (expiration,) = options["persistent_client_expiration"]
     assert duration_s(expiration) > FIELDS["mqtt_session_expiry_s"].default
     assert options["log_dest"] == ["stdout"]
-    assert options["listener"] == ["1883"]
+    # Plain MQTT inside the compose network, TLS for garments outside (certificates by make-certs.sh).
+    assert options["listener"] == ["1883", "8883"]
+    assert options["cafile"] == ["/mosquitto/config/certs/ca.crt"]
+    assert options["certfile"] == ["/mosquitto/config/certs/server.crt"]
+    assert options["keyfile"] == ["/mosquitto/config/certs/server.key"]
+    assert options["tls_version"] == ["tlsv1.2"]
+    assert options["per_listener_settings"] == ["false"], "both listeners must enforce the same accounts and ACL"
 
 
 def test_mosquitto_conf_explains_every_line() -> None:
@@ -317,7 +323,8 @@ def test_mosquitto_conf_explains_every_line() -> None:
     assert len(directives) >= 15
     for i in directives:
         assert lines[i - 1].startswith("# "), f"no comment above line {i + 1}: {lines[i]!r}"
-    assert any(line.startswith("#listener 8883") for line in lines), "the TLS listener stanza is missing"
+    tls = lines.index("listener 8883")
+    assert lines.index("listener 1883") < tls < lines.index("cafile /mosquitto/config/certs/ca.crt")
 
 
 def test_local_broker_runs_the_deployed_queue_limits(tmp_path: Path) -> None:
@@ -357,11 +364,11 @@ def test_make_passwd_writes_the_accounts_and_refuses_bad_input(tmp_path: Path) -
     done = run(MQTT_INGEST_PASSWORD="pw-1", MQTT_DEMO_DEVICE_ID="sock-0001", MQTT_DEMO_DEVICE_PASSWORD="x y")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("started"), "the command after the options was not run"
-    users = {line.split(":", 1)[0] for line in (config / "passwd").read_text().splitlines()}
+    users = {line.split(":", 1)[0] for line in (config / "static.passwd").read_text().splitlines()}
     assert users == {INGEST_ACCOUNT, "svc.healthcheck", "sock-0001"}
-    assert (config / "acl").read_text() == ACL_FILE.read_text()
+    assert (config / "static.acl").read_text() == ACL_FILE.read_text()
     assert re.fullmatch(r"[0-9a-f]{48}\n", (config / "healthcheck-password").read_text())
-    for path in ("passwd", "acl", "healthcheck-password"):
+    for path in ("static.passwd", "static.acl", "healthcheck-password"):
         assert (config / path).stat().st_mode & 0o077 == 0, f"{path} is readable by others"
 
     for bad in (
