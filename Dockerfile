@@ -3,8 +3,10 @@
 #   docker build -t compression-telemetry:local .
 #   docker run --rm compression-telemetry:local --help
 #
-# docker-compose.yml builds it for the ingest service. Settings come from
-# COMPRESSION_* environment variables (see .env.example).
+# docker-compose.yml builds it for the ingest service and runs the same image
+# as monitor, registry (compression devices serve), and, in the demo profile,
+# registry-seed and simulator. Settings come from COMPRESSION_* environment
+# variables (see .env.example).
 ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE}
 
@@ -15,10 +17,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore
 
 # A system user without a login shell; its home holds the dead-letter file.
+# The folders below are where docker-compose.yml mounts its named volumes
+# (registry database, broker files, monitor state, demo credentials): a new
+# named volume takes the owner of the folder it is first mounted on, so the
+# services, which run as this user, can write them.
 RUN groupadd --system --gid 10001 compression \
     && useradd --system --uid 10001 --gid compression --no-create-home \
         --home-dir /var/lib/compression --shell /usr/sbin/nologin compression \
-    && install -d -o compression -g compression -m 0750 /var/lib/compression
+    && install -d -o compression -g compression -m 0750 /var/lib/compression \
+        /var/lib/compression/registry /var/lib/compression/broker \
+        /var/lib/compression/monitor /var/lib/compression/demo
 
 # Only what the package needs, named one by one: the build context also holds
 # .venv/, var/ and perhaps .env (secrets), none of which belongs in the image.

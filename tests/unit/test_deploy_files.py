@@ -1,9 +1,11 @@
 """The deployment files stay in step with the code they deploy.
 
-.env.example documents every setting of ``ingest.settings.IngestSettings`` with
-its default; docker-compose.yml wires the three services with health checks and
-passes every setting to the ingester; the broker configuration keeps the
-limits an ack-after-write consumer needs. No server and no Docker engine are
+.env.example documents every setting of the ingester, the registry and the
+monitor with its default, and every variable docker-compose.yml uses;
+docker-compose.yml wires the platform's services with health checks and
+``depends_on`` conditions and passes each service its settings; the broker
+configuration keeps the limits an ack-after-write consumer needs; Grafana's
+provisioning (deploy/grafana, written with the dashboards) gets what it expands. No server and no Docker engine are
 needed: docker-compose.yml is parsed with PyYAML when this environment has it,
 otherwise with the ``docker-compose`` binary (``docker-compose config``, which
 works offline), and those tests are skipped, saying why, when neither exists.
@@ -16,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -43,10 +46,22 @@ REGISTRY_FIELDS = RegistrySettings.model_fields
 REGISTRY_VARS = {f"COMPRESSION_REGISTRY_{name.upper()}": name for name in REGISTRY_FIELDS}
 MONITOR_FIELDS = MonitorSettings.model_fields
 MONITOR_VARS = {f"COMPRESSION_MONITOR_{name.upper()}": name for name in MONITOR_FIELDS}
+GRAFANA_PROVISIONING = ROOT / "deploy" / "grafana" / "provisioning"
 # The secrets that docker-compose.yml requires (${VAR:?...}) and .env.example leaves empty.
-REQUIRED_SECRETS = ("MQTT_INGEST_PASSWORD", "INFLUXDB_ADMIN_PASSWORD", "INFLUXDB_INGEST_PASSWORD")
+REQUIRED_SECRETS = (
+    "MQTT_INGEST_PASSWORD",
+    "INFLUXDB_ADMIN_PASSWORD",
+    "INFLUXDB_INGEST_PASSWORD",
+    "INFLUXDB_MONITOR_PASSWORD",
+    "INFLUXDB_GRAFANA_PASSWORD",
+    "GRAFANA_ADMIN_PASSWORD",
+    "REGISTRY_ADMIN_TOKEN",
+)
 INGEST_ACCOUNT = "svc.ingest"
-SERVICES = ("mosquitto", "influxdb", "ingest")
+# The long-running services (health check, restart unless-stopped) and the demo profile's jobs.
+SERVICES = ("mosquitto", "influxdb", "registry", "ingest", "monitor", "grafana", "mailpit")
+DEMO_SERVICES = ("registry-seed", "simulator")
+APP_SERVICES = ("registry", "ingest", "monitor", "registry-seed", "simulator")
 
 ASSIGNMENT = re.compile(r"^(?P<commented>#\s*)?(?P<name>[A-Z][A-Z0-9_]*)=(?P<value>.*)$")
 COMPOSE_VARIABLE = re.compile(r"(?<!\$)\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?])?(?P<arg>[^}]*)\}")
@@ -215,18 +230,166 @@ def test_compose_refuses_to_run_without_each_secret(tmp_path: Path, secret: str)
 
 def test_compose_services_have_health_checks_and_wait_for_them(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(SERVICES) <= set(services)
+    assert set(services) == set(SERVICES) | set(DEMO_SERVICES)
     for name in SERVICES:
         test = services[name]["healthcheck"]["test"]
         assert test and test[0] in ("CMD", "CMD-SHELL"), f"{name} has no real health check: {test!r}"
         assert services[name]["restart"] == "unless-stopped"
-    assert services["ingest"]["depends_on"] == {
-        "mosquitto": {"condition": "service_healthy"},
-        "influxdb": {"condition": "service_healthy"},
+        assert "profiles" not in services[name], f"{name} must start with a plain `docker compose up`"
+    for name in DEMO_SERVICES:
+        assert services[name]["profiles"] == ["demo"]
+        assert services[name]["restart"] == "no", f"{name} is a finite job"
+    healthy = {"condition": "service_healthy"}
+    assert services["ingest"]["depends_on"] == {"mosquitto": healthy, "influxdb": healthy, "registry": healthy}
+    assert services["monitor"]["depends_on"] == {"influxdb": healthy, "registry": healthy, "mailpit": healthy}
+    assert services["grafana"]["depends_on"] == {"influxdb": healthy}
+    assert services["registry-seed"]["depends_on"] == {"registry": healthy, "mosquitto": healthy}
+    assert services["simulator"]["depends_on"] == {
+        "mosquitto": healthy,
+        "registry-seed": {"condition": "service_completed_successfully"},
     }
-    assert "build" in services["ingest"]
+    for name, service in services.items():
+        for dependency in service.get("depends_on", {}):
+            assert "profiles" not in services[dependency] or name in DEMO_SERVICES, f"{name} waits for a demo job"
+    for name in APP_SERVICES:
+        # Each can build the image, so `up --build` never tries to pull compression-telemetry:local.
+        assert "build" in services[name] and services[name]["image"] == services["ingest"]["image"], name
     assert any("/healthz" in part for part in services["ingest"]["healthcheck"]["test"])
+    assert any("/healthz" in part for part in services["registry"]["healthcheck"]["test"])
     assert any("/ping" in part for part in services["influxdb"]["healthcheck"]["test"])
+    assert any("/api/health" in part for part in services["grafana"]["healthcheck"]["test"])
+
+
+def test_compose_monitor_health_check_follows_the_lease(compose: dict[str, Any], tmp_path: Path) -> None:
+    """The monitor serves no HTTP: its health check reads the lease from the state database."""
+    from monitor.state import State
+
+    test = compose["services"]["monitor"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    url = f"sqlite:///{tmp_path / 'monitor.db'}"
+    env = {**os.environ, "COMPRESSION_MONITOR_STATE_DATABASE_URL": url}
+
+    def check() -> int:
+        return subprocess.run([sys.executable, "-c", test[3]], env=env, timeout=60, check=False).returncode
+
+    state = State(url)
+    assert check() == 1, "healthy before any replica held the lease"
+    state.acquire_lease("replica-1", 30)
+    assert check() == 0
+    state.release_lease("replica-1")
+    assert check() == 1, "healthy after the lease was given up"
+
+
+def named_volumes(service: dict[str, Any]) -> dict[str, str]:
+    """The named volumes a service mounts: name -> target (short syntax)."""
+    out = {}
+    for spec in service.get("volumes", []):
+        source, target = str(spec).split(":")[:2]
+        if not source.startswith((".", "/")):
+            out[source] = target
+    return out
+
+
+def test_compose_volumes_are_declared_and_shared_as_designed(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    used = {name for service in services.values() for name in named_volumes(service)}
+    assert used == set(compose["volumes"]), "volumes used but not declared, or declared but unused"
+    mounts = {name: named_volumes(service) for name, service in services.items()}
+    # The registry writes the broker's files; mosquitto reads them read-only, outside /mosquitto
+    # (the image's entrypoint chowns /mosquitto to the mosquitto user).
+    assert mounts["registry"]["broker-accounts"] == "/var/lib/compression/broker"
+    assert "broker-accounts:/registry:ro" in services["mosquitto"]["volumes"]
+    registry_env = services["registry"]["environment"]
+    assert registry_env["COMPRESSION_REGISTRY_BROKER_PASSWORD_FILE"] == "/var/lib/compression/broker/passwd"
+    assert registry_env["COMPRESSION_REGISTRY_BROKER_ACL_FILE"] == "/var/lib/compression/broker/acl"
+    assert "COMPRESSION_REGISTRY_BROKER_PID_FILE" not in registry_env, "no signal crosses containers"
+    # The registry's SQLite database: read by the ingester and the monitor, read-write (WAL needs its -shm file).
+    database = "sqlite:////var/lib/compression/registry/registry.db"
+    assert registry_env["COMPRESSION_REGISTRY_DATABASE_URL"] == database
+    assert services["ingest"]["environment"]["COMPRESSION_REGISTRY_URL"] == database
+    assert services["monitor"]["environment"]["COMPRESSION_MONITOR_REGISTRY_DATABASE_URL"] == database
+    for name in ("registry", "ingest", "monitor", "registry-seed"):
+        assert "registry-data:/var/lib/compression/registry" in services[name]["volumes"], name
+    # Grafana: provisioning and dashboards at the paths the provisioning files name.
+    grafana = services["grafana"]["volumes"]
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana
+    assert "./dashboards/json:/var/lib/grafana/dashboards/compression:ro" in grafana
+    # The CA's private key never enters a container: only the broker's folder is mounted.
+    assert "./deploy/mosquitto/tls/broker:/certs:ro" in services["mosquitto"]["volumes"]
+    for service in services.values():
+        for spec in service.get("volumes", []):
+            assert not str(spec).startswith(("./deploy/mosquitto:", "./deploy/mosquitto/tls:")), spec
+
+
+def test_compose_gives_the_registry_and_the_monitor_their_settings(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    registry = services["registry"]["environment"]
+    wanted = set(REGISTRY_VARS) - {"COMPRESSION_REGISTRY_BROKER_PID_FILE"}
+    assert sorted(wanted - set(registry)) == [], "registry settings that never reach the registry container"
+    assert str(registry["COMPRESSION_REGISTRY_HOST"]) == "0.0.0.0"
+    assert "${REGISTRY_ADMIN_TOKEN:?" in COMPOSE_FILE.read_text(encoding="utf-8")
+    monitor = services["monitor"]["environment"]
+    assert sorted(set(MONITOR_VARS) - set(monitor)) == [], "monitor settings that never reach the monitor container"
+    assert sorted(k for k in monitor if k not in MONITOR_VARS) == []
+    assert sorted(k for k in registry if k not in REGISTRY_VARS) == []
+
+
+def test_compose_gives_no_secret_a_default() -> None:
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    for match in COMPOSE_VARIABLE.finditer(text):
+        name = match["name"]
+        if re.search(r"PASSWORD|TOKEN|SECRET", name) and match["op"] in (":-", "-"):
+            assert match["arg"] == "", f"{name} has the default {match['arg']!r}: a secret must come from .env"
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(":")
+        if (
+            re.search(r"PASSWORD|TOKEN|SECRET", key)
+            and not key.endswith("_FILE")
+            and value.strip()
+            and "${" not in value
+        ):
+            pytest.fail(f"a literal secret in docker-compose.yml: {line.strip()}")
+
+
+def test_grafana_gets_every_variable_its_provisioning_expands(compose: dict[str, Any]) -> None:
+    files = sorted(GRAFANA_PROVISIONING.rglob("*.yaml")) + sorted(GRAFANA_PROVISIONING.rglob("*.yml"))
+    if not files:
+        pytest.skip("deploy/grafana/provisioning has no files yet")
+    environment = compose["services"]["grafana"]["environment"]
+    for path in files:
+        active = "\n".join(line for line in path.read_text(encoding="utf-8").splitlines()
+                           if not line.lstrip().startswith("#"))  # fmt: skip
+        for name in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", active):
+            assert name in environment, f"{path.relative_to(ROOT)} expands ${{{name}}}, which grafana does not get"
+
+
+def test_grafana_provisioning_follows_its_documented_format(compose: dict[str, Any]) -> None:
+    """Grafana's provisioning format (apiVersion 1): data sources and a file provider at the mounted path."""
+    yaml = pytest.importorskip("yaml")
+    datasources = sorted((GRAFANA_PROVISIONING / "datasources").glob("*.y*ml"))
+    providers = sorted((GRAFANA_PROVISIONING / "dashboards").glob("*.y*ml"))
+    if not datasources or not providers:
+        pytest.skip("deploy/grafana/provisioning is not written yet")
+    for path in datasources:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        assert doc["apiVersion"] == 1, path
+        for source in doc["datasources"]:
+            assert {"name", "type", "access", "url"} <= set(source), f"{path.name}: {source.get('name')}"
+            assert source["access"] in ("proxy", "direct")
+    targets = {str(spec).split(":")[1] for spec in compose["services"]["grafana"]["volumes"]}
+    for path in providers:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        assert doc["apiVersion"] == 1, path
+        for provider in doc["providers"]:
+            assert provider["type"] == "file"
+            assert provider["options"]["path"] in targets, f"{path.name}: {provider['options']['path']} is not mounted"
+    dashboards = sorted((ROOT / "dashboards" / "json").glob("*.json"))
+    assert dashboards, "dashboards/json has no dashboards for the provider"
+    for path in dashboards:
+        board = json.loads(path.read_text(encoding="utf-8"))
+        assert board.get("uid") and board.get("title"), f"{path.name} has no uid or title"
+    home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (ROOT / "dashboards" / "json" / Path(home).name).is_file(), home
 
 
 def test_compose_gives_every_setting_to_the_ingester(compose: dict[str, Any]) -> None:
