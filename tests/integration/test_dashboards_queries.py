@@ -22,7 +22,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -102,10 +101,8 @@ def resolve(seeded: Seeded, dashboard: dict[str, Any], start: str | int, chosen:
         text = expand(model["query"], ctx)
         options = sorted({str(row["value"]) for row in flat(run(seeded, text))})
         assert options, f"variable {model['name']} has no option: {text}"
-        if model["name"] in chosen:
-            current = chosen[model["name"]]
-        else:
-            current = [ALL] if model.get("multi") else options[:1]
+        default = [ALL] if model.get("multi") else options[:1]
+        current = chosen.get(model["name"], default)
         ctx.variables[model["name"]] = Variable.from_model(model, current, options)
     return ctx
 
