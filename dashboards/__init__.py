@@ -1,1 +1,2 @@
-"""Grafana dashboards generated from code (arrives with the dashboards issue)."""
+"""Grafana dashboards generated from code (build.py), their macro expansion (render.py), checks (validate.py) and
+upload (push.py); ``compression dashboards`` (cli.py). See docs/dashboards.md."""
