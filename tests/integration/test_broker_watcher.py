@@ -22,6 +22,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -321,3 +322,30 @@ def test_make_certs_is_idempotent_and_keeps_keys_private(tmp_path: Path) -> None
 
     refused = make_certs(tmp_path / "bad", "bad host/name")
     assert refused.returncode != 0 and "MQTT_TLS_HOSTNAME" in refused.stderr
+
+
+def test_the_demo_profile_seed_lets_the_simulated_gateways_publish(broker: Broker) -> None:
+    """registry-seed then simulator, as in the demo profile: the seeded gateways get in and every message is acked."""
+    credentials = broker.folder / "demo" / "gateways.csv"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(broker.folder),
+        "COMPRESSION_REGISTRY_DATABASE_URL": f"sqlite:///{broker.folder / 'seeded.db'}",
+        "COMPRESSION_REGISTRY_BROKER_PASSWORD_FILE": str(broker.folder / "registry" / "passwd"),
+        "COMPRESSION_REGISTRY_BROKER_ACL_FILE": str(broker.folder / "registry" / "acl"),
+    }
+    fleet = ["--seed", "7", "--days", "1", "--connections", "2"]
+    seed = [sys.executable, str(ROOT / "deploy" / "demo" / "seed_registry.py"), "--credentials-out", str(credentials),
+            *fleet, "--wait-broker", f"mqtt://127.0.0.1:{broker.port}"]  # fmt: skip
+    done = subprocess.run(seed, env=env, cwd=broker.folder, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr + broker.output()
+    assert "accepts gateway sim-gw-7-0" in done.stdout
+    assert credentials.stat().st_mode & 0o077 == 0
+    again = subprocess.run(seed, env=env, cwd=broker.folder, capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
+
+    simulate = [str(Path(sys.executable).parent / "compression"), "simulate", "--every-scenario", *fleet,
+                "--mqtt-url", f"mqtt://127.0.0.1:{broker.port}", "--credentials", str(credentials)]  # fmt: skip
+    run = subprocess.run(simulate, env=env, cwd=broker.folder, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "broker acknowledged" in run.stdout
