@@ -213,6 +213,7 @@ def run_demo(days: int, data_dir: str, keep: bool, started: float, live_minutes:
         phases = asyncio.run(_run_phases(mq, db, fleet, reg, options, catcher, root, days, now_ms))
         code = _summary(db, phases.ingester, truth, truth_path)
         code = code or (0 if _monitor_summary(phases.monitor, truth, catcher) else 1)
+        _push_dashboards(db)
         _look_at(db, reg, catcher, root)
         _say(f"demo finished in {time.monotonic() - started:.1f} s")
         if keep:
@@ -234,6 +235,41 @@ def _look_at(db: InfluxDB, reg: DemoRegistry, catcher: MailCatcher, root: Path) 
     click.echo(f"    registry web page (--keep): http://127.0.0.1:8070/ui  log in as {first} / "
                f"{reg.registered.physios[first]}")  # fmt: skip
     click.echo(f"    the registry from the shell: compression devices --database-url {reg.url} patient list")
+
+
+def _push_dashboards(db: InfluxDB) -> None:
+    """With GRAFANA_URL (and GRAFANA_TOKEN, or GRAFANA_USER and GRAFANA_PASSWORD) set: the demo's InfluxDB as the
+    data source ``compression-influxdb`` and the dashboards, pushed to that Grafana."""
+    import os
+
+    url = os.environ.get("GRAFANA_URL")
+    if not url:
+        _say("dashboards: set GRAFANA_URL (+ GRAFANA_TOKEN or GRAFANA_USER/GRAFANA_PASSWORD) to push them to a "
+             "Grafana; docs/dashboards.md")  # fmt: skip
+        return
+    token, user, password = (os.environ.get(k) for k in ("GRAFANA_TOKEN", "GRAFANA_USER", "GRAFANA_PASSWORD"))
+    credential: str | tuple[str, str] | None = token or ((user, password) if user and password else None)
+    try:
+        from grafana_client.api import GrafanaApi
+        from grafana_client.client import GrafanaClientError
+
+        from dashboards import build
+        from dashboards.push import apply, plan
+
+        api = GrafanaApi.from_url(url, credential=credential)
+        source = {"name": "Compression InfluxDB (demo)", "uid": "compression-influxdb", "type": "influxdb",
+                  "access": "proxy", "url": db.url, "jsonData": {"dbName": DATABASE, "httpMode": "POST"}}  # fmt: skip
+        try:
+            api.datasource.get_datasource_by_uid("compression-influxdb")
+            api.datasource.update_datasource_by_uid("compression-influxdb", source)
+        except GrafanaClientError:
+            api.datasource.create_datasource(source)
+        steps = plan({name: make() for name, make in build.DASHBOARDS.items()})
+        for line in apply(api, steps):
+            click.echo(f"    grafana: {line}")
+        _say(f"dashboards pushed to {url} (folder Compression), data source -> {db.url} db {DATABASE}")
+    except Exception as exc:  # noqa: BLE001  (a demo extra: say what went wrong, keep the rest of the summary)
+        _say(f"dashboards: could not push to {url}: {exc}")
 
 
 def _serve_registry(reg: DemoRegistry) -> None:
