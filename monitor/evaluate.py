@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from monitor.episodes import Decision, Run, closed_unrecorded, flags_seen, reconcile, runs
@@ -73,18 +73,32 @@ def evaluate(
         log.warning("silence held back: %d of %d monitored patients went silent at once (an ingest or database "
                     "gap, not the patients); no silence alerts until data flows", *hold_silence)  # fmt: skip
     with state.transaction() as session:
+        # One query per 500 patients instead of one per patient-day: the rows land in the session's identity map,
+        # where session.get() finds them without SQL (1,000 patients x 37 days cost 16 s of SQLAlchemy before).
+        codes = [c.patient for c in contexts]
+        episodes: dict[str, list[Episode]] = {code: [] for code in codes}
+        preloaded: list[DayFlags] = []
+        for i in range(0, len(codes), 500):
+            chunk = codes[i : i + 500]
+            preloaded += session.scalars(select(DayFlags).where(DayFlags.patient.in_(chunk)))
+            for episode in session.scalars(select(Episode).where(Episode.patient.in_(chunk))):
+                episodes[episode.patient].append(episode)
+        new_days: list[dict[str, Any]] = []
         for ctx in contexts:
             days = list(results.get(ctx.patient, ()))
             now = live.get(ctx.patient)
-            out.day_changes += _store_days(session, ctx, days)
+            out.day_changes += _store_days(session, ctx, days, new_days)
             series: list[tuple[date, tuple[str, ...] | None]] = [(r.stats.day, r.flags) for r in days if r.flags]
             if now is not None:
                 today_flags = now.flags()
                 if hold_silence and today_flags:
                     today_flags = tuple(f for f in today_flags if f != SILENT) or None
                 series.append((now.today, today_flags))
-            _episodes(session, state, ctx, series, now.today if now else _last_day(days), resolve_after,
+            today = now.today if now else _last_day(days)
+            _episodes(session, state, ctx, episodes.get(ctx.patient, []), series, today, resolve_after,
                       bool(hold_silence), out, mail_data)  # fmt: skip
+        if new_days:
+            session.execute(insert(DayFlags), new_days)  # one executemany: the first run stores 30,000+ days
     return out
 
 
@@ -120,8 +134,9 @@ def _last_day(days: Sequence[DayResult]) -> date:
     return days[-1].stats.day if days else datetime.now(UTC).date()
 
 
-def _store_days(session: Session, ctx: PatientContext, days: Sequence[DayResult]) -> int:
-    """Record each judged day; count those whose flags changed since last time (late data, new days)."""
+def _store_days(session: Session, ctx: PatientContext, days: Sequence[DayResult], new: list[dict[str, Any]]) -> int:
+    """Record each judged day (new ones appended to ``new`` for one bulk insert); count those whose flags changed
+    since last time (late data, new days)."""
     changes = 0
     now = datetime.now(UTC)
     for result in days:
@@ -131,8 +146,8 @@ def _store_days(session: Session, ctx: PatientContext, days: Sequence[DayResult]
         flags = list(result.flags)
         if row is None:
             # computed_at == changed_at: first seen, not a change (the digest reports only changes).
-            session.add(DayFlags(patient=ctx.patient, day=result.stats.day, flags=flags, wear_s=result.stats.wear_s,
-                                 computed_at=now, changed_at=now))  # fmt: skip
+            new.append({"patient": ctx.patient, "day": result.stats.day, "flags": flags,
+                        "wear_s": result.stats.wear_s, "computed_at": now, "changed_at": now})  # fmt: skip
             changes += 1
         elif row.flags != flags or abs(row.wear_s - result.stats.wear_s) > 30:
             row.flags, row.wear_s, row.changed_at = flags, result.stats.wear_s, now
@@ -141,10 +156,10 @@ def _store_days(session: Session, ctx: PatientContext, days: Sequence[DayResult]
 
 
 def _episodes(
-    session: Session, state: State, ctx: PatientContext, series: list[tuple[date, tuple[str, ...] | None]],
-    today: date, resolve_after: int, hold_silence: bool, out: Outcome, mail_data: MailData,
+    session: Session, state: State, ctx: PatientContext, stored: list[Episode],
+    series: list[tuple[date, tuple[str, ...] | None]], today: date, resolve_after: int, hold_silence: bool,
+    out: Outcome, mail_data: MailData,
 ) -> None:  # fmt: skip
-    stored = list(session.scalars(select(Episode).where(Episode.patient == ctx.patient)))
     flags = flags_seen(series) | {e.flag for e in stored if e.open_key is not None}
     for flag in sorted(flags):
         # Safety flags resolve after one clear day: they are about single events, not a tendency.
