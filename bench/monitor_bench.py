@@ -68,6 +68,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import email.policy
 import io
 import json
 import logging
@@ -77,6 +78,7 @@ import pstats
 import queue
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -89,6 +91,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -774,14 +777,17 @@ async def evaluate_phase(args: argparse.Namespace, influx: InfluxDB, registry_ur
         say(f"  evaluate_once #{r + 1} first (fresh state): {seconds:.2f} s ok={ok} opened={mon.counters.opened} "
             f"cpu {cpu.result}")  # fmt: skip
         out.setdefault("first_detail", []).append({"s": seconds, "ok": ok, "opened": mon.counters.opened,
-                                                   "cpu": cpu.result})  # fmt: skip
+                                                   "cpu": cpu.result,
+                                                   "read": getattr(mon.counters, "last_read_days", None)})  # fmt: skip
         for k in range(args.steady):
             new_minute(url, patients, int(time.time() * 1000))
             with CpuWatch(influx) as cpu:
                 seconds, ok = await timed(mon.evaluate_once(), args.eval_timeout_s)
             steadies.append(seconds)
             say(f"  evaluate_once #{r + 1}.{k + 1} steady: {seconds:.2f} s ok={ok} cpu {cpu.result}")
-            out.setdefault("steady_detail", []).append({"s": seconds, "ok": ok, "cpu": cpu.result})
+            read = getattr(mon.counters, "last_read_days", None)  # incremental mode: {days read back: patients}
+            say(f"    days read back -> patients: {read}")
+            out.setdefault("steady_detail", []).append({"s": seconds, "ok": ok, "cpu": cpu.result, "read": read})
     out["evaluate_first"] = summary(firsts)
     out["evaluate_steady"] = summary(steadies)
     out["pending_mails"] = mon.state.pending()
@@ -809,6 +815,10 @@ async def latency_phase(args: argparse.Namespace, influx: InfluxDB, registry_url
     out["settings"] = {"interval_s": settings.interval_s, "safety_interval_s": settings.safety_interval_s,
                        "days_back": settings.days_back, "state": str(state)}  # fmt: skip
     mon = Monitor(settings)
+    if not state_url:  # no evaluate phase in this run: a first evaluation queues what it finds, drained below
+        seconds, ok = await timed(mon.evaluate_once(), args.eval_timeout_s)
+        say(f"latency: first evaluation on a fresh state: {seconds:.1f} s (ok={ok})")
+        mon = Monitor(settings)  # a new process's monitor: its first run() evaluation is a full one
     before = len(smtp.received())
     say(f"latency: draining the outbox ({mon.state.pending()} e-mails queued by the evaluations) ...")
     t = time.perf_counter()
@@ -829,7 +839,12 @@ async def latency_phase(args: argparse.Namespace, influx: InfluxDB, registry_url
         await asyncio.sleep(0.2)
     out["loop_first_evaluation_s"] = mon.counters.last_evaluation_s
     say(f"  Monitor.run(): first full evaluation done in {mon.counters.last_evaluation_s:.1f} s")
-    boots = [p for p in patients if p.kind == "boot" and p.profile == "compliant"]
+    # Boots without an over-pressure in the last 2 days (an earlier run's trial may have left one: its episode is
+    # open, so a new sample would send nothing).
+    peaks = influx_query(influx.url, f"SELECT max(foot_mmhg) FROM sample WHERE kind = 'boot' AND foot_mmhg > "
+                         f"{BOOT_MAX_MMHG} AND time >= now() - 2d GROUP BY patient")  # fmt: skip
+    taken = {(x.get("tags") or {}).get("patient") for x in peaks["results"][0].get("series", [])}
+    boots = [p for p in patients if p.kind == "boot" and p.profile == "compliant" and p.code not in taken]
     trials: list[dict[str, Any]] = []
     try:
         for i, p in enumerate(boots[: args.trials]):
@@ -846,20 +861,23 @@ async def latency_phase(args: argparse.Namespace, influx: InfluxDB, registry_url
             await asyncio.to_thread(influx_write, influx.url, [line, *extra])
             stored_at = time.time()
             got = None
+            seen = len(smtp.received())
             while time.time() - written_at < args.trial_timeout_s:
-                got = next((m for m in smtp.received() if p.code in str(m.message["Subject"])
-                            and m.received_at >= written_at), None)  # fmt: skip
+                # Only the messages that arrived since, headers only: this loop shares the monitor's event loop.
+                fresh = smtp.received()[seen:]
+                seen += len(fresh)
+                got = next((m for m in fresh if p.code in _subject(m.raw)), None)
                 if got:
                     break
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.1)
             trial = {"patient": p.code, "write_s": stored_at - written_at,
                      "latency_s": (got.received_at - written_at) if got else None,
-                     "subject": str(got.message["Subject"]) if got else None,
-                     "full_evaluations_meanwhile": mon.counters.evaluations - evals_before}  # fmt: skip
+                     "subject": _subject(got.raw) if got else None,
+                     "evaluations_meanwhile": mon.counters.evaluations - evals_before}  # fmt: skip
             trials.append(trial)
             lat = f"{trial['latency_s']:.2f} s" if got else f"none within {args.trial_timeout_s:.0f} s"
-            say(f"  trial {i + 1}: {p.code} over-pressure -> e-mail {lat} ({trial['full_evaluations_meanwhile']} "
-                f"full evaluation(s) meanwhile; {trial['subject']})")  # fmt: skip
+            say(f"  trial {i + 1}: {p.code} over-pressure -> e-mail {lat} ({trial['evaluations_meanwhile']} "
+                f"evaluation(s) meanwhile; {trial['subject']})")  # fmt: skip
     finally:
         mon.stop()
         await asyncio.wait_for(task, args.eval_timeout_s)
@@ -869,6 +887,10 @@ async def latency_phase(args: argparse.Namespace, influx: InfluxDB, registry_url
     out["missing"] = sum(1 for t in trials if t["latency_s"] is None)
     out["counters"] = {"evaluations": mon.counters.evaluations, "safety_checks": mon.counters.safety_checks,
                        "last_evaluation_s": mon.counters.last_evaluation_s}  # fmt: skip
+
+
+def _subject(raw: bytes) -> str:
+    return str(BytesHeaderParser(policy=email.policy.default).parsebytes(raw).get("Subject", ""))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -941,6 +963,8 @@ def main() -> None:
     p.add_argument("--no-cprofile", action="store_true")
     p.add_argument("--skip", action="append", default=[], choices=["evaluate", "latency"])
     args = p.parse_args()
+    # SIGTERM (e.g. timeout) ends like Ctrl-C, so InfluxDB is stopped and the results written.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.data_dir = args.data_dir.resolve()
     args.data_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
