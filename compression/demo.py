@@ -248,27 +248,18 @@ def _push_dashboards(db: InfluxDB) -> None:
              "Grafana; docs/dashboards.md")  # fmt: skip
         return
     token, user, password = (os.environ.get(k) for k in ("GRAFANA_TOKEN", "GRAFANA_USER", "GRAFANA_PASSWORD"))
-    credential: str | tuple[str, str] | None = token or ((user, password) if user and password else None)
+    from dashboards import build
+    from dashboards.push import PushError, apply, client, ensure_datasource, plan
+
+    source = {"name": "Compression InfluxDB (demo)", "uid": "compression-influxdb", "type": "influxdb",
+              "access": "proxy", "url": db.url, "jsonData": {"dbName": DATABASE, "httpMode": "POST"}}  # fmt: skip
     try:
-        from grafana_client.api import GrafanaApi
-        from grafana_client.client import GrafanaClientError
-
-        from dashboards import build
-        from dashboards.push import apply, plan
-
-        api = GrafanaApi.from_url(url, credential=credential)
-        source = {"name": "Compression InfluxDB (demo)", "uid": "compression-influxdb", "type": "influxdb",
-                  "access": "proxy", "url": db.url, "jsonData": {"dbName": DATABASE, "httpMode": "POST"}}  # fmt: skip
-        try:
-            api.datasource.get_datasource_by_uid("compression-influxdb")
-            api.datasource.update_datasource_by_uid("compression-influxdb", source)
-        except GrafanaClientError:
-            api.datasource.create_datasource(source)
-        steps = plan({name: make() for name, make in build.DASHBOARDS.items()})
-        for line in apply(api, steps):
-            click.echo(f"    grafana: {line}")
+        with client(url, token, user, password) as http:
+            click.echo(f"    grafana: {ensure_datasource(http, source)}")
+            for line in apply(http, plan({name: make() for name, make in build.DASHBOARDS.items()})):
+                click.echo(f"    grafana: {line}")
         _say(f"dashboards pushed to {url} (folder Compression), data source -> {db.url} db {DATABASE}")
-    except Exception as exc:  # noqa: BLE001  (a demo extra: say what went wrong, keep the rest of the summary)
+    except PushError as exc:
         _say(f"dashboards: could not push to {url}: {exc}")
 
 

@@ -50,7 +50,7 @@ def generate(out: Path, check: bool) -> None:
 @click.option("--folder", default="Compression", show_default=True, help="Folder title (uid 'compression').")
 @click.option("--dry-run", is_flag=True, help="Print the requests that would be sent, send nothing.")
 def push(url: str, token: str | None, user: str | None, password: str | None, folder: str, dry_run: bool) -> None:
-    """Upload the dashboards to an existing Grafana (grafana-client): folder, dashboards (overwrite), and
+    """Upload the dashboards to an existing Grafana (its HTTP API): folder, dashboards (overwrite), and
     folder permissions so the Viewer role (physios) can view and nobody but admins can edit."""
     from dashboards.push import apply, plan
 
@@ -59,14 +59,13 @@ def push(url: str, token: str | None, user: str | None, password: str | None, fo
         for step in steps:
             click.echo(f"{step.method} /api{step.path} {json.dumps(step.body)[:200]}")
         return
-    if token:
-        credential: str | tuple[str, str] = token
-    elif user and password:
-        credential = (user, password)
-    else:
+    if not token and not (user and password):
         raise click.UsageError("give --token, or --user and --password")
-    from grafana_client.api import GrafanaApi
+    from dashboards.push import PushError, client
 
-    api = GrafanaApi.from_url(url, credential=credential)
-    for line in apply(api, steps):
-        click.echo(line)
+    try:
+        with client(url, token, user, password) as http:
+            for line in apply(http, steps):
+                click.echo(line)
+    except PushError as exc:
+        raise click.ClickException(str(exc)) from exc

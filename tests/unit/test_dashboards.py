@@ -208,39 +208,49 @@ def test_push_plan(generated: dict[str, dict[str, Any]]) -> None:
     assert steps[-1].body == {"items": [{"role": "Viewer", "permission": 1}, {"role": "Editor", "permission": 1}]}
 
 
-def test_push_applies_the_plan_through_grafana_client(generated: dict[str, dict[str, Any]]) -> None:
-    """The calls apply() makes on a grafana_client.GrafanaApi (a recording stand-in: no Grafana here)."""
-    from grafana_client.client import GrafanaClientError
+def test_push_sends_the_plan_over_grafanas_http_api(generated: dict[str, dict[str, Any]]) -> None:
+    """The HTTP requests apply() sends (recorded by an in-process transport: no Grafana server here)."""
+    import httpx
 
-    from dashboards.push import apply
+    from dashboards.push import apply, client, ensure_datasource
 
-    calls: list[tuple[str, Any]] = []
+    sent: list[tuple[str, str, Any]] = []
 
-    class Folder:
-        def get_folder(self, uid: str) -> None:
-            calls.append(("get_folder", uid))
-            raise GrafanaClientError(404, None, "Folder not found")
+    def grafana(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        sent.append((request.method, request.url.path, body))
+        assert request.headers["Authorization"] == "Bearer t0ken"
+        if request.method == "GET":
+            return httpx.Response(404, json={"message": "not found"})
+        if request.url.path == "/api/dashboards/db":
+            return httpx.Response(200, json={"status": "success", "url": "/d/" + body["dashboard"]["uid"]})
+        return httpx.Response(200, json={})
 
-        def create_folder(self, title: str, uid: str) -> dict[str, Any]:
-            calls.append(("create_folder", (title, uid)))
-            return {}
-
-        def update_folder_permissions(self, uid: str, items: list[dict[str, Any]]) -> dict[str, Any]:
-            calls.append(("permissions", (uid, items)))
-            return {}
-
-    class Dashboard:
-        def update_dashboard(self, body: dict[str, Any]) -> dict[str, Any]:
-            calls.append(("dashboard", body["dashboard"]["uid"]))
-            return {"status": "success", "url": "/d/" + body["dashboard"]["uid"]}
-
-    class Api:
-        folder, dashboard = Folder(), Dashboard()
-
-    lines = apply(Api(), plan(generated))
-    assert [c[0] for c in calls] == ["get_folder", "create_folder", "dashboard", "dashboard", "dashboard",
-                                     "permissions"]  # fmt: skip
+    with client("http://grafana.example:3000", token="t0ken", transport=httpx.MockTransport(grafana)) as http:
+        lines = apply(http, plan(generated))
+        assert ensure_datasource(http, {"uid": "compression-influxdb", "type": "influxdb"}).endswith("created")
+    assert [(m, p) for m, p, _ in sent] == [
+        ("GET", "/api/folders/compression"), ("POST", "/api/folders"),
+        ("POST", "/api/dashboards/db"), ("POST", "/api/dashboards/db"), ("POST", "/api/dashboards/db"),
+        ("POST", "/api/folders/compression/permissions"),
+        ("GET", "/api/datasources/uid/compression-influxdb"), ("POST", "/api/datasources"),
+    ]  # fmt: skip
+    assert sent[1][2] == {"title": "Compression", "uid": "compression"}
+    assert all(body["overwrite"] is True for _, path, body in sent if path == "/api/dashboards/db")
     assert "created" in lines[0] and lines[-1].startswith("folder permissions")
+
+
+def test_push_reports_a_refusal() -> None:
+    import httpx
+
+    from dashboards.push import PushError, apply, client
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(403, json={"message": "permissions needed"})
+
+    http = client("http://grafana.example", token="x", transport=httpx.MockTransport(refuse))
+    with http, pytest.raises(PushError, match="403"):
+        apply(http, plan({}))
 
 
 def test_push_needs_credentials() -> None:
