@@ -77,6 +77,7 @@ FLAG_TITLE: Final[dict[str, str]] = {
     BOOT_OVERPRESSURE: "Boot over-pressure",
     BOOT_SHORT_SESSIONS: "Short boot sessions",
     "boot_long_sessions": "Long boot sessions",
+    "low_battery": "Low battery",
     BOOT_MISSED_SESSIONS: "Missed boot sessions",
 }
 FLAG_EXPLANATION: Final[dict[str, str]] = {
@@ -92,6 +93,7 @@ FLAG_EXPLANATION: Final[dict[str, str]] = {
     BOOT_OVERPRESSURE: "a chamber of the pneumatic boot went above the prescribed maximum pressure during a session",
     BOOT_SHORT_SESSIONS: "a boot session ended before the prescribed minimum duration",
     "boot_long_sessions": "a boot session lasted longer than the prescribed maximum duration",
+    "low_battery": "the garment's battery is below 15 %: remind the client to charge it before it goes silent",
     BOOT_MISSED_SESSIONS: "fewer boot sessions over the last 7 days than prescribed",
 }
 SEVERITY_WORD: Final[dict[str, str]] = {"critical": "URGENT", "warning": "Warning", "info": "Info"}
