@@ -133,8 +133,13 @@ async def _live(
     loop_task = asyncio.create_task(monitor.run())
     sender = asyncio.create_task(asyncio.to_thread(run_fleet, fleet, options, True, None, 120.0,
                                                    lambda m: m.publish_at_ms > cutoff_ms))  # fmt: skip
-    while not sender.done():
-        await asyncio.wait({sender}, timeout=10)
+    # Until the period's end: the last message may fall due before it, the monitor keeps watching meanwhile.
+    while not sender.done() or time.time() * 1000 < fleet.period.end_ms:
+        pause = max(0.1, min(10.0, fleet.period.end_ms / 1000 - time.time()))
+        if sender.done():
+            await asyncio.sleep(pause)
+        else:
+            await asyncio.wait({sender}, timeout=pause)
         c = monitor.counters
         click.echo(f"    live: {c.evaluations} evaluations, {c.safety_checks} safety checks, {c.opened} episodes "
                    f"opened, {len(catcher.messages())} e-mails caught")  # fmt: skip
