@@ -38,6 +38,7 @@ from sqlalchemy import select
 
 from devices.registry.db import make_engine, migrate, session_factory
 from devices.registry.service import Registry
+from ingest.encode import escape_key, escape_string
 from monitor import queries as q
 from monitor.compliance import (
     WINDOW_DAYS,
@@ -52,6 +53,7 @@ from monitor.compliance import (
 )
 from monitor.evaluate import Live, MailData, Outcome, evaluate
 from monitor.mail import (
+    FLAG_TITLE,
     ChartSeries,
     DigestMail,
     DigestRow,
@@ -375,11 +377,14 @@ class Monitor:
         return peaks
 
     async def _last_seen(self, contexts: Sequence[PatientContext], now_ms: int | None) -> dict[str, int]:
-        """Newest stored point per patient (sample, event or status) within the evaluated days."""
+        """Newest stored point per patient (sample, event or status) within its silence allowance (else absent)."""
         if not contexts:
             return {}
         end = (now_ms if now_ms is not None else int(time.time() * 1000)) + 300_000
-        start = end - (self.settings.days_back + 1) * 86_400_000
+        # Only "silent longer than max_silence_hours" is asked of it: look back that far (and an hour more),
+        # not over the whole evaluated window, on every evaluation and safety check.
+        hours = max(c.max_silence_hours for c in contexts) + 1.0
+        start = end - 300_000 - int(hours * 3_600_000)
         patients = [c.patient for c in contexts]
         where = f"{q.patient_filter(patients)} AND {q.time_range(start, end)}"
         statements = [f"SELECT last(seq) FROM sample WHERE {where} GROUP BY patient",
@@ -473,10 +478,12 @@ class Monitor:
         return lines
 
     def _episode_lines(self, patients: Sequence[str]) -> list[str]:
-        wanted = set(patients)
         with self.state.transaction() as session:
-            episodes = [e for e in session.scalars(select(Episode)) if e.patient in wanted]
-            return [_episode_line(e) for e in episodes]
+            lines = []
+            for i in range(0, len(patients), 500):  # in the database, not every episode loaded and filtered here
+                chunk = list(patients[i : i + 500])
+                lines += [_episode_line(e) for e in session.scalars(select(Episode).where(Episode.patient.in_(chunk)))]
+            return lines
 
     # --- digest -------------------------------------------------------------------------------------------------
 
@@ -592,25 +599,21 @@ class Monitor:
         return compose_episode(msgspec.convert(row.data["mail"], EpisodeMail), sender=sender, dashboard_url=url)
 
 
-def _tag(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(" ", "\\ ").replace(",", "\\,").replace("=", "\\=")
+_tag = escape_key  # the ingester's line-protocol escaping, one definition for every writer
 
 
 def _flag_day_line(ctx: PatientContext, r: DayResult) -> str:
-    from monitor.mail import FLAG_TITLE
-
     flags = r.flags or ()
     fields = [f"{name}={'true' if name in flags else 'false'}" for name in sorted({*FLAG_TITLE, *flags})]
-    fields.append(f'flags="{",".join(flags)}"')
+    fields.append(f"flags={escape_string(','.join(flags))}")
     fields.append(f"wear_s={r.stats.wear_s}")
     return f"flag_day,clinic={_tag(ctx.clinic)},patient={_tag(ctx.patient)} {','.join(fields)} {r.stats.start_ms}"
 
 
 def _problem_line(ctx: PatientContext, hour_ms: int) -> str:
     """A flag for the clinic: what keeps this patient from being monitored fully (one point per hour)."""
-    text = "; ".join(ctx.problems).replace("\\", "\\\\").replace('"', '\\"')
     return (f"registry_problem,clinic={_tag(ctx.clinic)},patient={_tag(ctx.patient)} "
-            f'problems="{text}",count={len(ctx.problems)}i {hour_ms}')
+            f"problems={escape_string('; '.join(ctx.problems))},count={len(ctx.problems)}i {hour_ms}")
 
 
 def _episode_line(e: Episode) -> str:
