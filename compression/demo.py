@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,7 +14,14 @@ from urllib.parse import quote
 import click
 
 from compression.influxql import rows, scalar
-from compression.localservers import BrokerAccess, InfluxDB, Mosquitto, start_influxdb, start_mosquitto
+from compression.localservers import (
+    BrokerAccess,
+    InfluxDB,
+    Mosquitto,
+    remove_server_folder,
+    start_influxdb,
+    start_mosquitto,
+)
 from compression.mailcatcher import MailCatcher, start_mailcatcher
 from devices.registry.broker import BrokerSync
 from devices.registry.db import make_engine, migrate, session_factory
@@ -227,8 +233,8 @@ def run_demo(days: int, data_dir: str, keep: bool, started: float, live_minutes:
         return code
     finally:
         catcher.stop()
-        mq.stop()
-        db.stop()
+        mq.close()
+        db.close()
 
 
 def _look_at(db: InfluxDB, reg: DemoRegistry, catcher: MailCatcher, root: Path) -> None:
@@ -357,8 +363,7 @@ def _remove(root: Path, pattern: str) -> None:
 def _forget_previous_runs(root: Path) -> None:
     """Remove the server folders of earlier demo runs (each run uses new ports, so new folders)."""
     for folder in [*root.glob("mosquitto-*"), *root.glob("influxdb-*")]:
-        if folder.is_dir():
-            shutil.rmtree(folder, ignore_errors=True)
+        remove_server_folder(folder)
 
 
 def _wait_forever() -> None:

@@ -1,19 +1,28 @@
-"""Real Mosquitto and InfluxDB as plain processes on loopback, for the demo, tests and bench.
+"""Real Mosquitto, InfluxDB and PostgreSQL as plain processes on loopback, for the demo, tests and bench.
 
 Never system services and never on their default ports: each server gets free
 ports and a folder of its own under the project's data folder (``var/``).
-The binaries come from Debian's ``mosquitto`` and ``influxdb`` packages
-(``scripts/bootstrap`` installs them).
+The binaries come from Debian's ``mosquitto``, ``influxdb`` and ``postgresql``
+packages (``scripts/bootstrap`` installs them).
+
+Started as root, Mosquitto drops to the ``mosquitto`` user and PostgreSQL is run
+as ``postgres``; when that user cannot enter the checkout (root's home is 0700),
+the server's folder is made in the system's temporary directory instead, owned
+by that user, and ``var/.../<server>-<port>`` is a link to it
+(:func:`server_folder`).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -55,17 +64,34 @@ class LocalServer:
         """Start the process and wait until it serves."""
         if shutil.which(self.argv[0]) is None:
             raise ServerError(f"{self.argv[0]} not found: run scripts/bootstrap (installs {self.name})")
-        log = (self.folder / f"{self.name}.out").open("ab")
-        self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with (self.folder / f"{self.name}.out").open("ab") as log:
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            cwd=self.folder)  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(f"{self.name} exited with {self.process.returncode}; see {log.name}")
+                raise ServerError(f"{self.name} exited with {self.process.returncode} in {self.folder}: "
+                                  f"{self.last_complaint()}")  # fmt: skip
             if self.ready():
                 return
             time.sleep(0.05)
         self.stop()
-        raise ServerError(f"{self.name} did not serve on port {self.port} within {timeout:.0f} s")
+        raise ServerError(f"{self.name} did not serve on port {self.port} within {timeout:.0f} s "
+                          f"(folder {self.folder}): {self.last_complaint()}")  # fmt: skip
+
+    def last_complaint(self) -> str:
+        """The server's last error line from its output or log (the folder may be gone when someone reads it)."""
+        lines: list[str] = []
+        for log in sorted(self.folder.glob("*.out")) + sorted(self.folder.glob("*.log")):
+            with contextlib.suppress(OSError):
+                lines += [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        flagged = [line for line in lines if any(w in line.lower() for w in ("error", "fatal", "denied", "unable"))]
+        return (flagged or lines or ["no output"])[-1][:300]
+
+    def close(self) -> None:
+        """Stop for good and remove the folder if it lives outside the project (see :func:`server_folder`)."""
+        self.stop()
+        remove_server_folder(self.folder)
 
     def ready(self) -> bool:
         """True once the server accepts connections."""
@@ -206,32 +232,91 @@ def start_mosquitto(
 ) -> Mosquitto:
     """Start a broker with its own folder under ``root``."""
     port = port or free_port()
-    folder = root / f"mosquitto-{port}"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = server_folder(root, f"mosquitto-{port}", BROKER_USER)
     conf = folder / "mosquitto.conf"
     access = access.copied_into(folder) if access else None
     conf.write_text(mosquitto_config(folder, port, extra=extra, access=access))
-    _hand_to_broker_user(folder)
+    hand_to(BROKER_USER, folder)
     server = Mosquitto("mosquitto", folder, port, [MOSQUITTO_BIN, "-c", str(conf)], access=access)
     server.start()
     return server
 
 
-def _hand_to_broker_user(folder: Path) -> None:
-    """Let a broker started as root write its folder.
+# --- where a server's files go ---------------------------------------------------------------------------------------
 
-    Mosquitto started as root drops to the ``mosquitto`` user; without this it
-    could not write its persistence file or log into a root-owned folder, and a
-    restart would silently lose what it held.
-    """
-    if os.geteuid() != 0:
-        return
+BROKER_USER = "mosquitto"
+"""The account Mosquitto started as root drops to (its package's default ``user``)."""
+
+_OUTSIDE_FOLDERS: dict[Path, Path] = {}
+"""Server folders made in the temporary directory -> their link under the project's data folder."""
+
+
+def _server_user(user: str | None) -> pwd.struct_passwd | None:
+    """The account a server started by us runs as, if it is not us (only when we are root)."""
+    if user is None or os.geteuid() != 0:
+        return None
     try:
-        entry = pwd.getpwnam("mosquitto")
+        return pwd.getpwnam(user)
     except KeyError:
+        return None
+
+
+def can_enter(user: str, folder: Path) -> bool:
+    """True if ``user`` can reach and enter ``folder`` (every folder above it searchable), asked as that user."""
+    argv = ["runuser", "-u", user, "--", "test", "-x", str(folder.resolve())]
+    return subprocess.run(argv, capture_output=True, check=False, cwd="/").returncode == 0
+
+
+def server_folder(root: Path, name: str, user: str | None = None) -> Path:
+    """A new folder for one server: ``root/name``, made and returned.
+
+    ``user`` is the account the server runs as when we are root (``mosquitto``
+    drops to it, ``postgres`` is run as it). If that account cannot enter
+    ``root`` (a checkout in root's 0700 home), the folder is made in the
+    system's temporary directory instead, owned by that account, ``root/name``
+    becomes a link to it, and it is removed by :meth:`LocalServer.close` or at exit.
+    """
+    root = root.resolve()  # asked as an absolute path: a relative one would start from our own folder
+    root.mkdir(parents=True, exist_ok=True)
+    link = root / name
+    account = _server_user(user)
+    if account is None or can_enter(account.pw_name, root):
+        link.mkdir(parents=True, exist_ok=True)
+        return link
+    folder = Path(tempfile.mkdtemp(prefix=f"compression-{name}-"))
+    os.chown(folder, account.pw_uid, account.pw_gid)
+    remove_server_folder(link)
+    link.symlink_to(folder, target_is_directory=True)
+    _OUTSIDE_FOLDERS[folder] = link
+    return folder
+
+
+def hand_to(user: str, folder: Path) -> None:
+    """When we are root: give ``folder`` and everything in it to ``user``, the account its server runs as."""
+    account = _server_user(user)
+    if account is None:
         return
     for path in [folder, *folder.rglob("*")]:
-        os.chown(path, entry.pw_uid, entry.pw_gid)
+        os.chown(path, account.pw_uid, account.pw_gid)
+
+
+def remove_server_folder(path: Path) -> None:
+    """Remove a server folder: a link's target in the temporary directory with the link, or the folder itself."""
+    if path.is_symlink():
+        target = path.resolve()
+        path.unlink()
+        path = target
+    link = _OUTSIDE_FOLDERS.pop(path, None)
+    if link is not None and link.is_symlink():
+        link.unlink()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@atexit.register
+def _remove_outside_folders() -> None:
+    """The folders made in the temporary directory do not outlive the process that made them."""
+    for folder in list(_OUTSIDE_FOLDERS):
+        remove_server_folder(folder)
 
 
 def influxdb_config(folder: Path, http_port: int, rpc_port: int, auth: bool = False) -> str:
@@ -271,8 +356,7 @@ bind-address = "127.0.0.1:{rpc_port}"
 def start_influxdb(root: Path, port: int | None = None, auth: bool = False) -> InfluxDB:
     """Start InfluxDB with its own folder under ``root``."""
     port = port or free_port()
-    folder = root / f"influxdb-{port}"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = server_folder(root, f"influxdb-{port}")
     conf = folder / "influxdb.conf"
     conf.write_text(influxdb_config(folder, port, free_port(), auth))
     server = InfluxDB("influxdb", folder, port, [INFLUXD_BIN, "-config", str(conf)])
@@ -376,19 +460,13 @@ def _initdb(bin_dir: Path, folder: Path) -> None:
         return
     argv = [str(bin_dir / "initdb"), "-D", str(data), "-U", POSTGRES_USER, "--auth=trust", "-E", "UTF8",
             "--no-locale", "--no-sync"]  # fmt: skip
-    done = subprocess.run(_as_postgres_user(argv), capture_output=True, text=True, check=False, timeout=120)
+    done = subprocess.run(_as_postgres_user(argv), capture_output=True, text=True, check=False, timeout=120,
+                          cwd=folder)  # fmt: skip
     if done.returncode != 0:
-        raise ServerError(f"initdb failed: {done.stderr.strip() or done.stdout.strip()}")
+        reason = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+        raise ServerError(f"initdb failed in {folder}: {reason}")
     # Only TCP from 127.0.0.1 and the socket in the server's own folder; trust, as for the other local servers.
     (data / "pg_hba.conf").write_text("local all all trust\nhost all all 127.0.0.1/32 trust\n")
-
-
-def _hand_to_postgres_user(folder: Path) -> None:
-    if os.geteuid() != 0:
-        return
-    entry = pwd.getpwnam(POSTGRES_USER)
-    for path in [folder, *folder.rglob("*")]:
-        os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
 def start_postgres(root: Path, port: int | None = None, database: str = "compression_test") -> PostgreSQL:
@@ -401,11 +479,10 @@ def start_postgres(root: Path, port: int | None = None, database: str = "compres
     if bin_dir is None:
         raise ServerError(f"no PostgreSQL server binaries in {POSTGRES_BIN_GLOB}: run scripts/bootstrap (postgresql)")
     port = port or free_port()
-    folder = (root / f"postgres-{port}").resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    _hand_to_postgres_user(folder)
+    folder = server_folder(root, f"postgres-{port}", POSTGRES_USER)
+    hand_to(POSTGRES_USER, folder)
     _initdb(bin_dir, folder)
-    _hand_to_postgres_user(folder)
+    hand_to(POSTGRES_USER, folder)
     argv = [str(bin_dir / "postgres"), "-D", str(folder / "data"), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
             "-c", f"unix_socket_directories={folder}", "-c", "logging_collector=off"]  # fmt: skip
     server = PostgreSQL("postgres", folder, port, _as_postgres_user(argv), bin_dir=bin_dir, database=database)

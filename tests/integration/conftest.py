@@ -31,6 +31,7 @@ from compression.localservers import (
     PostgreSQL,
     free_port,
     postgres_bin_dir,
+    remove_server_folder,
     start_influxdb,
     start_mosquitto,
     start_postgres,
@@ -53,14 +54,14 @@ def servers_root() -> Iterator[Path]:
 def mosquitto(servers_root: Path) -> Iterator[Mosquitto]:
     server = start_mosquitto(servers_root)
     yield server
-    server.stop()
+    server.close()
 
 
 @pytest.fixture(scope="session")
 def influx(servers_root: Path) -> Iterator[InfluxDB]:
     server = start_influxdb(servers_root)
     yield server
-    server.stop()
+    server.close()
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +71,7 @@ def postgres(servers_root: Path) -> Iterator[PostgreSQL]:
         pytest.skip("PostgreSQL server binaries not installed (/usr/lib/postgresql/*/bin): run scripts/bootstrap")
     server = start_postgres(servers_root)
     yield server
-    server.stop()
+    server.close()
 
 
 @pytest.fixture
@@ -78,6 +79,7 @@ def own_mosquitto(servers_root: Path) -> Iterator[Mosquitto]:
     server = start_mosquitto(servers_root)
     yield server
     server.kill()
+    remove_server_folder(server.folder)
 
 
 @pytest.fixture
@@ -85,6 +87,7 @@ def own_influx(servers_root: Path) -> Iterator[InfluxDB]:
     server = start_influxdb(servers_root)
     yield server
     server.kill()
+    remove_server_folder(server.folder)
 
 
 @dataclass(frozen=True)

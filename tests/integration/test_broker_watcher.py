@@ -35,7 +35,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from compression.localservers import MOSQUITTO_BIN, free_port
+from compression.localservers import BROKER_USER, MOSQUITTO_BIN, free_port, remove_server_folder, server_folder
 from devices.registry import schemas as s
 from devices.registry.broker import BrokerSync
 from devices.registry.db import make_engine, migrate, session_factory
@@ -153,7 +153,8 @@ def broker(servers_root: Path) -> Iterator[Broker]:
         pytest.skip(f"{MOSQUITTO_BIN} is not installed (Debian package mosquitto)")
     if shutil.which("mosquitto_passwd") is None:
         pytest.skip("mosquitto_passwd is not installed (Debian package mosquitto)")
-    folder = servers_root / f"watcher-{uuid.uuid4().hex[:8]}"
+    # Root's 0700 home: the folder goes to the temporary directory where the broker's user can enter it.
+    folder = server_folder(servers_root, f"watcher-{uuid.uuid4().hex[:8]}", BROKER_USER)
     for sub in ("config", "data", "registry"):
         (folder / sub).mkdir(parents=True)
     done = make_certs(folder / "tls")
@@ -200,6 +201,7 @@ def broker(servers_root: Path) -> Iterator[Broker]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)  # the watcher, if it has not noticed yet
         engine.dispose()
+        remove_server_folder(folder)
 
 
 def test_a_registered_device_gets_in_within_seconds_and_a_revoked_one_is_refused(broker: Broker) -> None:
