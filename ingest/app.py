@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from compression.files import open_private_append
 from devices.protocol import TimeWindow
 from ingest.batch import Batch, Batcher, Entry, OrderedAcker
 from ingest.consume import MqttConsumer
@@ -137,8 +138,8 @@ class Ingester:
 
     def _fallback_file(self, refused: list[RefusedLine]) -> None:
         path = Path(self.settings.dead_letter_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as fh:
+        # Raw device payloads: the owner's only (0600), like the monitor's state file.
+        with os.fdopen(open_private_append(path), "a", encoding="utf-8") as fh:
             for item in refused:
                 fh.write(json.dumps({"line": item.line, "error": item.error, "at_ns": time.time_ns()}) + "\n")
             fh.flush()

@@ -39,6 +39,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from compression.files import private_sqlite
 from devices.registry.db import make_engine
 from devices.registry.models import NAMING, UTCDateTime, utcnow
 
@@ -113,6 +114,7 @@ class State:
     """The state database: sessions, the lease, and the outbox's claim/sent bookkeeping."""
 
     def __init__(self, url: str) -> None:
+        private_sqlite(url)  # a SQLite state file is the owner's only (0600): it holds addresses, names, flags
         self.engine = make_engine(url)
         for attempt in range(3):
             try:
