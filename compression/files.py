@@ -1,5 +1,8 @@
 """Files readable by their owner only: the monitor's state database, the ingester's dead-letter file.
 
+No third-party import here: the ingester imports this module, and SQLAlchemy alone would cost it 11 MB of RSS
+(``monitor.state.private_sqlite`` reads SQLite URLs).
+
 They hold what must not be world-readable on a shared host (physio addresses and names in the e-mail outbox,
 patient codes and flags, raw device payloads). Created ``0600`` whatever the process's umask; one found with
 group or other bits (left by an older version) is tightened, with a warning.
@@ -12,9 +15,6 @@ import os
 import stat
 from pathlib import Path
 from typing import Final
-
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -54,27 +54,4 @@ def open_private_append(path: Path) -> int:
     return os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, PRIVATE_MODE)
 
 
-def sqlite_path(url: str) -> Path | None:
-    """The file of a SQLite database URL; ``None`` for an in-memory database or another kind of database."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        return None
-    database = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return Path(database)
-
-
-def private_sqlite(url: str) -> None:
-    """Before a SQLite database is first opened: its file created 0600 (SQLite gives its ``-wal``/``-shm`` files
-    the database file's mode), or an existing one and its side files tightened. Other databases: nothing."""
-    path = sqlite_path(url)
-    if path is None:
-        return
-    private_file(path)
-    for suffix in SQLITE_SIDE_FILES:
-        tighten(path.with_name(path.name + suffix))
-
-
-__all__ = ["PRIVATE_MODE", "open_private_append", "private_file", "private_sqlite", "sqlite_path", "tighten"]
+__all__ = ["PRIVATE_MODE", "SQLITE_SIDE_FILES", "open_private_append", "private_file", "tighten"]
