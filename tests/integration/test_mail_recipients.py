@@ -27,6 +27,7 @@ from email.headerregistry import AddressHeader
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import msgspec
 import pytest
 
 from compression.influxql import rows
@@ -35,6 +36,7 @@ from devices.registry import schemas as s
 from devices.registry.db import make_engine, migrate, session_factory
 from devices.registry.service import SYSTEM, Registry
 from monitor.app import Monitor
+from monitor.mail import DigestMail, DigestRow
 from tests.integration.test_monitor_e2e import (
     World,
     boot_lines,
@@ -149,3 +151,41 @@ async def test_hostile_physio_names_add_no_recipient_and_break_no_mail(
                    if str(m.message["X-Compression-Dedupe-Key"]).startswith("digest:"))  # fmt: skip
         assert await mon.evaluate_once(now_ms=world.now_ms)
         assert caplog.text.count("P-CAT (bow):") == 1, "one log line per cause, not one per evaluation"
+
+
+async def test_a_recipient_refused_for_good_is_counted_logged_once_and_shown(
+    influx: InfluxDB, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """550 for every e-mail to one physio: each counted and kept as failed, one log line for the cause, a problem
+    on their patients; the other physio's e-mail goes out between them; the next accepted e-mail clears it."""
+    caplog.set_level(logging.INFO)
+    now = datetime.now(UTC)
+    tz = midday_zone(now)
+    registry = build(tmp_path / "registry.db", tz)
+    database = f"t_mail_refused_{os.getpid()}_{int(time.time())}"
+    influx_query(influx.url, database, f'CREATE DATABASE "{database}"')
+    world = World(influx.url, database, registry, tz, int(now.timestamp() * 1000), "", tmp_path)
+
+    def queue(key: str, physio: str) -> None:
+        mail = DigestMail(key, physio, "bow", tz, now.date(), (DigestRow("P-ANN", "boot", 7),), physio_name=None)
+        assert mon._enqueue(key, "digest", physio, {"mail": msgspec.to_builtins(mail)})
+
+    with SmtpTestServer() as smtp:
+        mon = Monitor(settings(world, smtp, tmp_path / "monitor.db", digest_hour=23))
+        for i in range(3):
+            queue(f"test:{i}:ann", ANN)
+        queue("test:bob", BOB)
+        smtp.reject_rcpt = ["550 5.1.1 no such mailbox"] * 3
+        assert await mon.send_due() == 1, "Bob's e-mail goes out; Ann's three fail for good"
+        assert [m.rcpt_tos for m in smtp.received()] == [(BOB,)]
+        assert mon.counters.failed == 3
+        assert caplog.text.count(f"e-mails to {ANN} fail for good") == 1, "one log line per recipient and cause"
+        assert await mon.evaluate_once(now_ms=world.now_ms)
+        assert any("fail for good" in p and "550" in p for p in mon.counters.problems["P-ANN"])
+        stored = rows(influx.url, database, "SELECT problems FROM registry_problem WHERE patient = 'P-ANN'")
+        assert stored and "fail for good" in str(stored[-1]["problems"])
+        queue("test:3:ann", ANN)
+        assert await mon.send_due() == 1
+        assert ANN not in mon.counters.undeliverable
+        assert await mon.evaluate_once(now_ms=world.now_ms)
+        assert "P-ANN" not in mon.counters.problems
