@@ -29,6 +29,9 @@ CHANNELS: Final = ("telemetry", "event", "status")
 ZONES: Final = ("foot", "ankle", "calf", "knee", "thigh")
 DEFAULT_MAX_FUTURE_MS: Final = 5 * 60 * 1000
 DEFAULT_MAX_AGE_MS: Final = 30 * 24 * 3600 * 1000
+# The largest integer InfluxDB (and line protocol's "i" fields) can store: a counter beyond it is not a number
+# the platform can keep, so it is refused here, with its reason, rather than by the database on every write.
+INT64_MAX: Final = 2**63 - 1
 
 # \A...\Z, not ^...$: "$" also matches before a trailing newline, and a
 # newline cannot be escaped in line protocol (ingest-facts, trap 8).
@@ -44,6 +47,7 @@ Mmhg = Annotated[float, msgspec.Meta(ge=0.0, le=250.0)]
 SkinTemp = Annotated[float, msgspec.Meta(ge=15.0, le=45.0)]
 Percent = Annotated[int, msgspec.Meta(ge=0, le=100)]
 EpochMs = Annotated[int, msgspec.Meta(ge=0)]
+Counter = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
 ShortText = Annotated[str, msgspec.Meta(max_length=64)]
 LongText = Annotated[str, msgspec.Meta(max_length=512)]
 
@@ -63,7 +67,7 @@ class Telemetry(msgspec.Struct, frozen=True, omit_defaults=True):
     v: Literal[1]
     device_id: DeviceId
     kind: Kind
-    seq: Annotated[int, msgspec.Meta(ge=0)]
+    seq: Counter
     samples: Annotated[list[Sample], msgspec.Meta(min_length=1, max_length=MAX_SAMPLES)]
     battery_pct: Percent | None = None
 
@@ -74,7 +78,7 @@ class _TelemetryEnvelope(msgspec.Struct, frozen=True):
     v: Literal[1]
     device_id: DeviceId
     kind: Kind
-    seq: Annotated[int, msgspec.Meta(ge=0)]
+    seq: Counter
     samples: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1, max_length=MAX_SAMPLES)]
     battery_pct: Percent | None = None
 
@@ -207,6 +211,12 @@ def _check_size(payload: bytes) -> None:
         raise ProtocolError("payload_too_large", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
 
 
+# JSON nested deeper than the parser's recursion limit (about 1,000 levels with Python's default limit; the
+# protocol's own payloads nest 4 deep) cannot be read at all, not even to skip an unknown field or to split the
+# samples: the message is rejected whole with this reason (msgspec raises RecursionError, not a DecodeError).
+TOO_DEEP: Final = "too_deep"
+
+
 def _decode(payload: bytes, decoder: msgspec.json.Decoder[_T]) -> _T:
     _check_size(payload)
     try:
@@ -215,6 +225,8 @@ def _decode(payload: bytes, decoder: msgspec.json.Decoder[_T]) -> _T:
         raise ProtocolError(reason_for(exc), str(exc)) from exc
     except msgspec.DecodeError as exc:
         raise ProtocolError("not_json", str(exc)) from exc
+    except RecursionError as exc:
+        raise ProtocolError(TOO_DEEP, "JSON nested deeper than the parser allows") from exc
 
 
 _TELEMETRY_DECODER: Final = msgspec.json.Decoder(Telemetry)
@@ -238,6 +250,8 @@ def _judge_raw_sample(index: int, raw: msgspec.Raw) -> Sample | SampleRejection:
         return _SAMPLE_DECODER.decode(raw)
     except msgspec.ValidationError as exc:
         return SampleRejection(index, reason_for(exc), str(exc), bytes(raw))
+    except RecursionError:  # the envelope could be read, so this does not happen; judged like the envelope if it did
+        return SampleRejection(index, TOO_DEEP, "JSON nested deeper than the parser allows", bytes(raw))
 
 
 def _split_slow(payload: bytes) -> tuple[_TelemetryEnvelope, list[Sample | SampleRejection]]:
@@ -257,7 +271,7 @@ def decode_telemetry(
         message = _decode(payload, _TELEMETRY_DECODER)
         judged: list[Sample | SampleRejection] = list(message.samples)
     except ProtocolError as whole:
-        if whole.reason in ("not_json", "payload_too_large"):
+        if whole.reason in ("not_json", "payload_too_large", TOO_DEEP):
             raise
         # The fast path failed; find out whether the envelope or a sample is bad.
         envelope, judged = _split_slow(payload)
@@ -287,8 +301,7 @@ def _apply_time_window(
         if late is None:
             kept.append(item)
         else:
-            detail = f"t={item.t} outside [now-{window.max_age_ms}ms, now+{window.max_future_ms}ms]"
-            rejected.append(SampleRejection(index, late, detail, _ENCODER.encode(item)))
+            rejected.append(SampleRejection(index, late, _window_detail(item.t, window), _ENCODER.encode(item)))
     if len(kept) != len(message.samples):
         message = msgspec.structs.replace(message, samples=kept)
     return TelemetryResult(message=message, rejected=tuple(rejected))
@@ -301,13 +314,27 @@ def decode_event(payload: bytes, expected_device_id: str, now_ms: int, window: T
         raise ProtocolError("device_id_mismatch", "payload device_id differs from the topic's")
     late = _time_reason(event.t, now_ms, window)
     if late is not None:
-        raise ProtocolError(late, f"t={event.t}")
+        raise ProtocolError(late, _window_detail(event.t, window))
     return event
 
 
-def decode_status(payload: bytes) -> Status:
-    """Decode and validate a status payload, or raise :class:`ProtocolError`."""
-    return _decode(payload, _STATUS_DECODER)
+def decode_status(payload: bytes, now_ms: int | None = None, window: TimeWindow = TimeWindow()) -> Status:
+    """Decode and validate a status payload, or raise :class:`ProtocolError`.
+
+    With ``now_ms`` (the ingester always gives it), a status's own ``t`` must fall in the same window as a
+    sample's: a status dated 1970 or 2200 is refused (``timestamp_too_old``, ``timestamp_in_future``) instead of
+    being stored at that time. A status without ``t`` (a last will) has nothing to check.
+    """
+    status = _decode(payload, _STATUS_DECODER)
+    if now_ms is not None and status.t is not None:
+        late = _time_reason(status.t, now_ms, window)
+        if late is not None:
+            raise ProtocolError(late, _window_detail(status.t, window))
+    return status
+
+
+def _window_detail(t: int, window: TimeWindow) -> str:
+    return f"t={t} outside [now-{window.max_age_ms}ms, now+{window.max_future_ms}ms]"
 
 
 def encode(message: Telemetry | Event | Status) -> bytes:

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from compression.files import open_private_append
 from devices.protocol import TimeWindow
 from ingest.batch import Batch, Batcher, Entry, OrderedAcker
 from ingest.consume import MqttConsumer
@@ -46,6 +47,7 @@ class Ingester:
         self._received = {c: self.metrics.received.labels(c) for c in ("telemetry", "event", "status", "unknown")}
         self._metrics_runner: web.AppRunner | None = None
         self._busy = 0
+        self._internal_errors: dict[tuple[str, str], int] = {}
         self.metrics_port: int | None = None
         self.enrichment: Enrichment | None = None
         if settings.registry_url:
@@ -58,11 +60,11 @@ class Ingester:
         self._stop.set()
 
     # -- the message path -------------------------------------------------
-    def _on_message(self, topic: str, payload: bytes, entry: Entry) -> None:
+    def _on_message(self, topic: str, payload: bytes, entry: Entry, retained: bool = False) -> None:
         try:
-            decoded = self._decoder.decode(topic, payload, time.time_ns())
-        except Exception as exc:
-            log.exception("decoder failed on a message from %r", topic[:200])
+            decoded = self._decoder.decode(topic, payload, time.time_ns(), retained)
+        except Exception as exc:  # noqa: BLE001 (a bug: logged once per kind with its traceback, dead-lettered)
+            self._log_internal_error("decoder", topic, exc)
             decoded = self._decoder.internal_error(topic, payload, time.time_ns(), exc)
         counter = self._received.get(topic.rsplit("/", 1)[-1]) or self._received["unknown"]
         counter.inc()
@@ -70,13 +72,14 @@ class Ingester:
         if enrichment is not None and enrichment.attributions is not None:
             try:
                 unattributed = attribute(decoded.lines, decoded.samples, enrichment.attributions)
-            except Exception as exc:
-                log.exception("enrichment failed on a message from %r", topic[:200])
+            except Exception as exc:  # noqa: BLE001 (as above)
+                self._log_internal_error("enrichment", topic, exc)
                 decoded = self._decoder.internal_error(topic, payload, time.time_ns(), exc)
                 unattributed = ()
             for measurement, device, reason, points in unattributed:
                 enrichment.unattributed(measurement, device, reason, points)
-            decoded.lines.extend(receipt_lines(decoded.lines, decoded.samples, int(time.time() * 1000)))
+            if not retained:  # a retained delivery is the broker's old copy, not data that just arrived
+                decoded.lines.extend(receipt_lines(decoded.lines, decoded.samples, int(time.time() * 1000)))
         for reason in decoded.rejections:
             self.metrics.rejected.labels(reason).inc()
         self._batcher.add(entry, decoded.lines, decoded.samples, decoded.newest_ms)
@@ -84,6 +87,17 @@ class Ingester:
         if consumer is not None and consumer.unacked >= self.settings.inflight_max:
             # Nothing more arrives until acks go out: write now.
             self._batcher.cut()
+
+    def _log_internal_error(self, stage: str, topic: str, exc: Exception) -> None:
+        """A bug met on a message: the traceback once per stage and exception type, then a count (a sender that
+        found the bug must not be able to fill the log with tracebacks)."""
+        kind = (stage, type(exc).__name__)
+        self._internal_errors[kind] = seen = self._internal_errors.get(kind, 0) + 1
+        if seen == 1:
+            log.error("%s failed on a message from %r (dead-lettered as internal_error; further %s in %s are "
+                      "counted, not logged)", stage, topic[:200], kind[1], stage, exc_info=exc)  # fmt: skip
+        elif seen in (10, 100) or seen % 1000 == 0:
+            log.warning("%s failed %d times with %s (internal_error dead letters)", stage, seen, kind[1])
 
     async def _write_loop(self, writer: InfluxWriter) -> None:
         assert self._acker is not None
@@ -124,8 +138,8 @@ class Ingester:
 
     def _fallback_file(self, refused: list[RefusedLine]) -> None:
         path = Path(self.settings.dead_letter_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as fh:
+        # Raw device payloads: the owner's only (0600), like the monitor's state file.
+        with os.fdopen(open_private_append(path), "a", encoding="utf-8") as fh:
             for item in refused:
                 fh.write(json.dumps({"line": item.line, "error": item.error, "at_ns": time.time_ns()}) + "\n")
             fh.flush()

@@ -37,7 +37,9 @@ from ingest.write import Backoff
 
 log = logging.getLogger(__name__)
 
-MessageHandler = Callable[[str, bytes, Entry], None]
+# (topic, payload, entry to acknowledge, retained): ``retained`` is the MQTT retain flag on delivery, set only when
+# the broker hands over its stored retained message (a new subscription), never for a message published live.
+MessageHandler = Callable[[str, bytes, Entry, bool], None]
 # paho reads one packet per loop_read(); reading a bounded burst per wake-up
 # saves an event-loop round trip per message.
 READS_PER_WAKEUP = 64
@@ -241,7 +243,7 @@ class MqttConsumer:
             self.unacked += 1
             if self.unacked > self._window:
                 self._set_paused(True)
-        self._handler(message.topic, bytes(message.payload), entry)
+        self._handler(message.topic, bytes(message.payload), entry, bool(message.retain))
 
     # -- flow control -----------------------------------------------------
     def _set_paused(self, paused: bool) -> None:

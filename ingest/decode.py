@@ -19,6 +19,8 @@ from devices.protocol import (
 )
 from ingest.encode import (
     DEFAULT_MAX_WEAR_GAP_S,
+    STATUS,
+    STATUS_RETAINED,
     event_line,
     rejected_line,
     status_line,
@@ -56,8 +58,14 @@ class Decoder:
         # rejections in the same nanosecond from overwriting each other.
         self._tiebreak = 0
 
-    def decode(self, topic: str, payload: bytes, received_ns: int) -> Decoded:
-        """Decode one message; rejections become dead-letter lines."""
+    def decode(self, topic: str, payload: bytes, received_ns: int, retained: bool = False) -> Decoded:
+        """Decode one message; rejections become dead-letter lines.
+
+        ``retained``: the broker delivered its stored retained copy (a new subscription), so the receive time says
+        nothing about when the device spoke. A status with its own ``t`` is stored at that ``t`` as always; one
+        without (an online announcement, a last will) goes to ``status_retained`` instead of ``status``, so that it
+        never makes a silent garment look alive ("last seen", the monitor's silence, the dashboards' state).
+        """
         try:
             where = parse_topic(topic, self._config.topic_root)
         except ProtocolError as exc:
@@ -69,8 +77,10 @@ class Decoder:
                 now_ms = received_ns // 1_000_000
                 event = decode_event(payload, where.device_id, now_ms, self._config.window)
                 return Decoded([event_line(event)])
-            status = decode_status(payload)
-            return Decoded([status_line(where.device_id, status, received_ns // 1_000_000)])
+            status = decode_status(payload, received_ns // 1_000_000, self._config.window)
+            untimed_retained = retained and status.t is None
+            measurement = STATUS_RETAINED if untimed_retained else STATUS
+            return Decoded([status_line(where.device_id, status, received_ns // 1_000_000, measurement)])
         except ProtocolError as exc:
             return self._reject(where.device_id, where.channel, exc, payload, received_ns)
 
@@ -96,9 +106,14 @@ class Decoder:
         return out
 
     def internal_error(self, topic: str, payload: bytes, received_ns: int, exc: Exception) -> Decoded:
-        """Dead-letter a message the decoder itself failed on (a bug, never the sender's)."""
+        """Dead-letter a message the decoder itself failed on (a bug, never the sender's), under its topic's
+        device and channel when the topic is valid, else under ``_invalid``."""
         error = ProtocolError("internal_error", f"{type(exc).__name__}: {exc}")
-        return self._reject(UNKNOWN_DEVICE, "unknown", error, topic.encode() + b" " + payload, received_ns)
+        try:
+            where = parse_topic(topic, self._config.topic_root)
+        except ProtocolError:
+            return self._reject(UNKNOWN_DEVICE, "unknown", error, topic.encode() + b" " + payload, received_ns)
+        return self._reject(where.device_id, where.channel, error, payload, received_ns)
 
     def _reject(self, device: str, channel: str, exc: ProtocolError, raw: bytes, received_ns: int) -> Decoded:
         dead = rejected_line(

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 SAMPLE: Final = "sample"
 EVENT: Final = "event"
 STATUS: Final = "status"
+# A retained status without its own t, delivered by the broker to a new subscription: kept, but apart from
+# ``status``, because its receive time is not when the device spoke.
+STATUS_RETAINED: Final = "status_retained"
 REJECTED: Final = "rejected"
 
 # A sample's wear stands for the time until the next sample, but never more
@@ -179,8 +182,8 @@ def event_line(event: Event) -> str:
     return line(EVENT, {"device": event.device_id, "type": event.type}, fields, event.t * 1_000_000)
 
 
-def status_line(device_id: str, status: Status, received_ms: int) -> str:
-    """One ``status`` point, at the status's own ``t`` or else when it was received."""
+def status_line(device_id: str, status: Status, received_ms: int, measurement: str = STATUS) -> str:
+    """One ``status`` point (or ``status_retained``), at the status's own ``t`` or else when it was received."""
     fields: dict[str, bool | int | float | str] = {
         "state": status.state,
         "online": status.state == "online",
@@ -190,7 +193,7 @@ def status_line(device_id: str, status: Status, received_ms: int) -> str:
         if value is not None:
             fields[name] = value
     when = status.t if status.t is not None else received_ms
-    return line(STATUS, {"device": device_id}, fields, when * 1_000_000)
+    return line(measurement, {"device": device_id}, fields, when * 1_000_000)
 
 
 def rejected_line(

@@ -92,6 +92,9 @@ class Counters:
     last_read_days: dict[int, int] = field(default_factory=dict)
     lease_held: bool = False
     problems: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Recipients whose last e-mail failed for good (refused by the server, unusable address, not composable), with
+    # the cause: logged once per cause, shown as a problem of their patients until an e-mail to them goes through.
+    undeliverable: dict[str, str] = field(default_factory=dict)
 
 
 class ChartMailData(MailData):
@@ -219,7 +222,7 @@ class Monitor:
     async def evaluate_once(self, now_ms: int | None = None) -> bool:
         """Evaluate every patient; False (and nothing changed) when InfluxDB cannot be read."""
         started = time.monotonic()
-        contexts = await asyncio.to_thread(load_contexts, self.registry)
+        contexts = self._with_delivery_problems(await asyncio.to_thread(load_contexts, self.registry))
         self._note_problems(contexts)
         judged = [c for c in contexts if c.rx is not None]
         try:
@@ -398,6 +401,26 @@ class Monitor:
                     seen[patient] = max(seen.get(patient, 0), int(s["values"][0][0]))
         return seen
 
+    def _with_delivery_problems(self, contexts: list[PatientContext]) -> list[PatientContext]:
+        """Each patient whose physio's e-mails fail for good gets that as a problem (digest, registry_problem)."""
+        bad = self.counters.undeliverable
+        if not bad:
+            return contexts
+        prefix = "e-mails to the responsible physio fail for good: "
+        return [replace(c, problems=(*c.problems, prefix + bad[c.physio_email])) if c.physio_email in bad else c
+                for c in contexts]  # fmt: skip
+
+    def _failed_for_good(self, row: Outbox, cause: str, exc: Exception | None = None) -> None:
+        """Count a permanent failure; log it once per recipient and cause (not once per e-mail or per round)."""
+        self.counters.failed += 1
+        if self.counters.undeliverable.get(row.recipient) != cause:
+            log.error("e-mails to %s fail for good (kept in the outbox as failed; shown as a registry problem of "
+                      "their patients until one goes through): %s; first: %s", row.recipient, cause,
+                      row.dedupe_key, exc_info=exc)  # fmt: skip
+        else:
+            log.debug("e-mail %s to %s failed for good again: %s", row.dedupe_key, row.recipient, cause)
+        self.counters.undeliverable[row.recipient] = cause
+
     def _note_problems(self, contexts: Sequence[PatientContext]) -> None:
         for ctx in contexts:
             if ctx.problems and self.counters.problems.get(ctx.patient) != ctx.problems:
@@ -564,14 +587,13 @@ class Monitor:
             row = rows[0]
             try:
                 message = await asyncio.to_thread(self._compose, row)
-            except Exception as exc:  # a row that cannot become an e-mail: kept as failed, the others go on
-                self.counters.failed += 1
-                log.exception("e-mail %s to %s cannot be composed (kept in the outbox as failed)", row.dedupe_key,
-                              row.recipient)  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 (logged with its traceback once per cause) a row that cannot become an e-mail: kept as failed, the others go on
+                self._failed_for_good(row, f"cannot compose: {type(exc).__name__}: {str(exc)[:200]}", exc)
                 await asyncio.to_thread(self.state.mark_retry, row.id, f"cannot compose: {exc!r}", 0.0, True)
                 continue
             try:
-                await self.sender.send(message)
+                # The envelope recipient is the outbox row's (the registry's checked address), given explicitly.
+                await self.sender.send(message, [row.recipient])
             except MailError as exc:
                 delay = next_attempt(row.attempts + 1)
                 await asyncio.to_thread(self.state.mark_retry, row.id, str(exc), delay, not exc.temporary)
@@ -579,14 +601,11 @@ class Monitor:
                     self.counters.retries += 1
                     log.warning("e-mail %s to %s not sent (attempt %d), retry in %.0fs: %s", row.dedupe_key,
                                 row.recipient, row.attempts + 1, delay, exc)  # fmt: skip
-                else:
-                    self.counters.failed += 1
-                    log.error("e-mail %s to %s refused for good (kept in the outbox as failed): %s",
-                              row.dedupe_key, row.recipient, exc)  # fmt: skip
-                if exc.temporary:
                     break  # the server is away: the rest waits for the next round
+                self._failed_for_good(row, str(exc)[:300])
                 continue
             await asyncio.to_thread(self.state.mark_sent, row.id)
+            self.counters.undeliverable.pop(row.recipient, None)
             sent += 1
             log.info("e-mail %s sent to %s", row.dedupe_key, row.recipient)
         self.counters.sent += sent

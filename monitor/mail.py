@@ -37,7 +37,7 @@ from datetime import UTC, date, datetime
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
-from email.utils import format_datetime, getaddresses, parseaddr
+from email.utils import format_datetime, parseaddr
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
 from urllib.parse import quote
@@ -58,6 +58,7 @@ from monitor.model import (
     WORN_OUT,
     Severity,
 )
+from monitor.recipients import AddressError, checked_address, display_name, recipient_header
 
 if TYPE_CHECKING:
     from monitor.settings import MonitorSettings
@@ -279,7 +280,9 @@ def _new_message(subject: str, sender: str, to_email: str, to_name: str | None, 
     msg = EmailMessage(policy=policy.SMTP)
     msg["Subject"] = subject
     msg["From"] = sender
-    msg["To"] = f"{to_name} <{to_email}>" if to_name else to_email
+    # The address is checked (one plain local@domain); the name is display text, quoted or encoded by the e-mail
+    # library: no name can add a recipient or a header (monitor/recipients.py).
+    msg["To"] = recipient_header(to_email, to_name)
     msg["Date"] = format_datetime(now or datetime.now(UTC))
     msg["Message-ID"] = message_id(dedupe_key, sender)
     msg["Auto-Submitted"] = "auto-generated"
@@ -355,7 +358,8 @@ def compose_episode(mail: EpisodeMail, *, sender: str, dashboard_url: str, now: 
     else:
         why = "No further e-mails about this episode; a new one opens if the flag comes back."
 
-    greeting = f"Dear {mail.physio_name}," if mail.physio_name else "Hello,"
+    name = display_name(mail.physio_name)
+    greeting = f"Dear {name}," if name else "Hello,"
     text = [greeting, "", headline, "", f"Patient:  {mail.patient} (clinic {mail.clinic})"]
     text += [f"{k + ':':<9} {v}" for k, v in when]
     text += ["", *textwrap.wrap(f"What it means: {explanation}.", 76), *textwrap.wrap(why, 76)]
@@ -413,7 +417,8 @@ def compose_digest(mail: DigestMail, *, sender: str, dashboard_url: str, now: da
     rows = sorted(mail.rows, key=lambda r: (not r.needs_attention, _SEVERITY_RANK.get(r.worst_severity or "", 3),
                                             r.patient))  # fmt: skip
     attention = [r for r in rows if r.needs_attention]
-    greeting = f"Dear {mail.physio_name}," if mail.physio_name else "Hello,"
+    name = display_name(mail.physio_name)
+    greeting = f"Dear {name}," if name else "Hello,"
     intro = (f"Your patients at {mail.clinic} on {mail.day.strftime('%a %d %b %Y')}: {len(rows)} patients, "
              f"{len(attention)} need attention.")  # fmt: skip
     legend = "Adherence: how many of the last complete days had no flag at all (worn as prescribed)."
@@ -668,12 +673,16 @@ class SmtpSender:
             self._tls_context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
         return self._tls_context
 
-    async def send(self, message: EmailMessage) -> None:
-        """Deliver ``message`` to its To/Cc/Bcc recipients; :class:`MailError` (``temporary`` or not) if not."""
-        recipients = [a for _, a in getaddresses(message.get_all("To", []) + message.get_all("Cc", [])
-                                                 + message.get_all("Bcc", [])) if a]  # fmt: skip
+    async def send(self, message: EmailMessage, recipients: Sequence[str]) -> None:
+        """Deliver ``message`` to ``recipients``, the SMTP envelope's recipients, given explicitly (never read from
+        the message's headers, which carry display text); each must be one plain address (:func:`checked_address`).
+        :class:`MailError` (``temporary`` or not) if not delivered."""
         if not recipients:
             raise MailError("the message has no recipient", temporary=False)
+        try:
+            recipients = [checked_address(r) for r in recipients]
+        except AddressError as exc:
+            raise MailError(f"unusable recipient address: {exc}", temporary=False) from exc
         use_tls = self.tls == "implicit"
         start_tls: bool | None = {"starttls": True, "optional": None, "implicit": False, "off": False}[self.tls]
         started = time.monotonic()

@@ -2,9 +2,12 @@
 
 Read through the registry's own service (as the system), so the monitor sees
 exactly what the API shows. Whatever keeps a patient from being monitored
-fully (no physio, an inactive physio, no prescription, a prescription missing
-a field, several garment kinds) goes into ``PatientContext.problems``: it is
-logged and reported to the clinic, never a crash.
+fully (no physio, an inactive physio, a physio whose e-mail address is not
+one plain address, no prescription, a prescription missing a field, several
+garment kinds) goes into ``PatientContext.problems``: it is logged and
+reported to the clinic, never a crash. A physio's name is display text only
+(``monitor.recipients.display_name``); the checked address alone decides
+where e-mails go.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from zoneinfo import ZoneInfo
 from devices.registry import schemas as s
 from devices.registry.service import SYSTEM, Registry
 from monitor.model import BootRx, PatientContext, SockRx
+from monitor.recipients import AddressError, checked_address, display_name
 
 
 def load_contexts(registry: Registry, now: datetime | None = None) -> list[PatientContext]:
@@ -41,6 +45,16 @@ def load_contexts(registry: Registry, now: datetime | None = None) -> list[Patie
     return contexts
 
 
+def _address(physio: s.PhysioOut | None) -> str | AddressError | None:
+    """The physio's address if it is one plain address (the only thing that becomes a recipient), else why not."""
+    if physio is None:
+        return None
+    try:
+        return checked_address(physio.email)
+    except AddressError as exc:
+        return exc
+
+
 def _current(rxs: list[s.PrescriptionOut], today: date) -> list[s.PrescriptionOut]:
     return [rx for rx in rxs if rx.valid_from <= today and (rx.valid_to is None or today <= rx.valid_to)]
 
@@ -53,15 +67,19 @@ def _context(
     devices: tuple[str, ...],
 ) -> PatientContext:
     problems: list[str] = []
+    address = _address(physio)
     if physio is None:
         problems.append("no responsible physio: alerts cannot be sent")
+    elif isinstance(address, AddressError):
+        problems.append(f"responsible physio's e-mail address {physio.email!r} cannot be used ({address}): "
+                        "alerts cannot be sent")  # fmt: skip
     elif not physio.active:
         problems.append(f"responsible physio {physio.email} is inactive: alerts cannot be sent")
     if not devices:
         problems.append("no garment assigned")
     rx, rx_problems = _prescription(current)
     problems += rx_problems
-    reachable = physio is not None and physio.active
+    reachable = physio is not None and physio.active and isinstance(address, str)
     return PatientContext(
         patient=patient.code,
         clinic=patient.clinic,
@@ -69,7 +87,7 @@ def _context(
         kind="sock" if isinstance(rx, SockRx) else "boot" if isinstance(rx, BootRx) else None,
         rx=rx,
         physio_email=physio.email if reachable and physio else None,
-        physio_name=physio.name if reachable and physio else None,
+        physio_name=display_name(physio.name) if reachable and physio else None,
         devices=devices,
         max_silence_hours=current[0].max_silence_hours if current else 24.0,
         problems=tuple(problems),

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.integration
 
 USER, PASSWORD = "monitor", "correct horse battery staple"
 SENDER = "Compression monitor <monitor@clinic.example>"
+PHYSIO = "physio1@demo-clinic.example"
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def alert(key: str = "episode:42:opened") -> EmailMessage:
 async def test_delivered_with_starttls_and_auth(server: SmtpTestServer, certs: tuple[Path, Path, Path]) -> None:
     message = alert()
     started = time.monotonic()
-    await sender_for(server, certs[0]).send(message)
+    await sender_for(server, certs[0]).send(message, [PHYSIO])
     elapsed = time.monotonic() - started
     [got] = await server.wait_for_async(1)
     assert elapsed < 5
@@ -82,7 +83,7 @@ async def test_delivered_with_starttls_and_auth(server: SmtpTestServer, certs: t
 
 async def test_wrong_password_is_permanent(server: SmtpTestServer, certs: tuple[Path, Path, Path]) -> None:
     with pytest.raises(MailError) as caught:
-        await sender_for(server, certs[0], password="wrong").send(alert())
+        await sender_for(server, certs[0], password="wrong").send(alert(), [PHYSIO])
     assert not caught.value.temporary
     assert caught.value.code == 535
     assert caught.value.__cause__ is not None
@@ -97,7 +98,7 @@ async def test_server_down_is_temporary_and_the_mail_arrives_after_it_returns(
     message = parse_message(alert("episode:7:opened").as_bytes())  # as an outbox stores it
     server.stop()
     with pytest.raises(MailError) as caught:
-        await sender.send(message)
+        await sender.send(message, [PHYSIO])
     assert caught.value.temporary
 
     async def bring_back() -> None:
@@ -110,7 +111,7 @@ async def test_server_down_is_temporary_and_the_mail_arrives_after_it_returns(
     while True:
         attempts += 1
         try:
-            await sender.send(message)
+            await sender.send(message, [PHYSIO])
             break
         except MailError as error:
             assert error.temporary, error
@@ -129,7 +130,7 @@ async def test_refused_recipient(server: SmtpTestServer, certs: tuple[Path, Path
                                  temporary: bool) -> None:  # fmt: skip
     server.reject_rcpt.append(reply)
     with pytest.raises(MailError) as caught:
-        await sender_for(server, certs[0]).send(alert())
+        await sender_for(server, certs[0]).send(alert(), [PHYSIO])
     assert caught.value.temporary is temporary
     assert caught.value.code == int(reply[:3])
 
@@ -137,7 +138,7 @@ async def test_refused_recipient(server: SmtpTestServer, certs: tuple[Path, Path
 async def test_untrusted_certificate_is_refused(server: SmtpTestServer, tmp_path: Path) -> None:
     other_ca, _, _ = make_certificates(tmp_path)  # trusts a CA that did not sign the server's certificate
     with pytest.raises(MailError) as caught:
-        await sender_for(server, other_ca).send(alert())
+        await sender_for(server, other_ca).send(alert(), [PHYSIO])
     assert not caught.value.temporary
     assert "certificate" in str(caught.value)
     assert server.received() == []
@@ -147,11 +148,11 @@ async def test_required_starttls_is_never_skipped(certs: tuple[Path, Path, Path]
     with SmtpTestServer(tls="off") as plain:
         sender = SmtpSender(plain.host, plain.port, tls="starttls", ca_file=certs[0], timeout_s=5.0)
         with pytest.raises(MailError) as caught:
-            await sender.send(alert())
+            await sender.send(alert(), [PHYSIO])
         assert not caught.value.temporary
         assert plain.received() == []
         # "optional" sends in the clear when the server offers no STARTTLS (a local catcher), without credentials
-        await SmtpSender(plain.host, plain.port, tls="optional", timeout_s=5.0).send(alert())
+        await SmtpSender(plain.host, plain.port, tls="optional", timeout_s=5.0).send(alert(), [PHYSIO])
         [got] = await plain.wait_for_async(1)
         assert not got.tls and got.login is None
 
@@ -161,7 +162,7 @@ async def test_implicit_tls(certs: tuple[Path, Path, Path]) -> None:
     with SmtpTestServer(tls="implicit", cert=cert, key=key, users={USER: PASSWORD}) as implicit:
         sender = SmtpSender(implicit.host, implicit.port, tls="implicit", username=USER, password=PASSWORD,
                             ca_file=ca, timeout_s=5.0)  # fmt: skip
-        await sender.send(alert())
+        await sender.send(alert(), [PHYSIO])
         [got] = await implicit.wait_for_async(1)
         assert got.login == USER
 
@@ -174,7 +175,7 @@ async def test_a_server_that_never_answers_times_out_as_temporary() -> None:
         sender = SmtpSender("127.0.0.1", port, tls="optional", timeout_s=0.5)
         started = time.monotonic()
         with pytest.raises(MailError) as caught:
-            await sender.send(alert())
+            await sender.send(alert(), [PHYSIO])
         assert caught.value.temporary
         assert time.monotonic() - started < 3
 
@@ -188,10 +189,10 @@ async def test_demo_mail_catcher_keeps_each_mail_as_an_eml_file(tmp_path: Path) 
     catcher = start_mailcatcher(tmp_path)
     try:
         sender = SmtpSender(catcher.host, catcher.port, tls="off", timeout_s=5.0, mail_from=SENDER)
-        await sender.send(alert("episode:1:opened"))
+        await sender.send(alert("episode:1:opened"), [PHYSIO])
         catcher.stop()
         catcher.start()  # numbering continues, files stay
-        await sender.send(alert("episode:1:resolved"))
+        await sender.send(alert("episode:1:resolved"), [PHYSIO])
         first, second = catcher.messages()
     finally:
         catcher.stop()
@@ -202,3 +203,23 @@ async def test_demo_mail_catcher_keeps_each_mail_as_an_eml_file(tmp_path: Path) 
     stored = parse_message(second.path.read_bytes())
     assert stored["Message-ID"] == alert("episode:1:resolved")["Message-ID"]
     assert not list(catcher.folder.glob(".incoming-*"))
+
+
+async def test_envelope_recipients_are_explicit(server: SmtpTestServer, certs: tuple[Path, Path, Path]) -> None:
+    """Headers that name other addresses do not make them recipients; an address that is not one plain address is
+    refused before RCPT TO, for good."""
+    message = alert()
+    message["Cc"] = "attacker@evil.example"
+    message["Bcc"] = "attacker2@evil.example"
+    await sender_for(server, certs[0]).send(message, [PHYSIO])
+    [got] = await server.wait_for_async(1)
+    assert got.rcpt_tos == (PHYSIO,)
+    for bad in ("physio1@demo-clinic.example>, <attacker@evil.example", "cat,attacker@evil.example",
+                "physio1@demo-clinic.example\r\nRCPT TO:<attacker@evil.example>", ""):  # fmt: skip
+        with pytest.raises(MailError) as caught:
+            await sender_for(server, certs[0]).send(alert(), [bad])
+        assert not caught.value.temporary
+    with pytest.raises(MailError):
+        await sender_for(server, certs[0]).send(alert(), [])
+    await asyncio.sleep(0.2)
+    assert len(server.received()) == 1

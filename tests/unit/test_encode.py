@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from devices.protocol import Event, Sample, Status, Telemetry
+from ingest.decode import Decoder
 from ingest.encode import (
     EncodeError,
     escape_key,
@@ -116,3 +117,18 @@ def test_event_status_and_dead_letter_lines() -> None:
     assert "\n" not in dead
     assert dead.startswith("rejected,channel=unknown,device=_invalid,reason=not_json ")
     assert "raw_bytes=3i" in dead
+
+
+def test_a_retained_status_without_t_is_kept_apart_from_status() -> None:
+    """The broker's retained copy says nothing about when the device spoke: never a fresh ``status`` point."""
+    now_ns = 1_764_144_000_000_000_000
+    decoder = Decoder()
+    topic = "garments/v1/sock-0001/status"
+    live = decoder.decode(topic, b'{"v":1,"state":"online"}', now_ns)
+    retained = decoder.decode(topic, b'{"v":1,"state":"online"}', now_ns, retained=True)
+    stamped = decoder.decode(topic, b'{"v":1,"state":"online","t":%d}' % (now_ns // 10**6 - 60_000), now_ns, True)
+    assert live.lines[0].startswith("status,device=sock-0001 ")
+    assert retained.lines[0].startswith("status_retained,device=sock-0001 ")
+    assert stamped.lines[0].startswith("status,device=sock-0001 ") and stamped.lines[0].endswith(
+        f" {now_ns - 60_000 * 10**6}"
+    )

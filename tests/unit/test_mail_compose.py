@@ -34,6 +34,7 @@ from monitor.mail import (
     render_chart,
 )
 from monitor.model import SEVERITY, PatientContext, SockRx
+from monitor.recipients import MAX_DISPLAY_NAME, AddressError, checked_address
 
 SENDER = "Compression monitor <monitor@clinic.example>"
 DASHBOARD = "https://grafana.clinic.example/"
@@ -163,6 +164,43 @@ def test_html_escapes_its_inputs() -> None:
     html = texts(msg)["text/html"]
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "<b>clinic</b>" not in html
+
+
+@pytest.mark.parametrize("name", [
+    "Eve <attacker@evil.example>, Ann", "Bob\r\nBcc: attacker@evil.example", "Bob\nTo: attacker@evil.example",
+    '"attacker@evil.example" <attacker@evil.example>,', "=?utf-8?q?x?= <attacker@evil.example>", "Zo\u00eb \u202eevil",
+    "x" * 5000, "\x00\x1b[31m", "attacker@evil.example", ";attacker@evil.example:", "\u2028Bcc: attacker@evil.example",
+])  # fmt: skip
+def test_hostile_physio_names_are_display_text_only(name: str) -> None:
+    """Whatever the name, the composed message has exactly one recipient header naming exactly the physio."""
+    for msg in (compose(episode(physio_name=name)),
+                compose_digest(dataclasses.replace(digest_mail(), physio_name=name), sender=SENDER,
+                               dashboard_url=DASHBOARD)):  # fmt: skip
+        parsed = parse_message(msg.as_bytes())
+        (to,) = parsed.get_all("To")
+        assert [a.addr_spec for a in to.addresses] == ["physio1@demo-clinic.example"]
+        assert parsed.get_all("Cc") is None and parsed.get_all("Bcc") is None
+        assert len(str(to.addresses[0].display_name)) <= MAX_DISPLAY_NAME
+        greeting = texts(parsed)["text/plain"].splitlines()[0]
+        assert greeting.startswith(("Dear ", "Hello")) and not any(ord(c) < 32 for c in greeting)
+
+
+@pytest.mark.parametrize(("address", "ok"), [
+    ("physio1@demo-clinic.example", True), ("a.b+tag@sub.clinic.example", True), ("o'neil@x.example", True),
+    ("cat,attacker@evil.example", False), ("a@b.example>, <attacker@evil.example", False), ("a b@x.example", False),
+    ('"a"@x.example', False), ("a@x.example\n", False), ("a@x.example\r\nBcc: e@x.example", False), ("a@x", False),
+    ("a..b@x.example", False), (".a@x.example", False), ("a@-x.example", False), ("a;b@x.example", False),
+    ("a@b@x.example", False), ("j\u00fcrgen@x.example", False), ("a@x.example:25", False), ("", False),
+    ("x" * 65 + "@x.example", False), ("a@" + "x" * 64 + ".example", False), ("<a@x.example>", False),
+])  # fmt: skip
+def test_only_plain_addresses_are_recipients(address: str, ok: bool) -> None:
+    if ok:
+        assert checked_address(address) == address
+    else:
+        with pytest.raises(AddressError):
+            checked_address(address)
+        with pytest.raises(AddressError):
+            compose(episode(physio_email=address))
 
 
 def test_every_flag_has_words() -> None:

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from devices.protocol import (
+    INT64_MAX,
     MAX_PAYLOAD_BYTES,
     ProtocolError,
     Sample,
@@ -158,6 +159,46 @@ def test_events_and_status() -> None:
     with pytest.raises(ProtocolError) as caught:
         decode_status(b'{"v":1,"state":"asleep"}')
     assert caught.value.reason == "invalid_state"
+
+
+@pytest.mark.parametrize(("t", "reason"), [
+    (0, "timestamp_too_old"), (NOW - 31 * 86_400_000, "timestamp_too_old"), (NOW + 3_600_000, "timestamp_in_future"),
+    (7_258_118_400_000, "timestamp_in_future"), (10**20, "timestamp_in_future"), (-1, "invalid_t"), (1.5, "invalid_t"),
+])  # fmt: skip
+def test_status_time_has_the_samples_window(t: object, reason: str) -> None:
+    payload = json.dumps({"v": 1, "state": "online", "t": t}).encode()
+    with pytest.raises(ProtocolError) as caught:
+        decode_status(payload, NOW)
+    assert caught.value.reason == reason
+    ok = decode_status(json.dumps({"v": 1, "state": "online", "t": NOW - 86_400_000}).encode(), NOW)
+    assert ok.t == NOW - 86_400_000
+    assert decode_status(b'{"v":1,"state":"offline"}', NOW).t is None  # a last will has no t: nothing to check
+
+
+@pytest.mark.parametrize(("seq", "ok"), [(INT64_MAX, True), (INT64_MAX + 1, False), (2**64, False), (10**30, False)])
+def test_counters_fit_in_int64(seq: int, ok: bool) -> None:
+    if ok:
+        assert decode_telemetry(telemetry(seq=seq), "sock-0001", NOW).message.seq == seq
+    else:
+        assert reason_of(telemetry(seq=seq)) == "invalid_seq"
+
+
+@pytest.mark.parametrize("where", ["top", "unknown_field", "sample", "zone"])
+def test_too_deep_json_is_a_rejection_not_a_crash(where: str) -> None:
+    deep = "[" * 5000 + "]" * 5000
+    sample = f'{{"t":{NOW},"worn":true,"pressure_mmhg":{{}}}}'
+    head = '{"v":1,"device_id":"sock-0001","kind":"sock","seq":1,"samples":'
+    payload = {
+        "top": f'{{"v":1,"x":{deep}}}',
+        "unknown_field": f'{head}[{sample}],"x":{deep}}}',
+        "sample": f'{head}[{sample},{sample[:-1]},"x":{deep}}}]}}',
+        "zone": f'{head}[{{"t":{NOW},"worn":true,"pressure_mmhg":{{"ankle":{deep}}}}}]}}',
+    }[where].encode()
+    assert reason_of(payload) == "too_deep"
+    for decode in (lambda p: decode_event(p, "sock-0001", NOW), lambda p: decode_status(p, NOW)):
+        with pytest.raises(ProtocolError) as caught:
+            decode(payload)
+        assert caught.value.reason in ("too_deep", "invalid_structure")
 
 
 def test_encode_round_trips_through_the_parser() -> None:
