@@ -42,17 +42,21 @@ from devices.registry.models import (
     utcnow,
 )
 from devices.registry.secrets import (
+    TOKEN_ADVICE,
     mosquitto_hash,
     new_password,
     new_token,
     password_hash,
     password_verify,
     token_hash,
+    token_problem,
 )
 
 GARMENT_TOPIC: Final = "garments/v1/{}/#"
 SERVICE_ACCOUNT_RULE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{2,63}")
 SESSION_HOURS: Final = 12
+BOOTSTRAP_TOKEN_NAME: Final = "bootstrap-admin"
+INGESTER_SCOPE: Final = "ingester tokens may read only the enrichment snapshot (GET /api/v1/enrichment/snapshot)"
 T = TypeVar("T")
 
 
@@ -104,11 +108,15 @@ class Registry:
             self._credentials_changed()
 
     @contextmanager
-    def _tx(self, actor: Actor, *, write: bool = False, admin: bool = False) -> Iterator[Session]:
+    def _tx(self, actor: Actor, *, write: bool = False, admin: bool = False, snapshot: bool = False
+            ) -> Iterator[Session]:  # fmt: skip
         if admin and not actor.is_admin:
             raise ForbiddenError(f"{actor.role} tokens cannot do this; an admin token is needed")
         if write and actor.role not in ("admin", "physio"):
             raise ForbiddenError(f"{actor.role} tokens are read-only")
+        # The ingester tags telemetry with codes: the snapshot is all it may read (no names, no clinical notes).
+        if actor.role == "ingester" and not snapshot:
+            raise ForbiddenError(INGESTER_SCOPE)
         unit = self._outer.get()
         if unit is not None and unit.session is not None:
             try:
@@ -664,18 +672,33 @@ class Registry:
             row.revoked_at = utcnow()
             self._audit(session, actor, "revoke", "token", row.name, {"id": token_id})
 
-    def bootstrap_admin_token(self, name: str = "bootstrap-admin") -> str:
+    def bootstrap_admin_token(self, name: str = BOOTSTRAP_TOKEN_NAME) -> str:
         """The first admin token (CLI ``devices token create`` and the demo use it)."""
         return self.create_token(SYSTEM, s.TokenIn(name=name, role="admin")).token or ""
 
-    def ensure_admin_token(self, token: str, name: str = "bootstrap-admin") -> None:
-        """Make ``token`` a valid admin token unless it already is (automated set-ups: compose, the demo)."""
-        if len(token) < 20:
-            raise InvalidError("a bootstrap admin token needs at least 20 characters")
+    def ensure_admin_token(self, token: str, name: str = BOOTSTRAP_TOKEN_NAME) -> None:
+        """Make ``token`` the bootstrap admin token (automated set-ups: compose, the demo).
+
+        It replaces the previous one: every other live admin token named ``name``
+        is revoked, so changing the environment's token retires the old value.
+        """
+        problem = token_problem(token)
+        if problem is not None:
+            raise InvalidError(f"the bootstrap admin token {problem}; {TOKEN_ADVICE}")
+        digest = token_hash(token)
         with self._factory() as session, session.begin():
-            if session.scalars(select(ApiToken).where(ApiToken.token_hash == token_hash(token))).first():
+            live = session.scalars(select(ApiToken).where(
+                ApiToken.name == name, ApiToken.role == "admin", ApiToken.physio_id.is_(None),
+                ApiToken.revoked_at.is_(None))).all()  # fmt: skip
+            for old in live:
+                if old.token_hash != digest:
+                    old.revoked_at = utcnow()
+                    self._audit(session, SYSTEM, "revoke", "token", name, {"id": old.id, "replaced": True})
+            if any(old.token_hash == digest for old in live):
                 return
-            session.add(ApiToken(name=name, role="admin", token_hash=token_hash(token)))
+            if session.scalars(select(ApiToken).where(ApiToken.token_hash == digest)).first() is not None:
+                raise ConflictError("the bootstrap admin token is already in use as another (or a revoked) token")
+            session.add(ApiToken(name=name, role="admin", token_hash=digest))
             self._audit(session, SYSTEM, "create", "token", name, {"role": "admin", "bootstrap": True})
 
     def authenticate(self, token: str) -> Actor:
@@ -744,7 +767,7 @@ class Registry:
 
     def snapshot(self, actor: Actor) -> s.Snapshot:
         """Every device and every assignment with its patient code and clinic code, for tagging at ingest."""
-        with self._tx(actor) as session:
+        with self._tx(actor, snapshot=True) as session:
             version = int(session.scalar(select(func.coalesce(func.max(AuditEntry.id), 0))) or 0)
             device_query = select(Device.device_id).order_by(Device.device_id)
             query = (

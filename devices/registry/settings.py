@@ -7,16 +7,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from devices.registry.db import DEFAULT_URL
+from devices.registry.secrets import TOKEN_ADVICE, token_problem
 
 
 class RegistrySettings(BaseSettings):
     """Where the registry keeps its data, where it listens, and which broker files it maintains."""
 
-    model_config = SettingsConfigDict(env_prefix="COMPRESSION_REGISTRY_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a refused secret is never printed back in the error.
+    model_config = SettingsConfigDict(env_prefix="COMPRESSION_REGISTRY_", env_file=".env", extra="ignore",
+                                      hide_input_in_errors=True)  # fmt: skip
 
     database_url: str = Field(
         default=DEFAULT_URL,
@@ -38,9 +41,17 @@ class RegistrySettings(BaseSettings):
     )
     bootstrap_admin_token: str | None = Field(
         default=None,
-        description="If set and no admin token exists yet, this token becomes the first admin token (for automated set-ups).",
+        description="If set, this token is the bootstrap admin token (automated set-ups): at start-up it replaces the previous bootstrap token, which stops working. At least 32 random bytes (openssl rand -hex 32); placeholders and short or patterned values are refused at start.",
     )
     public_url: str = Field(
         default="http://127.0.0.1:8070",
         description="Base URL people use to reach the registry's web page (used in links).",
     )
+
+    @field_validator("bootstrap_admin_token")
+    @classmethod
+    def _random_enough(cls, token: str | None) -> str | None:
+        problem = token_problem(token) if token else None
+        if problem is not None:
+            raise ValueError(f"COMPRESSION_REGISTRY_BOOTSTRAP_ADMIN_TOKEN {problem}; {TOKEN_ADVICE}")
+        return token
