@@ -275,6 +275,8 @@ class PrescriptionOut(Out):
     max_silence_hours: float
     override_by: str | None
     override_reason: str | None
+    override_covers: list[int] | None = Field(
+        description="Ids of the contraindications the override was given for; a riskier change needs a new one.")
 
 
 class ContraindicationIn(Model):

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from devices.registry import schemas as s
-from devices.registry.classes import Band, ClassError, band_for, conflicts
+from devices.registry.classes import Band, ClassError, Finding, band_for, conflicts
 from devices.registry.errors import (
     ConflictError,
     ContraindicatedError,
@@ -533,7 +533,7 @@ class Registry:
                               valid_to=data.valid_to, zones=[])  # fmt: skip
             _apply_prescription(rx, data.model_dump(exclude={"patient", "garment_kind", "valid_from",
                                                              "override_reason"}))  # fmt: skip
-            self._check_prescription(session, actor, rx, data.override_reason)
+            self._check_prescription(session, actor, rx, data.override_reason, before=None)
             session.add(rx)
             session.flush()
             self._audit(session, actor, "create", "prescription", f"{data.patient}#{rx.id}",
@@ -547,13 +547,22 @@ class Registry:
             _same_clinic(actor, rx.patient.clinic_id)
             changes = data.model_dump(exclude_unset=True, exclude={"override_reason"})
             before = {key: getattr(rx, key) for key in changes}
+            dose = _dose(rx)
             _apply_prescription(rx, changes)
-            self._check_prescription(session, actor, rx, data.override_reason)
+            self._check_prescription(session, actor, rx, data.override_reason, before=dose)
             self._audit(session, actor, "update", "prescription", f"{rx.patient.code}#{rx.id}",
                         {"before": before, "after": changes, "override_reason": data.override_reason})  # fmt: skip
             return _prescription_out(rx)
 
-    def _check_prescription(self, session: Session, actor: Actor, rx: Prescription, override: str | None) -> None:
+    def _check_prescription(self, session: Session, actor: Actor, rx: Prescription, override: str | None,
+                            before: Dose | None) -> None:  # fmt: skip
+        """Refuse what cannot be followed, overlaps, and contraindicated compression without a physio's override.
+
+        ``before``: the dose of the prescription before this change (None: a new one). A change that is not
+        riskier (:func:`_riskier`) never needs an override, so lowering or ending one is never blocked; a new
+        prescription or a riskier change does, whenever an active contraindication conflicts with it, and an
+        override recorded earlier does not count: it covered the contraindications and the dose of its day.
+        """
         band = _validate_prescription(rx)
         if rx.valid_to is not None and rx.valid_to < rx.valid_from:
             raise InvalidError("valid_to is before valid_from")
@@ -565,26 +574,31 @@ class Registry:
         if overlapping is not None:
             raise ConflictError(f"patient {rx.patient.code} already has a {rx.garment_kind} prescription "
                                 f"(#{overlapping.id}) valid then; end it first (valid_to)")  # fmt: skip
-        found = conflicts(self._active_contraindications(session, rx.patient.id, rx.valid_from), rx.garment_kind, band)
-        if not found:
+        found = self._findings(session, rx, band)
+        riskier = before is None or _riskier(before, _dose(rx))
+        if not found or (not riskier and override is None):
             return
-        if override is None and rx.override_reason is not None:
-            return  # an override already recorded on this prescription still stands
         if override is None:
-            reasons = "; ".join(f.explanation for f in found)
-            raise ContraindicatedError(f"contraindicated for {rx.patient.code}: {reasons}. "
-                                       "A physio may override with override_reason.")  # fmt: skip
+            reasons = "; ".join(f.explanation for _, f in found)
+            what = "contraindicated" if before is None else "this change makes a contraindicated prescription riskier"
+            raise ContraindicatedError(f"{what} for {rx.patient.code}: {reasons}. A physio may override with "
+                                       "override_reason (an earlier override covers only the contraindications "
+                                       "and the dose it was given for).")  # fmt: skip
         if actor.physio_id is None:
             raise ForbiddenError("only a physio can override a contraindication (use a physio's token)")
         rx.override_physio_id = actor.physio_id
         rx.override_reason = override
+        rx.override_covers = sorted({row_id for row_id, _ in found})
 
     @staticmethod
-    def _active_contraindications(session: Session, patient_id: int, on: date) -> list[tuple[str, float | None]]:
+    def _findings(session: Session, rx: Prescription, band: Band | None) -> list[tuple[int, Finding]]:
+        """Each active contraindication (by id) that conflicts with ``rx``, with the reason."""
         rows = session.scalars(select(Contraindication).where(
-            Contraindication.patient_id == patient_id,
-            or_(Contraindication.resolved_on.is_(None), Contraindication.resolved_on > on))).all()  # fmt: skip
-        return [(row.kind, row.abpi) for row in rows]
+            Contraindication.patient_id == rx.patient.id,
+            or_(Contraindication.resolved_on.is_(None), Contraindication.resolved_on > rx.valid_from))
+            .order_by(Contraindication.id)).all()  # fmt: skip
+        return [(row.id, finding) for row in rows
+                for finding in conflicts([(row.kind, row.abpi)], rx.garment_kind, band)]  # fmt: skip
 
     def get_prescription(self, actor: Actor, rx_id: int) -> s.PrescriptionOut:
         """One prescription."""
@@ -865,6 +879,35 @@ _RX_FIELDS: Final = (
     "wear_days_per_week", "sessions_per_week", "session_min_minutes", "session_max_minutes", "max_chamber_mmhg",
     "out_of_range_tolerance_minutes", "max_silence_hours",
 )  # fmt: skip
+
+
+# More of any of these is more compression or later alerts: a riskier prescription.
+DOSE_FIELDS: Final = (
+    "ankle_min_mmhg", "ankle_max_mmhg", "wear_hours_per_day", "wear_days_per_week", "sessions_per_week",
+    "session_min_minutes", "session_max_minutes", "max_chamber_mmhg", "out_of_range_tolerance_minutes",
+    "max_silence_hours",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Dose:
+    """What makes a prescription more or less risky: its amounts, its zones, how long it runs."""
+
+    amounts: tuple[float | None, ...]
+    zones: frozenset[str]
+    valid_to: date | None
+
+
+def _dose(rx: Prescription) -> Dose:
+    return Dose(tuple(getattr(rx, key) for key in DOSE_FIELDS), frozenset(rx.zones or ()), rx.valid_to)
+
+
+def _riskier(before: Dose, after: Dose) -> bool:
+    """Whether ``after`` compresses more, longer, on more zones, or alerts later than ``before``."""
+    more = any(new is not None and (old is None or new > old) for old, new in zip(before.amounts, after.amounts,
+                                                                                   strict=True))  # fmt: skip
+    longer = before.valid_to is not None and (after.valid_to is None or after.valid_to > before.valid_to)
+    return more or longer or not after.zones <= before.zones
 
 
 def _apply_prescription(rx: Prescription, values: dict[str, Any]) -> None:

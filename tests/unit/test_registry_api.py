@@ -734,7 +734,7 @@ def test_prescribe_sock_and_boot(world: World) -> None:
         "zones": ["ankle", "calf"], "wear_hours_per_day": 10.0, "wear_days_per_week": 7, "sessions_per_week": None,
         "session_min_minutes": None, "session_max_minutes": None, "max_chamber_mmhg": None,
         "out_of_range_tolerance_minutes": 30.0, "max_silence_hours": 24.0, "override_by": None,
-        "override_reason": None}  # fmt: skip
+        "override_reason": None, "override_covers": None}  # fmt: skip
     assert world.audit_count() == before + 1
     boot = world.ok("POST", "/prescriptions", json=_boot(), status=201)  # a boot beside a sock is fine
     assert (boot["garment_kind"], boot["zones"], boot["max_chamber_mmhg"], boot["class_system"]) == (

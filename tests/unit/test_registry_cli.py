@@ -99,7 +99,7 @@ def test_every_command_explains_itself(run: Run) -> None:
 
 
 def test_migrate_and_clinics(run: Run) -> None:
-    assert "schema at revision 0001" in run("migrate").stdout
+    assert "schema at revision 0002" in run("migrate").stdout
     assert run("migrate").exit_code == 0
     run("clinic", "add", "bowvalley", "--name", "Bow Valley", "--timezone", "America/Edmonton")
     table = run("clinic", "list").stdout.splitlines()
