@@ -153,30 +153,35 @@ class Registry:
         return row
 
     def _clinic(self, session: Session, actor: Actor, code: str) -> Clinic:
-        clinic = self._one(session, select(Clinic).where(Clinic.code == code), f"clinic {code!r}")
-        _same_clinic(actor, clinic.id)
+        what = f"clinic {code!r}"
+        clinic = self._one(session, select(Clinic).where(Clinic.code == code), what)
+        _same_clinic(actor, clinic.id, what)
         return clinic
 
     def _patient(self, session: Session, actor: Actor, code: str) -> Patient:
-        patient = self._one(session, select(Patient).where(Patient.code == code), f"patient {code!r}")
-        _same_clinic(actor, patient.clinic_id)
+        what = f"patient {code!r}"
+        patient = self._one(session, select(Patient).where(Patient.code == code), what)
+        _same_clinic(actor, patient.clinic_id, what)
         return patient
 
-    def _physio_by_email(self, session: Session, email: str, clinic_id: int) -> Physio:
-        physio = self._one(session, select(Physio).where(Physio.email == email.lower()), f"physio {email!r}")
+    def _physio_by_email(self, session: Session, actor: Actor, email: str, clinic_id: int) -> Physio:
+        what = f"physio {email!r}"
+        physio = self._one(session, select(Physio).where(Physio.email == email.lower()), what)
+        _same_clinic(actor, physio.clinic_id, what)  # to a physio, another clinic's colleague does not exist
         if physio.clinic_id != clinic_id:
             raise InvalidError(f"physio {email} works for another clinic")
         return physio
 
     def _device(self, session: Session, actor: Actor, device_id: str) -> Device:
-        device = self._one(session, select(Device).where(Device.device_id == device_id), f"device {device_id!r}")
-        _same_clinic(actor, device.clinic_id)
+        what = f"device {device_id!r}"
+        device = self._one(session, select(Device).where(Device.device_id == device_id), what)
+        _same_clinic(actor, device.clinic_id, what)
         return device
 
     def _gateway(self, session: Session, actor: Actor, gateway_id: str) -> Gateway:
-        query = select(Gateway).where(Gateway.gateway_id == gateway_id)
-        gateway = self._one(session, query, f"gateway {gateway_id!r}")
-        _same_clinic(actor, gateway.clinic_id)
+        what = f"gateway {gateway_id!r}"
+        gateway = self._one(session, select(Gateway).where(Gateway.gateway_id == gateway_id), what)
+        _same_clinic(actor, gateway.clinic_id, what)
         return gateway
 
     @staticmethod
@@ -267,7 +272,7 @@ class Registry:
             clinic = self._clinic(session, actor, data.clinic)
             if session.scalars(select(Patient).where(Patient.code == data.code)).first():
                 raise ConflictError(f"patient code {data.code!r} is taken")
-            physio = self._physio_by_email(session, data.physio, clinic.id) if data.physio else None
+            physio = self._physio_by_email(session, actor, data.physio, clinic.id) if data.physio else None
             patient = Patient(clinic_id=clinic.id, code=data.code, display_name=data.display_name,
                               physio_id=physio.id if physio else None)  # fmt: skip
             session.add(patient)
@@ -285,7 +290,7 @@ class Registry:
                 changes["display_name"] = "changed"  # the name itself stays out of the audit trail
             if "physio" in data.model_fields_set:
                 before = patient.physio.email if patient.physio else None
-                physio = self._physio_by_email(session, data.physio, patient.clinic_id) if data.physio else None
+                physio = self._physio_by_email(session, actor, data.physio, patient.clinic_id) if data.physio else None
                 patient.physio = physio
                 changes["physio"] = {"before": before, "after": data.physio}
             self._audit(session, actor, "update", "patient", code, changes)
@@ -494,9 +499,9 @@ class Registry:
         """Close an open assignment at ``valid_to`` (default now)."""
         end = data.valid_to or utcnow()
         with self._tx(actor, write=True) as session:
-            assignment = self._one(session, select(Assignment).where(Assignment.id == assignment_id),
-                                   f"assignment {assignment_id}")  # fmt: skip
-            _same_clinic(actor, assignment.patient.clinic_id)
+            what = f"assignment {assignment_id}"
+            assignment = self._one(session, select(Assignment).where(Assignment.id == assignment_id), what)
+            _same_clinic(actor, assignment.patient.clinic_id, what)
             if assignment.valid_to is not None:
                 raise ConflictError(f"assignment {assignment_id} already ended at {assignment.valid_to.isoformat()}")
             if end <= assignment.valid_from:
@@ -543,8 +548,9 @@ class Registry:
     def update_prescription(self, actor: Actor, rx_id: int, data: s.PrescriptionUpdate) -> s.PrescriptionOut:
         """Change a prescription (e.g. the daily wear target); checked again like a new one."""
         with self._tx(actor, write=True) as session:
-            rx = self._one(session, select(Prescription).where(Prescription.id == rx_id), f"prescription {rx_id}")
-            _same_clinic(actor, rx.patient.clinic_id)
+            what = f"prescription {rx_id}"
+            rx = self._one(session, select(Prescription).where(Prescription.id == rx_id), what)
+            _same_clinic(actor, rx.patient.clinic_id, what)
             changes = data.model_dump(exclude_unset=True, exclude={"override_reason"})
             before = {key: getattr(rx, key) for key in changes}
             dose = _dose(rx)
@@ -603,8 +609,9 @@ class Registry:
     def get_prescription(self, actor: Actor, rx_id: int) -> s.PrescriptionOut:
         """One prescription."""
         with self._tx(actor) as session:
-            rx = self._one(session, select(Prescription).where(Prescription.id == rx_id), f"prescription {rx_id}")
-            _same_clinic(actor, rx.patient.clinic_id)
+            what = f"prescription {rx_id}"
+            rx = self._one(session, select(Prescription).where(Prescription.id == rx_id), what)
+            _same_clinic(actor, rx.patient.clinic_id, what)
             return _prescription_out(rx)
 
     def list_prescriptions(self, actor: Actor, patient: str | None = None) -> list[s.PrescriptionOut]:
@@ -632,11 +639,11 @@ class Registry:
     def resolve_contraindication(self, actor: Actor, row_id: int, data: s.ResolveIn) -> s.ContraindicationOut:
         """Mark a contraindication resolved (e.g. a DVT treated) from a date on."""
         with self._tx(actor, write=True) as session:
-            row = self._one(session, select(Contraindication).where(Contraindication.id == row_id),
-                            f"contraindication {row_id}")  # fmt: skip
+            what = f"contraindication {row_id}"
+            row = self._one(session, select(Contraindication).where(Contraindication.id == row_id), what)
             patient = session.get(Patient, row.patient_id)
             assert patient is not None
-            _same_clinic(actor, patient.clinic_id)
+            _same_clinic(actor, patient.clinic_id, what)
             if row.resolved_on is not None:
                 raise ConflictError(f"contraindication {row_id} was already resolved on {row.resolved_on}")
             if data.resolved_on < row.noted_on:
@@ -839,10 +846,11 @@ class BrokerAccounts:
 # --- helpers ---------------------------------------------------------------------------------------------------------
 
 
-def _same_clinic(actor: Actor, clinic_id: int) -> None:
-    # A physio sees only their own clinic; to them another clinic's rows do not exist.
+def _same_clinic(actor: Actor, clinic_id: int, what: str) -> None:
+    # A physio sees only their own clinic; to them another clinic's rows do not exist, in the very words used for
+    # a row that does not exist at all (a different answer would tell them apart).
     if actor.clinic_id is not None and actor.clinic_id != clinic_id:
-        raise NotFoundError("not found in your clinic")
+        raise NotFoundError(f"no {what}")
 
 
 def _not_revoked(revoked_at: datetime | None, name: str) -> None:
