@@ -11,6 +11,7 @@ or prescription, contraindication), 422 for input that cannot be right.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
@@ -22,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from devices.registry import schemas as s
 from devices.registry.db import make_engine, migrate, session_factory
-from devices.registry.errors import ForbiddenError, RegistryError
-from devices.registry.service import Actor, Registry
+from devices.registry.errors import ForbiddenError, RegistryError, ThrottledError
+from devices.registry.service import UNKNOWN_ADDRESS, Actor, Registry
 from devices.registry.settings import RegistrySettings
 
 API_PREFIX = "/api/v1"
@@ -112,9 +113,13 @@ def _people_routes(r: APIRouter) -> None:
         return reg.list_physios(who, clinic)
 
     @r.patch("/physios/{email}", tags=["physios"])
-    def update_physio(email: str, body: s.PhysioUpdate, reg: Reg, who: Who) -> s.PhysioOut:
-        """Change a physio (admin), or your own password (physio)."""
-        return reg.update_physio(who, email, body)
+    def update_physio(email: str, body: s.PhysioUpdate, reg: Reg, who: Who, request: Request) -> s.PhysioOut:
+        """Change a physio (admin), or your own password (physio: give `current_password` too).
+
+        A new password ends every other web session of the physio; a wrong current password counts like a failed
+        sign-in (429 after too many).
+        """
+        return reg.update_physio(who, email, body, client_address(request))
 
     @r.post("/patients", status_code=201, tags=["patients"])
     def create_patient(body: s.PatientIn, reg: Reg, who: Who) -> s.PatientOut:
@@ -305,7 +310,8 @@ def _admin_routes(r: APIRouter) -> None:
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RegistryError)
     def registry_error(_request: Request, exc: RegistryError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, ThrottledError) else None
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(_UnauthorizedError)
     def unauthorized(_request: Request, exc: _UnauthorizedError) -> JSONResponse:
@@ -313,14 +319,26 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     def request_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's own handler echoes the input, which JSON cannot always carry back: NaN, Infinity or 1e999
-        # (Python's json reads them) or a lone surrogate ("\ud800"); rendering those was a 500.
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+        # FastAPI's own handler echoes the input: a password or token sent would come back in the answer (and in
+        # whatever logs it), so the input is left out; what is left must still be JSON (NaN, Infinity, 1e999 or a
+        # lone surrogate "\ud800" in a message were a 500).
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(_without_input(exc.errors())))}, status_code=422)
 
     @app.exception_handler(ValidationError)
     def validation_error(_request: Request, exc: ValidationError) -> JSONResponse:
-        # A model built inside the service from checked input failed: still the caller's input.
-        return JSONResponse({"detail": str(exc.errors(include_url=False))}, status_code=422)
+        # A model built inside the service from checked input failed: still the caller's input (never echoed).
+        errors = exc.errors(include_url=False, include_input=False)
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
+
+
+def _without_input(errors: Sequence[Any]) -> list[Any]:
+    """Validation errors without the ``input`` they were given (it may be a secret)."""
+    return [{k: v for k, v in e.items() if k != "input"} if isinstance(e, dict) else e for e in errors]
+
+
+def client_address(request: Request) -> str:
+    """The client's address as the app sees it (after trusted proxies' X-Forwarded-For), for counting attempts."""
+    return request.client.host if request.client is not None else UNKNOWN_ADDRESS
 
 
 def _json_safe(value: Any) -> Any:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import math
@@ -92,13 +93,22 @@ def password_hash(password: str) -> str:
     return f"scrypt${salt.hex()}${digest.hex()}"
 
 
+@functools.cache
+def _dummy_hash() -> str:
+    return password_hash(secrets.token_urlsafe(16))
+
+
 def password_verify(password: str, stored: str | None) -> bool:
-    """Whether ``password`` matches :func:`password_hash` output (``None``: no password set)."""
-    if not stored or not stored.startswith("scrypt$"):
-        return False
-    _, salt, digest = stored.split("$")
+    """Whether ``password`` matches :func:`password_hash` output (``None``: no password set).
+
+    Without a usable hash (unknown account, none set) the same scrypt work is done
+    against a dummy hash, so the answer takes as long either way: the time
+    tells no one which e-mail addresses have an account.
+    """
+    usable = bool(stored) and str(stored).startswith("scrypt$")
+    _, salt, digest = (stored if usable and stored else _dummy_hash()).split("$")
     actual = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), dklen=32, **_SCRYPT)
-    return hmac.compare_digest(actual.hex(), digest)
+    return hmac.compare_digest(actual.hex(), digest) and usable
 
 
 def _token_bits(token: str) -> float:

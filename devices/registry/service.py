@@ -26,7 +26,9 @@ from devices.registry.errors import (
     ForbiddenError,
     InvalidError,
     NotFoundError,
+    ThrottledError,
 )
+from devices.registry.logins import LoginGuard
 from devices.registry.models import (
     ApiToken,
     Assignment,
@@ -47,6 +49,7 @@ from devices.registry.secrets import (
     new_password,
     new_token,
     password_hash,
+    password_problem,
     password_verify,
     token_hash,
     token_problem,
@@ -56,6 +59,9 @@ GARMENT_TOPIC: Final = "garments/v1/{}/#"
 SERVICE_ACCOUNT_RULE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{2,63}")
 SESSION_HOURS: Final = 12
 BOOTSTRAP_TOKEN_NAME: Final = "bootstrap-admin"
+WEB_SESSION: Final = "web-session"  # the name of every web session's token row
+ANONYMOUS: Final = "anonymous"
+UNKNOWN_ADDRESS: Final = "unknown"
 INGESTER_SCOPE: Final = "ingester tokens may read only the enrichment snapshot (GET /api/v1/enrichment/snapshot)"
 T = TypeVar("T")
 
@@ -68,6 +74,7 @@ class Actor:
     role: str
     physio_id: int | None = None
     clinic_id: int | None = None
+    token_id: int | None = None  # the API token or web session in use
 
     @property
     def is_admin(self) -> bool:
@@ -83,6 +90,7 @@ class Registry:
     def __init__(self, factory: sessionmaker[Session], on_credentials_changed: Callable[[], None] | None = None):
         self._factory = factory
         self.on_credentials_changed = on_credentials_changed
+        self.logins = LoginGuard()  # failed passwords per account and address (the app sets its limits)
         # Set inside unit_of_work(): the operations of this thread or task share one transaction.
         self._outer: ContextVar[_Unit | None] = ContextVar(f"registry-unit-{id(self)}", default=None)
 
@@ -224,6 +232,8 @@ class Registry:
             email = data.email.lower()
             if session.scalars(select(Physio).where(Physio.email == email)).first():
                 raise ConflictError(f"a physio with e-mail {email} already exists")
+            if data.password:
+                _strong_enough(data.password, email, data.name)
             physio = Physio(clinic_id=clinic.id, name=data.name, email=email, active=data.active,
                             password_hash=password_hash(data.password) if data.password else None)  # fmt: skip
             session.add(physio)
@@ -231,14 +241,20 @@ class Registry:
             self._audit(session, actor, "create", "physio", email, data.model_dump(exclude={"password"}))
             return _physio_out(physio)
 
-    def update_physio(self, actor: Actor, email: str, data: s.PhysioUpdate) -> s.PhysioOut:
-        """Change a physio (admin; a physio may change only their own password)."""
-        own = actor.role == "physio" and set(data.model_fields_set) <= {"password"}
+    def update_physio(self, actor: Actor, email: str, data: s.PhysioUpdate, address: str = UNKNOWN_ADDRESS
+                      ) -> s.PhysioOut:  # fmt: skip
+        """Change a physio (admin), or one's own password (a physio, giving the current one).
+
+        A new password must pass :func:`~devices.registry.secrets.password_problem`; it ends every web
+        session of the physio but the one making the change. A wrong current password counts like a failed
+        sign-in (:attr:`logins`).
+        """
+        own = actor.role == "physio" and set(data.model_fields_set) <= {"password", "current_password"}
+        if own:
+            self._check_current_password(actor, email, data.current_password, address)
         with self._tx(actor, write=True, admin=not own) as session:
             physio = self._one(session, select(Physio).where(Physio.email == email.lower()), f"physio {email!r}")
-            if own and physio.id != actor.physio_id:
-                raise ForbiddenError("a physio may change only their own password")
-            changes = data.model_dump(exclude_unset=True, exclude={"password"})
+            changes = data.model_dump(exclude_unset=True, exclude={"password", "current_password"})
             if changes.get("email") is not None:  # null means unchanged, like the other fields
                 changes["email"] = changes["email"].lower()  # stored lower-case, as every lookup expects
                 if changes["email"] != physio.email and session.scalars(
@@ -249,10 +265,54 @@ class Registry:
                 if value is not None:
                     setattr(physio, key, value)
             if data.password:
+                _strong_enough(data.password, physio.email, physio.name)
                 physio.password_hash = password_hash(data.password)
                 changes["password"] = "changed"
+                changes["sessions_ended"] = self._end_sessions(session, physio.id, keep=actor.token_id)
             self._audit(session, actor, "update", "physio", physio.email, {"before": before, "after": changes})
             return _physio_out(physio)
+
+    def _check_current_password(self, actor: Actor, email: str, current: str | None, address: str) -> None:
+        """A physio changing her own password: it is her account and ``current`` is her password, or refuse."""
+        with self._factory() as session:
+            physio = session.scalars(select(Physio).where(Physio.email == email.lower())).first()
+            # Another physio's account, existing or not, is refused alike: the answer tells no one who has one.
+            if physio is None or physio.id != actor.physio_id:
+                raise ForbiddenError("a physio may change only their own password")
+            stored, account = physio.password_hash, physio.email
+        if current is None:
+            raise InvalidError("current_password: give your current password to set a new one")
+        self._attempt(account, address, lambda: password_verify(current, stored), actor_name=actor.name)
+
+    def _attempt(self, account: str, address: str, check: Callable[[], bool], actor_name: str) -> None:
+        """Run a password ``check`` for ``account`` under the throttle; a failure is counted, audited and refused."""
+        wait = self.logins.wait_s(account, address)
+        if wait > 0:
+            raise ThrottledError(wait)
+        if check():
+            self.logins.succeeded(account, address)
+            return
+        locks = self.logins.failed(account, address)
+        with self._factory() as session, session.begin():
+            who = Actor(actor_name, "anonymous")
+            self._audit(session, who, "login_failed", "login", account[:254], {"address": address})
+            for lock in locks:
+                self._audit(session, who, "login_locked", "login", account[:254] if lock.scope == "account" else
+                            address, {"scope": lock.scope, "seconds": lock.seconds, "failures": lock.failures,
+                                      "refused_meanwhile": lock.refused_meanwhile, "address": address})  # fmt: skip
+        raise ForbiddenError("wrong e-mail or password" if actor_name == ANONYMOUS else "the current password is wrong")
+
+    @staticmethod
+    def _end_sessions(session: Session, physio_id: int, keep: int | None) -> int:
+        """Revoke the physio's live web sessions except ``keep``; how many were ended."""
+        now = utcnow()
+        live = session.scalars(select(ApiToken).where(
+            ApiToken.physio_id == physio_id, ApiToken.name == WEB_SESSION, ApiToken.revoked_at.is_(None),
+            ApiToken.id != (keep or -1), or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now),
+        )).all()  # fmt: skip
+        for row in live:
+            row.revoked_at = now
+        return len(live)
 
     def list_physios(self, actor: Actor, clinic: str | None = None) -> list[s.PhysioOut]:
         """Physios (a physio sees their clinic's)."""
@@ -732,20 +792,31 @@ class Registry:
             if row.physio is not None:
                 if not row.physio.active:
                     raise ForbiddenError("this physio is no longer active")
-                return Actor(f"{row.physio.email} ({row.name})", row.role, row.physio.id, row.physio.clinic_id)
-            return Actor(f"token:{row.name}", row.role)
+                return Actor(f"{row.physio.email} ({row.name})", row.role, row.physio.id, row.physio.clinic_id,
+                             row.id)  # fmt: skip
+            return Actor(f"token:{row.name}", row.role, token_id=row.id)
 
-    def login(self, email: str, password: str) -> str:
-        """A physio's web session token for a correct e-mail and password (valid :data:`SESSION_HOURS`)."""
+    def login(self, email: str, password: str, address: str = UNKNOWN_ADDRESS) -> str:
+        """A physio's web session token for a right e-mail and password (valid :data:`SESSION_HOURS`).
+
+        The same work is done whether the e-mail has an account or not (the password is hashed against a dummy);
+        failures are counted per account and address (:attr:`logins`), audited, and past the free ones lock the
+        account or address for a while (:class:`ThrottledError`, 429). Slow on purpose (scrypt): call it from a
+        worker thread, never on an event loop.
+        """
+        account = email.strip().lower()
+        with self._factory() as session:
+            physio = session.scalars(select(Physio).where(Physio.email == account)).first()
+            stored = physio.password_hash if physio is not None and physio.active else None
+            physio_id, clinic_id = (physio.id, physio.clinic_id) if physio is not None else (None, None)
+        self._attempt(account, address, lambda: password_verify(password, stored), actor_name=ANONYMOUS)
+        token = new_token()
         with self._factory() as session, session.begin():
-            physio = session.scalars(select(Physio).where(Physio.email == email.strip().lower())).first()
-            if physio is None or not physio.active or not password_verify(password, physio.password_hash):
-                raise ForbiddenError("wrong e-mail or password")
-            token = new_token()
-            session.add(ApiToken(name="web-session", role="physio", physio_id=physio.id, token_hash=token_hash(token),
+            session.add(ApiToken(name=WEB_SESSION, role="physio", physio_id=physio_id, token_hash=token_hash(token),
                                  expires_at=utcnow() + timedelta(hours=SESSION_HOURS)))  # fmt: skip
-            self._audit(session, Actor(physio.email, "physio"), "login", "physio", physio.email, {})
-            return token
+            self._audit(session, Actor(account, "physio", physio_id, clinic_id), "login", "physio", account,
+                        {"address": address})  # fmt: skip
+        return token
 
     def logout(self, token: str) -> None:
         """End a web session."""
@@ -851,6 +922,12 @@ def _same_clinic(actor: Actor, clinic_id: int, what: str) -> None:
     # a row that does not exist at all (a different answer would tell them apart).
     if actor.clinic_id is not None and actor.clinic_id != clinic_id:
         raise NotFoundError(f"no {what}")
+
+
+def _strong_enough(password: str, email: str, name: str) -> None:
+    problem = password_problem(password, (email, name))
+    if problem is not None:
+        raise InvalidError(f"password: {problem}")
 
 
 def _not_revoked(revoked_at: datetime | None, name: str) -> None:

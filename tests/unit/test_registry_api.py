@@ -149,7 +149,7 @@ def seed() -> Iterator[Seed]:
     tokens, passwords = {"admin": registry.bootstrap_admin_token()}, {}
     for code, name, tz in ((A, "Clinic A", "Europe/Berlin"), (B, "Clinic B", "America/Edmonton")):
         registry.create_clinic(SYSTEM, s.ClinicIn(code=code, name=name, timezone=tz))
-    registry.create_physio(SYSTEM, s.PhysioIn(clinic=A, name="Anna", email=ANNA, password="anna-secret-1"))
+    registry.create_physio(SYSTEM, s.PhysioIn(clinic=A, name="Anna", email=ANNA, password="harbour-lights-1907"))
     registry.create_physio(SYSTEM, s.PhysioIn(clinic=B, name="Ben", email=BEN))
     registry.create_patient(SYSTEM, s.PatientIn(clinic=A, code=PA, display_name=PA_NAME, physio=ANNA))
     registry.create_patient(SYSTEM, s.PatientIn(clinic=B, code=PB, display_name=PB_NAME, physio=BEN))
@@ -331,7 +331,7 @@ def test_create_physio_needs_admin(world: World, who: str) -> None:
 
 @pytest.mark.parametrize(
     ("extra", "match"),
-    [({"email": "not-an-email"}, "pattern"), ({"password": "short"}, "at least 10"), ({"clinic": "A!"}, "pattern"),
+    [({"email": "not-an-email"}, "pattern"), ({"password": "short"}, "at least 12"), ({"clinic": "A!"}, "pattern"),
      ({"role": "admin"}, "extra"), ({"active": "perhaps"}, "bool")],
 )  # fmt: skip
 def test_create_physio_bad_input(world: World, extra: dict[str, Any], match: str) -> None:
@@ -372,13 +372,14 @@ def test_update_physio_null_email_changes_nothing(world: World) -> None:
 
 def test_physio_changes_only_own_password(world: World) -> None:
     before = world.dump()["physios"]
-    updated = world.ok("PATCH", f"/physios/{ANNA}", "physio_a", json={"password": "a-new-long-password"})
+    updated = world.ok("PATCH", f"/physios/{ANNA}", "physio_a", json={"password": "a-new-long-password",
+                                                                      "current_password": "harbour-lights-1907"})
     assert updated["email"] == ANNA and "password" not in updated
     after = world.dump()["physios"]
     assert before != after  # the hash changed
     entry = world.ok("GET", "/audit", params={"entity": "physio", "key": ANNA})[0]
-    assert entry["changes"]["after"] == {"password": "changed"}
-    assert "a-new-long-password" not in str(entry)
+    assert entry["changes"]["after"] == {"password": "changed", "sessions_ended": 0}
+    assert "a-new-long-password" not in str(entry) and "harbour-lights" not in str(entry)
     world.refused("PATCH", f"/physios/{BEN}", "physio_a", 403, json={"password": "a-new-long-password"}, match="own")
     world.refused("PATCH", f"/physios/{ANNA}", "physio_a", 403, json={"name": "Anna the Great"}, match="admin")
     world.refused("PATCH", f"/physios/{ANNA}", "ingester", 403, json={"password": "a-new-long-password"})
@@ -386,7 +387,7 @@ def test_physio_changes_only_own_password(world: World) -> None:
 
 @pytest.mark.parametrize(
     ("body", "match"),
-    [({"password": "short"}, "at least 10"), ({"clinic": B}, "extra"), ({"email": "no-at-sign"}, "pattern"),
+    [({"password": "short"}, "at least 12"), ({"clinic": B}, "extra"), ({"email": "no-at-sign"}, "pattern"),
      ({"active": [1]}, "bool")],
 )  # fmt: skip
 def test_update_physio_bad_input(world: World, body: dict[str, Any], match: str) -> None:

@@ -143,7 +143,7 @@ def test_physios_with_prompted_password(clinic: Run, registry: Registry) -> None
         ("ana@bowvalley.example", "Ana M.", False), ("ben@bowvalley.example", "Ben Okafor", True),
     ]  # fmt: skip
     assert "nothing to change" in fails(run, "physio", "update", "ana@bowvalley.example", code=2)
-    assert "at least 10 characters" in fails(run, "physio", "update", "ana@bowvalley.example", "--password", "short")
+    assert "at least 12 characters" in fails(run, "physio", "update", "ana@bowvalley.example", "--password", "short")
 
 
 def test_patients(clinic: Run) -> None:
