@@ -1,4 +1,4 @@
-"""The registry's REST API (FastAPI; OpenAPI at ``/docs`` and ``/openapi.json``).
+"""The registry's REST API (FastAPI; OpenAPI at ``/docs`` and ``/openapi.json`` when ``api_docs`` is on).
 
 Authentication: ``Authorization: Bearer <token>``. Roles: ``admin`` (everything),
 ``physio`` (read and write their own clinic's patients, prescriptions,
@@ -14,20 +14,27 @@ import math
 from collections.abc import Sequence
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from devices.registry import schemas as s
 from devices.registry.db import make_engine, migrate, session_factory
 from devices.registry.errors import ForbiddenError, RegistryError, ThrottledError
+from devices.registry.guards import BearerFirst, SecurityHeaders
+from devices.registry.logins import LoginGuard
 from devices.registry.service import UNKNOWN_ADDRESS, Actor, Registry
 from devices.registry.settings import RegistrySettings
 
 API_PREFIX = "/api/v1"
+# Password hashes (scrypt, ~50 ms of CPU each) computed at once by the web page's worker threads; more wait their
+# turn, so sign-ins cannot take every core from the rest of the server.
+PASSWORD_WORK_CONCURRENCY = 1
 _bearer = HTTPBearer(auto_error=False, description="An API token: `compression devices token create`.")
 
 
@@ -58,7 +65,10 @@ def registry_of(request: Request) -> Registry:
 
 
 def actor_of(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Actor:
-    """The caller, from the bearer token; 401 when missing or not valid."""
+    """The caller, from the bearer token (checked already by :class:`~devices.registry.guards.BearerFirst`)."""
+    known = getattr(request.state, "actor", None)
+    if isinstance(known, Actor):
+        return known
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise _UnauthorizedError("missing bearer token (Authorization: Bearer <token>)")
     try:
@@ -356,13 +366,21 @@ def _json_safe(value: Any) -> Any:
 
 def create_app(registry: Registry, settings: RegistrySettings | None = None) -> FastAPI:
     """The API (and the physios' web page) over ``registry``."""
+    settings = settings or RegistrySettings()
+    docs = settings.api_docs
     app = FastAPI(
         title="Compression garment registry",
         version="1",
         description=__doc__,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+        max_body_size=settings.max_body_bytes,
     )
     app.state.registry = registry
-    app.state.settings = settings or RegistrySettings()
+    app.state.settings = settings
+    app.state.password_work = anyio.CapacityLimiter(PASSWORD_WORK_CONCURRENCY)
+    registry.logins = LoginGuard(settings.login_limits())
     _error_handlers(app)
     app.include_router(_routes())
     _mount_extras(app)
@@ -373,6 +391,12 @@ def create_app(registry: Registry, settings: RegistrySettings | None = None) -> 
         registry.version()
         return {"status": "ok"}
 
+    # Added last = outermost: proxies first (the real client and scheme), then headers on every answer, then the
+    # bearer check before any body is read.
+    app.add_middleware(BearerFirst)
+    app.add_middleware(SecurityHeaders, always_https=settings.always_https)
+    if settings.trusted_proxies.strip():
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     return app
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-FIRST_LOCK_S: Final = 1.0
+FIRST_LOCK_S: Final = 30.0
 FORGET_AFTER_S: Final = 3600.0
 TRUSTED_FOR_S: Final = 30 * 24 * 3600.0
 MAX_KEYS: Final = 100_000
