@@ -395,7 +395,7 @@ def create_app(registry: Registry, settings: RegistrySettings | None = None) -> 
     # bearer check before any body is read.
     app.add_middleware(BearerFirst)
     app.add_middleware(SecurityHeaders, always_https=settings.always_https)
-    if settings.trusted_proxies.strip():
+    if settings.trusted_proxies and settings.trusted_proxies.strip():
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     return app
 

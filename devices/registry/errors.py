@@ -46,4 +46,4 @@ class ThrottledError(RegistryError):
         self.retry_after_s = max(1, int(retry_after_s + 0.999))
         minutes = (self.retry_after_s + 59) // 60
         when = f"{self.retry_after_s} seconds" if self.retry_after_s < 90 else f"{minutes} minutes"
-        super().__init__(f"too many wrong passwords for this account or from this address; try again in {when}")
+        super().__init__(f"too many wrong passwords for this e-mail or from this network; try again in {when}")

@@ -159,7 +159,7 @@ def password_problem(password: str, personal: Sequence[str] = ()) -> str | None:
     result = zxcvbn(password[:ZXCVBN_MAX_LENGTH], user_inputs=words)
     if result["score"] >= PASSWORD_MIN_SCORE:
         return None
-    return "too easy to guess: " + _advice(result)
+    return "too easy to guess. " + _advice(result)
 
 
 def _parts(text: str) -> list[str]:

@@ -300,6 +300,8 @@ class Registry:
                 self._audit(session, who, "login_locked", "login", account[:254] if lock.scope == "account" else
                             address, {"scope": lock.scope, "seconds": lock.seconds, "failures": lock.failures,
                                       "refused_meanwhile": lock.refused_meanwhile, "address": address})  # fmt: skip
+        if locks:  # this failure started a lock: say so now rather than at the next try
+            raise ThrottledError(max(lock.seconds for lock in locks))
         raise ForbiddenError("wrong e-mail or password" if actor_name == ANONYMOUS else "the current password is wrong")
 
     @staticmethod

@@ -51,8 +51,8 @@ class RegistrySettings(BaseSettings):
         default="http://127.0.0.1:8070",
         description="Base URL people use to reach the registry's web page (used in links). With https:// the session cookie is always Secure and HSTS is sent, whatever the hop from the TLS proxy.",
     )
-    trusted_proxies: str = Field(
-        default="",
+    trusted_proxies: str | None = Field(
+        default=None,
         description="Addresses (comma-separated IPs or CIDR ranges) of the TLS reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are believed: the client address counted by the sign-in throttle and the scheme (Secure cookie, HSTS). Unset by default: nobody's.",
     )
     api_docs: bool = Field(

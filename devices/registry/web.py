@@ -565,7 +565,7 @@ def _password_sentence(exc: RegistryError) -> str:
     if text.startswith("password: "):
         return "New password: " + text.removeprefix("password: ") + ("" if text.endswith(".") else ".")
     if "current password is wrong" in text:
-        return "Current password: it is not right. Nothing was changed."
+        return "Current password: it is not the one you sign in with."
     return _sentence(exc)
 
 

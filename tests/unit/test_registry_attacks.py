@@ -319,3 +319,16 @@ def test_another_clinics_codes_and_people_answer_like_missing_ones_on_writes(wor
          json={"password": STRONG, "current_password": "whatever-it-is-now"})  # fmt: skip
     # A patient code in use in clinic A answers like one in use in Ben's own clinic.
     same(world, "POST", "/patients", "/patients", json={"clinic": B, "code": PA}, secret=PA, nothing=PB)
+
+
+def test_guessing_the_current_password_through_the_api_is_throttled(world: World) -> None:
+    """A stolen session cannot try passwords through the change endpoint faster than at the sign-in page."""
+    (mine,) = _sessions(world, 1)
+    world.tokens["web"] = mine
+    path = f"/physios/{ANNA}"
+    answers = [world.call("PATCH", path, "web", json={"password": STRONG, "current_password": f"guess-{i}-of-many"})
+               for i in range(7)]  # fmt: skip
+    assert [a.status_code for a in answers] == [403] * 5 + [429] * 2
+    assert int(answers[-1].headers["Retry-After"]) >= 1
+    world.refused("PATCH", path, "web", 429, json={"password": STRONG, "current_password": ANNA_PASSWORD},
+                  match="too many wrong passwords")  # fmt: skip
