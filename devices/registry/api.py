@@ -2,10 +2,12 @@
 
 Authentication: ``Authorization: Bearer <token>``. Roles: ``admin`` (everything),
 ``physio`` (read and write their own clinic's patients, prescriptions,
-contraindications and assignments), ``ingester`` (read-only). Errors are JSON
-``{"detail": "..."}``: 401 without a valid token, 403 for a role that may not,
-404 for an unknown id, 409 for a conflict (duplicate id, overlapping assignment
-or prescription, contraindication), 422 for input that cannot be right.
+contraindications and assignments), ``ingester`` (the enrichment snapshot only).
+Errors are JSON ``{"detail": "..."}``: 401 without a valid token (before the
+body is read), 403 for a role that may not, 404 for an unknown id (or another
+clinic's, alike), 409 for a conflict (duplicate id, overlapping assignment or
+prescription, contraindication), 413 for a body over the limit, 422 for input
+that cannot be right (never echoing it), 429 after too many wrong passwords.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ what the physio's API token would, and every change is audited by the service.
 
 Session: the token from :meth:`Registry.login` in the ``compression_session``
 cookie (HttpOnly, SameSite=Strict, Path=/, Secure when the request came over
-https). Forms post back and redirect (POST/redirect/GET) with a one-shot flash
+https through a trusted proxy or the public URL is https). Password hashing
+(sign-in, password change) runs in a worker thread, never on the event loop.
+Forms post back and redirect (POST/redirect/GET) with a one-shot flash
 message in a cookie. CSRF protection is described at :func:`csrf_token`.
 """
 
