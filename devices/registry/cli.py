@@ -315,7 +315,8 @@ def physio() -> None:
 
 password_option = click.option(
     "--password", default=None, prompt=True, prompt_required=False, hide_input=True, confirmation_prompt=True,
-    help="Set the web-page password (at least 10 characters). Give the flag alone to be prompted (hidden, twice).",
+    help="Set the web-page password (12 to 128 characters, not guessable: docs/registry.md). "
+         "Give the flag alone to be prompted (hidden, twice).",
 )  # fmt: skip
 
 
