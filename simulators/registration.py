@@ -9,6 +9,7 @@ Display names are obviously fictional; only the pseudonymous codes leave the reg
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Final
@@ -40,15 +41,20 @@ def register_fleet(
     clinic: str = DEMO_CLINIC,
     physios: int = 2,
     actor: Actor = SYSTEM,
+    physio_password: Callable[[], str] = lambda: DEMO_PASSWORD,
 ) -> Registered:
-    """Register ``fleet`` (relayed as ``gateways`` says) in one transaction; returns the credentials made."""
+    """Register ``fleet`` (relayed as ``gateways`` says) in one transaction; returns the credentials made.
+
+    ``physio_password`` makes each physio's web password: the fixed :data:`DEMO_PASSWORD` suits only a
+    throw-away demo registry (``compression demo``); a shared one gets random ones (deploy/demo/seed_registry.py).
+    """
     out = Registered(clinic)
     relay = {device: gateway for gateway, devices in gateways.items() for device in devices}
     since = datetime.fromtimestamp(fleet.period.start_ms / 1000, UTC) - timedelta(days=1)
     with registry.unit_of_work():
         registry.create_clinic(actor, s.ClinicIn(code=clinic, name="Demo Vein & Sports Clinic",
                                                  timezone=fleet.period.tz.key))  # fmt: skip
-        emails = [_physio(registry, actor, clinic, n, out) for n in range(1, physios + 1)]
+        emails = [_physio(registry, actor, clinic, n, out, physio_password()) for n in range(1, physios + 1)]
         for gateway in gateways:
             creds = registry.create_gateway(actor, s.GatewayIn(gateway_id=gateway, clinic=clinic,
                                                                description="simulated phone app"))  # fmt: skip
@@ -59,11 +65,11 @@ def register_fleet(
     return out
 
 
-def _physio(registry: Registry, actor: Actor, clinic: str, n: int, out: Registered) -> str:
+def _physio(registry: Registry, actor: Actor, clinic: str, n: int, out: Registered, password: str) -> str:
     email = f"physio{n}@{clinic}.example"
     registry.create_physio(actor, s.PhysioIn(clinic=clinic, name=f"Demo Physio {n}", email=email,
-                                             password=DEMO_PASSWORD))  # fmt: skip
-    out.physios[email] = DEMO_PASSWORD
+                                             password=password))  # fmt: skip
+    out.physios[email] = password
     return email
 
 

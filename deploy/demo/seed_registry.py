@@ -15,6 +15,11 @@ The gateways' passwords are written once, as ``gateway_id,password`` lines
 it changes nothing while that file exists; if the file is gone, the gateways'
 passwords are rotated and written anew.
 
+The demo physios' web passwords are random (this registry is the platform's
+own, not a throw-away one) and printed once, when they are made (``docker
+compose logs registry-seed``); they are never written to a file. Lost? An
+admin sets a new one (``compression devices physio update EMAIL --password``).
+
 With ``--wait-broker mqtt://host:port`` it then waits (up to a minute) until
 the broker accepts the first gateway's login, so the simulator, which starts
 when this job has succeeded, does not race the broker's reload.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import tempfile
 import threading
@@ -41,9 +47,14 @@ from devices.registry.db import make_engine, migrate, session_factory
 from devices.registry.errors import NotFoundError
 from devices.registry.service import SYSTEM, Registry
 from devices.registry.settings import RegistrySettings
-from simulators.registration import DEMO_CLINIC, DEMO_PASSWORD, register_fleet
+from simulators.registration import DEMO_CLINIC, register_fleet
 from simulators.run import RunOptions, gateway_plan
 from simulators.scenarios import DEFAULT_TZ, every_scenario
+
+
+def new_physio_password() -> str:
+    """A random web password for a demo physio (about 128 bits)."""
+    return secrets.token_urlsafe(16)
 
 
 def write_credentials(path: Path, passwords: dict[str, str]) -> None:
@@ -133,10 +144,12 @@ def seed(args: argparse.Namespace) -> int:
     try:
         registry.get_clinic(SYSTEM, DEMO_CLINIC)
     except NotFoundError:
-        registered = register_fleet(registry, fleet, plan)
+        registered = register_fleet(registry, fleet, plan, physio_password=new_physio_password)
         write_credentials(args.credentials_out, registered.gateways)
-        print(f"seeded clinic {DEMO_CLINIC}: {len(fleet.devices)} patients and garments, gateways {', '.join(plan)}; "
-              f"physios {', '.join(sorted(registered.physios))} (web password {DEMO_PASSWORD!r})")  # fmt: skip
+        print(f"seeded clinic {DEMO_CLINIC}: {len(fleet.devices)} patients and garments, gateways {', '.join(plan)}")
+        print("demo physios' web passwords (shown this once, not stored anywhere else):")
+        for email, password in sorted(registered.physios.items()):
+            print(f"  {email}  password: {password}")
         return 0
     if args.credentials_out.exists():
         print(f"clinic {DEMO_CLINIC} is already registered and {args.credentials_out} exists: nothing to do")

@@ -1,32 +1,42 @@
-"""The registry's REST API (FastAPI; OpenAPI at ``/docs`` and ``/openapi.json``).
+"""The registry's REST API (FastAPI; OpenAPI at ``/docs`` and ``/openapi.json`` when ``api_docs`` is on).
 
 Authentication: ``Authorization: Bearer <token>``. Roles: ``admin`` (everything),
 ``physio`` (read and write their own clinic's patients, prescriptions,
-contraindications and assignments), ``ingester`` (read-only). Errors are JSON
-``{"detail": "..."}``: 401 without a valid token, 403 for a role that may not,
-404 for an unknown id, 409 for a conflict (duplicate id, overlapping assignment
-or prescription, contraindication), 422 for input that cannot be right.
+contraindications and assignments), ``ingester`` (the enrichment snapshot only).
+Errors are JSON ``{"detail": "..."}``: 401 without a valid token (before the
+body is read), 403 for a role that may not, 404 for an unknown id (or another
+clinic's, alike), 409 for a conflict (duplicate id, overlapping assignment or
+prescription, contraindication), 413 for a body over the limit, 422 for input
+that cannot be right (never echoing it), 429 after too many wrong passwords.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from devices.registry import schemas as s
 from devices.registry.db import make_engine, migrate, session_factory
-from devices.registry.errors import ForbiddenError, RegistryError
-from devices.registry.service import Actor, Registry
+from devices.registry.errors import ForbiddenError, RegistryError, ThrottledError
+from devices.registry.guards import BearerFirst, SecurityHeaders
+from devices.registry.logins import LoginGuard
+from devices.registry.service import UNKNOWN_ADDRESS, Actor, Registry
 from devices.registry.settings import RegistrySettings
 
 API_PREFIX = "/api/v1"
+# Password hashes (scrypt, ~50 ms of CPU each) computed at once by the web page's worker threads; more wait their
+# turn, so sign-ins cannot take every core from the rest of the server.
+PASSWORD_WORK_CONCURRENCY = 1
 _bearer = HTTPBearer(auto_error=False, description="An API token: `compression devices token create`.")
 
 
@@ -57,7 +67,10 @@ def registry_of(request: Request) -> Registry:
 
 
 def actor_of(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Actor:
-    """The caller, from the bearer token; 401 when missing or not valid."""
+    """The caller, from the bearer token (checked already by :class:`~devices.registry.guards.BearerFirst`)."""
+    known = getattr(request.state, "actor", None)
+    if isinstance(known, Actor):
+        return known
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise _UnauthorizedError("missing bearer token (Authorization: Bearer <token>)")
     try:
@@ -112,9 +125,13 @@ def _people_routes(r: APIRouter) -> None:
         return reg.list_physios(who, clinic)
 
     @r.patch("/physios/{email}", tags=["physios"])
-    def update_physio(email: str, body: s.PhysioUpdate, reg: Reg, who: Who) -> s.PhysioOut:
-        """Change a physio (admin), or your own password (physio)."""
-        return reg.update_physio(who, email, body)
+    def update_physio(email: str, body: s.PhysioUpdate, reg: Reg, who: Who, request: Request) -> s.PhysioOut:
+        """Change a physio (admin), or your own password (physio: give `current_password` too).
+
+        A new password ends every other web session of the physio; a wrong current password counts like a failed
+        sign-in (429 after too many).
+        """
+        return reg.update_physio(who, email, body, client_address(request))
 
     @r.post("/patients", status_code=201, tags=["patients"])
     def create_patient(body: s.PatientIn, reg: Reg, who: Who) -> s.PatientOut:
@@ -305,7 +322,8 @@ def _admin_routes(r: APIRouter) -> None:
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RegistryError)
     def registry_error(_request: Request, exc: RegistryError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, ThrottledError) else None
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(_UnauthorizedError)
     def unauthorized(_request: Request, exc: _UnauthorizedError) -> JSONResponse:
@@ -313,14 +331,26 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     def request_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's own handler echoes the input, which JSON cannot always carry back: NaN, Infinity or 1e999
-        # (Python's json reads them) or a lone surrogate ("\ud800"); rendering those was a 500.
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+        # FastAPI's own handler echoes the input: a password or token sent would come back in the answer (and in
+        # whatever logs it), so the input is left out; what is left must still be JSON (NaN, Infinity, 1e999 or a
+        # lone surrogate "\ud800" in a message were a 500).
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(_without_input(exc.errors())))}, status_code=422)
 
     @app.exception_handler(ValidationError)
     def validation_error(_request: Request, exc: ValidationError) -> JSONResponse:
-        # A model built inside the service from checked input failed: still the caller's input.
-        return JSONResponse({"detail": str(exc.errors(include_url=False))}, status_code=422)
+        # A model built inside the service from checked input failed: still the caller's input (never echoed).
+        errors = exc.errors(include_url=False, include_input=False)
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
+
+
+def _without_input(errors: Sequence[Any]) -> list[Any]:
+    """Validation errors without the ``input`` they were given (it may be a secret)."""
+    return [{k: v for k, v in e.items() if k != "input"} if isinstance(e, dict) else e for e in errors]
+
+
+def client_address(request: Request) -> str:
+    """The client's address as the app sees it (after trusted proxies' X-Forwarded-For), for counting attempts."""
+    return request.client.host if request.client is not None else UNKNOWN_ADDRESS
 
 
 def _json_safe(value: Any) -> Any:
@@ -338,13 +368,21 @@ def _json_safe(value: Any) -> Any:
 
 def create_app(registry: Registry, settings: RegistrySettings | None = None) -> FastAPI:
     """The API (and the physios' web page) over ``registry``."""
+    settings = settings or RegistrySettings()
+    docs = settings.api_docs
     app = FastAPI(
         title="Compression garment registry",
         version="1",
         description=__doc__,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+        max_body_size=settings.max_body_bytes,
     )
     app.state.registry = registry
-    app.state.settings = settings or RegistrySettings()
+    app.state.settings = settings
+    app.state.password_work = anyio.CapacityLimiter(PASSWORD_WORK_CONCURRENCY)
+    registry.logins = LoginGuard(settings.login_limits())
     _error_handlers(app)
     app.include_router(_routes())
     _mount_extras(app)
@@ -355,6 +393,12 @@ def create_app(registry: Registry, settings: RegistrySettings | None = None) -> 
         registry.version()
         return {"status": "ok"}
 
+    # Added last = outermost: proxies first (the real client and scheme), then headers on every answer, then the
+    # bearer check before any body is read.
+    app.add_middleware(BearerFirst)
+    app.add_middleware(SecurityHeaders, always_https=settings.always_https)
+    if settings.trusted_proxies and settings.trusted_proxies.strip():
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     return app
 
 

@@ -315,7 +315,8 @@ def physio() -> None:
 
 password_option = click.option(
     "--password", default=None, prompt=True, prompt_required=False, hide_input=True, confirmation_prompt=True,
-    help="Set the web-page password (at least 10 characters). Give the flag alone to be prompted (hidden, twice).",
+    help="Set the web-page password (12 to 128 characters, not guessable: docs/registry.md). "
+         "Give the flag alone to be prompted (hidden, twice).",
 )  # fmt: skip
 
 
@@ -887,7 +888,7 @@ def broker_sync() -> None:
 @click.option("--host", default=None, help="Address to listen on [default: COMPRESSION_REGISTRY_HOST or 127.0.0.1].")
 @click.option("--port", type=int, default=None, help="Port [default: COMPRESSION_REGISTRY_PORT or 8070].")
 def serve(host: str | None, port: int | None) -> None:
-    """Run the registry's REST API (/api/v1, /docs) and the physios' web page (/ui) with uvicorn.
+    """Run the registry's REST API (/api/v1; /docs with COMPRESSION_REGISTRY_API_DOCS) and web page (/ui) with uvicorn.
 
     The schema is migrated first; with the broker files configured, the
     server keeps them in step with every credentials change.
@@ -899,5 +900,7 @@ def serve(host: str | None, port: int | None) -> None:
     settings = _state().settings()
     settings = settings.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
     app = app_from_settings(settings)
-    click.echo(f"registry on http://{settings.host}:{settings.port} (API /docs, web page /ui)", err=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    docs = ", OpenAPI /docs" if settings.api_docs else ""
+    click.echo(f"registry on http://{settings.host}:{settings.port} (API /api/v1{docs}, web page /ui)", err=True)
+    # proxy_headers off: the app itself believes X-Forwarded-* from COMPRESSION_REGISTRY_TRUSTED_PROXIES only.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", proxy_headers=False)

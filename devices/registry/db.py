@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,8 @@ from sqlalchemy.pool import StaticPool
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 DEFAULT_URL = "sqlite:///var/registry.db"
+FILE_MODE = 0o600
+DIRECTORY_MODE = 0o700
 
 
 def normalise_url(url: str) -> str:
@@ -25,10 +28,11 @@ def normalise_url(url: str) -> str:
 
 
 def make_engine(url: str = DEFAULT_URL) -> Engine:
-    """An engine; for SQLite the parent folder is created, foreign keys enforced and WAL used."""
+    """An engine; for SQLite the file is made private first (:func:`private_sqlite_file`), foreign keys enforced
+    and WAL used."""
     url = normalise_url(url)
     if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite_file(Path(url.removeprefix("sqlite:///").split("?", 1)[0]))
     if url in ("sqlite://", "sqlite:///:memory:"):
         # One shared connection, or each thread would see its own empty database.
         engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
@@ -37,6 +41,21 @@ def make_engine(url: str = DEFAULT_URL) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def private_sqlite_file(path: Path) -> None:
+    """Create ``path`` (and its folder, 0700 when new) with mode 0600, or take a wider mode back to 0600.
+
+    The registry holds patient names and clinical notes: only its owner (the service's user) reads it. SQLite
+    gives the -wal and -shm files the database file's mode. Other services reading it (the ingester, the monitor)
+    run as the same user (the Dockerfile's ``compression``).
+    """
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=DIRECTORY_MODE)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, FILE_MODE))
+    for existing in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", "-journal"))):
+        if existing.exists() and existing.stat().st_mode & 0o777 & ~FILE_MODE:
+            existing.chmod(FILE_MODE)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -35,3 +35,15 @@ class ForbiddenError(RegistryError):
     """The caller's role or clinic does not allow this."""
 
     status = 403
+
+
+class ThrottledError(RegistryError):
+    """Too many wrong passwords for this account or from this address: try again after ``retry_after_s``."""
+
+    status = 429
+
+    def __init__(self, retry_after_s: float):
+        self.retry_after_s = max(1, int(retry_after_s + 0.999))
+        minutes = (self.retry_after_s + 59) // 60
+        when = f"{self.retry_after_s} seconds" if self.retry_after_s < 90 else f"{minutes} minutes"
+        super().__init__(f"too many wrong passwords for this e-mail or from this network; try again in {when}")

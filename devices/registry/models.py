@@ -165,6 +165,8 @@ class Prescription(Base):
     max_silence_hours: Mapped[float] = mapped_column(Float, default=24.0)
     override_physio_id: Mapped[int | None] = mapped_column(ForeignKey("physios.id"), default=None)
     override_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    # Ids of the contraindications the override was given for (those that conflicted when the physio overrode).
+    override_covers: Mapped[list[int] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     patient: Mapped[Patient] = relationship()
     override_physio: Mapped[Physio | None] = relationship()

@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from devices.protocol import ZONES
 from devices.registry.classes import CONTRAINDICATION_KINDS, ClassSystem, ContraindicationKind
+from devices.registry.secrets import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH
 
 # Device, gateway and patient codes follow the protocol's identifier rule: they end up in topics and tags.
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$")]
@@ -90,14 +91,19 @@ class PhysioIn(Model):
     name: Name
     email: Email
     active: bool = True
-    password: str | None = Field(default=None, min_length=10, max_length=200, description="For the web page.")
+    password: str | None = Field(default=None, min_length=PASSWORD_MIN_LENGTH, max_length=PASSWORD_MAX_LENGTH,
+                                 description="For the web page; not guessable (see docs/registry.md).")  # fmt: skip
 
 
 class PhysioUpdate(Model):
     name: Name | None = None
     email: Email | None = None
     active: bool | None = None
-    password: str | None = Field(default=None, min_length=10, max_length=200)
+    password: str | None = Field(default=None, min_length=PASSWORD_MIN_LENGTH, max_length=PASSWORD_MAX_LENGTH)
+    current_password: str | None = Field(
+        default=None, max_length=PASSWORD_MAX_LENGTH,
+        description="A physio changing her own password gives the current one (an admin resetting it does not).",
+    )
 
 
 class PhysioOut(Out):
@@ -275,6 +281,8 @@ class PrescriptionOut(Out):
     max_silence_hours: float
     override_by: str | None
     override_reason: str | None
+    override_covers: list[int] | None = Field(
+        description="Ids of the contraindications the override was given for; a riskier change needs a new one.")
 
 
 class ContraindicationIn(Model):

@@ -19,14 +19,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from devices.registry import schemas as s
-from devices.registry.classes import Band, ClassError, band_for, conflicts
+from devices.registry.classes import Band, ClassError, Finding, band_for, conflicts
 from devices.registry.errors import (
     ConflictError,
     ContraindicatedError,
     ForbiddenError,
     InvalidError,
     NotFoundError,
+    ThrottledError,
 )
+from devices.registry.logins import LoginGuard
 from devices.registry.models import (
     ApiToken,
     Assignment,
@@ -42,17 +44,25 @@ from devices.registry.models import (
     utcnow,
 )
 from devices.registry.secrets import (
+    TOKEN_ADVICE,
     mosquitto_hash,
     new_password,
     new_token,
     password_hash,
+    password_problem,
     password_verify,
     token_hash,
+    token_problem,
 )
 
 GARMENT_TOPIC: Final = "garments/v1/{}/#"
 SERVICE_ACCOUNT_RULE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{2,63}")
 SESSION_HOURS: Final = 12
+BOOTSTRAP_TOKEN_NAME: Final = "bootstrap-admin"
+WEB_SESSION: Final = "web-session"  # the name of every web session's token row
+ANONYMOUS: Final = "anonymous"
+UNKNOWN_ADDRESS: Final = "unknown"
+INGESTER_SCOPE: Final = "ingester tokens may read only the enrichment snapshot (GET /api/v1/enrichment/snapshot)"
 T = TypeVar("T")
 
 
@@ -64,6 +74,7 @@ class Actor:
     role: str
     physio_id: int | None = None
     clinic_id: int | None = None
+    token_id: int | None = None  # the API token or web session in use
 
     @property
     def is_admin(self) -> bool:
@@ -79,6 +90,7 @@ class Registry:
     def __init__(self, factory: sessionmaker[Session], on_credentials_changed: Callable[[], None] | None = None):
         self._factory = factory
         self.on_credentials_changed = on_credentials_changed
+        self.logins = LoginGuard()  # failed passwords per account and address (the app sets its limits)
         # Set inside unit_of_work(): the operations of this thread or task share one transaction.
         self._outer: ContextVar[_Unit | None] = ContextVar(f"registry-unit-{id(self)}", default=None)
 
@@ -104,11 +116,15 @@ class Registry:
             self._credentials_changed()
 
     @contextmanager
-    def _tx(self, actor: Actor, *, write: bool = False, admin: bool = False) -> Iterator[Session]:
+    def _tx(self, actor: Actor, *, write: bool = False, admin: bool = False, snapshot: bool = False
+            ) -> Iterator[Session]:  # fmt: skip
         if admin and not actor.is_admin:
             raise ForbiddenError(f"{actor.role} tokens cannot do this; an admin token is needed")
         if write and actor.role not in ("admin", "physio"):
             raise ForbiddenError(f"{actor.role} tokens are read-only")
+        # The ingester tags telemetry with codes: the snapshot is all it may read (no names, no clinical notes).
+        if actor.role == "ingester" and not snapshot:
+            raise ForbiddenError(INGESTER_SCOPE)
         unit = self._outer.get()
         if unit is not None and unit.session is not None:
             try:
@@ -145,30 +161,35 @@ class Registry:
         return row
 
     def _clinic(self, session: Session, actor: Actor, code: str) -> Clinic:
-        clinic = self._one(session, select(Clinic).where(Clinic.code == code), f"clinic {code!r}")
-        _same_clinic(actor, clinic.id)
+        what = f"clinic {code!r}"
+        clinic = self._one(session, select(Clinic).where(Clinic.code == code), what)
+        _same_clinic(actor, clinic.id, what)
         return clinic
 
     def _patient(self, session: Session, actor: Actor, code: str) -> Patient:
-        patient = self._one(session, select(Patient).where(Patient.code == code), f"patient {code!r}")
-        _same_clinic(actor, patient.clinic_id)
+        what = f"patient {code!r}"
+        patient = self._one(session, select(Patient).where(Patient.code == code), what)
+        _same_clinic(actor, patient.clinic_id, what)
         return patient
 
-    def _physio_by_email(self, session: Session, email: str, clinic_id: int) -> Physio:
-        physio = self._one(session, select(Physio).where(Physio.email == email.lower()), f"physio {email!r}")
+    def _physio_by_email(self, session: Session, actor: Actor, email: str, clinic_id: int) -> Physio:
+        what = f"physio {email!r}"
+        physio = self._one(session, select(Physio).where(Physio.email == email.lower()), what)
+        _same_clinic(actor, physio.clinic_id, what)  # to a physio, another clinic's colleague does not exist
         if physio.clinic_id != clinic_id:
             raise InvalidError(f"physio {email} works for another clinic")
         return physio
 
     def _device(self, session: Session, actor: Actor, device_id: str) -> Device:
-        device = self._one(session, select(Device).where(Device.device_id == device_id), f"device {device_id!r}")
-        _same_clinic(actor, device.clinic_id)
+        what = f"device {device_id!r}"
+        device = self._one(session, select(Device).where(Device.device_id == device_id), what)
+        _same_clinic(actor, device.clinic_id, what)
         return device
 
     def _gateway(self, session: Session, actor: Actor, gateway_id: str) -> Gateway:
-        query = select(Gateway).where(Gateway.gateway_id == gateway_id)
-        gateway = self._one(session, query, f"gateway {gateway_id!r}")
-        _same_clinic(actor, gateway.clinic_id)
+        what = f"gateway {gateway_id!r}"
+        gateway = self._one(session, select(Gateway).where(Gateway.gateway_id == gateway_id), what)
+        _same_clinic(actor, gateway.clinic_id, what)
         return gateway
 
     @staticmethod
@@ -211,6 +232,8 @@ class Registry:
             email = data.email.lower()
             if session.scalars(select(Physio).where(Physio.email == email)).first():
                 raise ConflictError(f"a physio with e-mail {email} already exists")
+            if data.password:
+                _strong_enough(data.password, email, data.name)
             physio = Physio(clinic_id=clinic.id, name=data.name, email=email, active=data.active,
                             password_hash=password_hash(data.password) if data.password else None)  # fmt: skip
             session.add(physio)
@@ -218,14 +241,20 @@ class Registry:
             self._audit(session, actor, "create", "physio", email, data.model_dump(exclude={"password"}))
             return _physio_out(physio)
 
-    def update_physio(self, actor: Actor, email: str, data: s.PhysioUpdate) -> s.PhysioOut:
-        """Change a physio (admin; a physio may change only their own password)."""
-        own = actor.role == "physio" and set(data.model_fields_set) <= {"password"}
+    def update_physio(self, actor: Actor, email: str, data: s.PhysioUpdate, address: str = UNKNOWN_ADDRESS
+                      ) -> s.PhysioOut:  # fmt: skip
+        """Change a physio (admin), or one's own password (a physio, giving the current one).
+
+        A new password must pass :func:`~devices.registry.secrets.password_problem`; it ends every web
+        session of the physio but the one making the change. A wrong current password counts like a failed
+        sign-in (:attr:`logins`).
+        """
+        own = actor.role == "physio" and set(data.model_fields_set) <= {"password", "current_password"}
+        if own:
+            self._check_current_password(actor, email, data.current_password, address)
         with self._tx(actor, write=True, admin=not own) as session:
             physio = self._one(session, select(Physio).where(Physio.email == email.lower()), f"physio {email!r}")
-            if own and physio.id != actor.physio_id:
-                raise ForbiddenError("a physio may change only their own password")
-            changes = data.model_dump(exclude_unset=True, exclude={"password"})
+            changes = data.model_dump(exclude_unset=True, exclude={"password", "current_password"})
             if changes.get("email") is not None:  # null means unchanged, like the other fields
                 changes["email"] = changes["email"].lower()  # stored lower-case, as every lookup expects
                 if changes["email"] != physio.email and session.scalars(
@@ -236,10 +265,56 @@ class Registry:
                 if value is not None:
                     setattr(physio, key, value)
             if data.password:
+                _strong_enough(data.password, physio.email, physio.name)
                 physio.password_hash = password_hash(data.password)
                 changes["password"] = "changed"
+                changes["sessions_ended"] = self._end_sessions(session, physio.id, keep=actor.token_id)
             self._audit(session, actor, "update", "physio", physio.email, {"before": before, "after": changes})
             return _physio_out(physio)
+
+    def _check_current_password(self, actor: Actor, email: str, current: str | None, address: str) -> None:
+        """A physio changing her own password: it is her account and ``current`` is her password, or refuse."""
+        with self._factory() as session:
+            physio = session.scalars(select(Physio).where(Physio.email == email.lower())).first()
+            # Another physio's account, existing or not, is refused alike: the answer tells no one who has one.
+            if physio is None or physio.id != actor.physio_id:
+                raise ForbiddenError("a physio may change only their own password")
+            stored, account = physio.password_hash, physio.email
+        if current is None:
+            raise InvalidError("current_password: give your current password to set a new one")
+        self._attempt(account, address, lambda: password_verify(current, stored), actor_name=actor.name)
+
+    def _attempt(self, account: str, address: str, check: Callable[[], bool], actor_name: str) -> None:
+        """Run a password ``check`` for ``account`` under the throttle; a failure is counted, audited and refused."""
+        wait = self.logins.wait_s(account, address)
+        if wait > 0:
+            raise ThrottledError(wait)
+        if check():
+            self.logins.succeeded(account, address)
+            return
+        locks = self.logins.failed(account, address)
+        with self._factory() as session, session.begin():
+            who = Actor(actor_name, "anonymous")
+            self._audit(session, who, "login_failed", "login", account[:254], {"address": address})
+            for lock in locks:
+                self._audit(session, who, "login_locked", "login", account[:254] if lock.scope == "account" else
+                            address, {"scope": lock.scope, "seconds": lock.seconds, "failures": lock.failures,
+                                      "refused_meanwhile": lock.refused_meanwhile, "address": address})  # fmt: skip
+        if locks:  # this failure started a lock: say so now rather than at the next try
+            raise ThrottledError(max(lock.seconds for lock in locks))
+        raise ForbiddenError("wrong e-mail or password" if actor_name == ANONYMOUS else "the current password is wrong")
+
+    @staticmethod
+    def _end_sessions(session: Session, physio_id: int, keep: int | None) -> int:
+        """Revoke the physio's live web sessions except ``keep``; how many were ended."""
+        now = utcnow()
+        live = session.scalars(select(ApiToken).where(
+            ApiToken.physio_id == physio_id, ApiToken.name == WEB_SESSION, ApiToken.revoked_at.is_(None),
+            ApiToken.id != (keep or -1), or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now),
+        )).all()  # fmt: skip
+        for row in live:
+            row.revoked_at = now
+        return len(live)
 
     def list_physios(self, actor: Actor, clinic: str | None = None) -> list[s.PhysioOut]:
         """Physios (a physio sees their clinic's)."""
@@ -259,7 +334,7 @@ class Registry:
             clinic = self._clinic(session, actor, data.clinic)
             if session.scalars(select(Patient).where(Patient.code == data.code)).first():
                 raise ConflictError(f"patient code {data.code!r} is taken")
-            physio = self._physio_by_email(session, data.physio, clinic.id) if data.physio else None
+            physio = self._physio_by_email(session, actor, data.physio, clinic.id) if data.physio else None
             patient = Patient(clinic_id=clinic.id, code=data.code, display_name=data.display_name,
                               physio_id=physio.id if physio else None)  # fmt: skip
             session.add(patient)
@@ -277,7 +352,7 @@ class Registry:
                 changes["display_name"] = "changed"  # the name itself stays out of the audit trail
             if "physio" in data.model_fields_set:
                 before = patient.physio.email if patient.physio else None
-                physio = self._physio_by_email(session, data.physio, patient.clinic_id) if data.physio else None
+                physio = self._physio_by_email(session, actor, data.physio, patient.clinic_id) if data.physio else None
                 patient.physio = physio
                 changes["physio"] = {"before": before, "after": data.physio}
             self._audit(session, actor, "update", "patient", code, changes)
@@ -486,9 +561,9 @@ class Registry:
         """Close an open assignment at ``valid_to`` (default now)."""
         end = data.valid_to or utcnow()
         with self._tx(actor, write=True) as session:
-            assignment = self._one(session, select(Assignment).where(Assignment.id == assignment_id),
-                                   f"assignment {assignment_id}")  # fmt: skip
-            _same_clinic(actor, assignment.patient.clinic_id)
+            what = f"assignment {assignment_id}"
+            assignment = self._one(session, select(Assignment).where(Assignment.id == assignment_id), what)
+            _same_clinic(actor, assignment.patient.clinic_id, what)
             if assignment.valid_to is not None:
                 raise ConflictError(f"assignment {assignment_id} already ended at {assignment.valid_to.isoformat()}")
             if end <= assignment.valid_from:
@@ -525,7 +600,7 @@ class Registry:
                               valid_to=data.valid_to, zones=[])  # fmt: skip
             _apply_prescription(rx, data.model_dump(exclude={"patient", "garment_kind", "valid_from",
                                                              "override_reason"}))  # fmt: skip
-            self._check_prescription(session, actor, rx, data.override_reason)
+            self._check_prescription(session, actor, rx, data.override_reason, before=None)
             session.add(rx)
             session.flush()
             self._audit(session, actor, "create", "prescription", f"{data.patient}#{rx.id}",
@@ -535,17 +610,27 @@ class Registry:
     def update_prescription(self, actor: Actor, rx_id: int, data: s.PrescriptionUpdate) -> s.PrescriptionOut:
         """Change a prescription (e.g. the daily wear target); checked again like a new one."""
         with self._tx(actor, write=True) as session:
-            rx = self._one(session, select(Prescription).where(Prescription.id == rx_id), f"prescription {rx_id}")
-            _same_clinic(actor, rx.patient.clinic_id)
+            what = f"prescription {rx_id}"
+            rx = self._one(session, select(Prescription).where(Prescription.id == rx_id), what)
+            _same_clinic(actor, rx.patient.clinic_id, what)
             changes = data.model_dump(exclude_unset=True, exclude={"override_reason"})
             before = {key: getattr(rx, key) for key in changes}
+            dose = _dose(rx)
             _apply_prescription(rx, changes)
-            self._check_prescription(session, actor, rx, data.override_reason)
+            self._check_prescription(session, actor, rx, data.override_reason, before=dose)
             self._audit(session, actor, "update", "prescription", f"{rx.patient.code}#{rx.id}",
                         {"before": before, "after": changes, "override_reason": data.override_reason})  # fmt: skip
             return _prescription_out(rx)
 
-    def _check_prescription(self, session: Session, actor: Actor, rx: Prescription, override: str | None) -> None:
+    def _check_prescription(self, session: Session, actor: Actor, rx: Prescription, override: str | None,
+                            before: Dose | None) -> None:  # fmt: skip
+        """Refuse what cannot be followed, overlaps, and contraindicated compression without a physio's override.
+
+        ``before``: the dose of the prescription before this change (None: a new one). A change that is not
+        riskier (:func:`_riskier`) never needs an override, so lowering or ending one is never blocked; a new
+        prescription or a riskier change does, whenever an active contraindication conflicts with it, and an
+        override recorded earlier does not count: it covered the contraindications and the dose of its day.
+        """
         band = _validate_prescription(rx)
         if rx.valid_to is not None and rx.valid_to < rx.valid_from:
             raise InvalidError("valid_to is before valid_from")
@@ -557,32 +642,38 @@ class Registry:
         if overlapping is not None:
             raise ConflictError(f"patient {rx.patient.code} already has a {rx.garment_kind} prescription "
                                 f"(#{overlapping.id}) valid then; end it first (valid_to)")  # fmt: skip
-        found = conflicts(self._active_contraindications(session, rx.patient.id, rx.valid_from), rx.garment_kind, band)
-        if not found:
+        found = self._findings(session, rx, band)
+        riskier = before is None or _riskier(before, _dose(rx))
+        if not found or (not riskier and override is None):
             return
-        if override is None and rx.override_reason is not None:
-            return  # an override already recorded on this prescription still stands
         if override is None:
-            reasons = "; ".join(f.explanation for f in found)
-            raise ContraindicatedError(f"contraindicated for {rx.patient.code}: {reasons}. "
-                                       "A physio may override with override_reason.")  # fmt: skip
+            reasons = "; ".join(f.explanation for _, f in found)
+            what = "contraindicated" if before is None else "this change makes a contraindicated prescription riskier"
+            raise ContraindicatedError(f"{what} for {rx.patient.code}: {reasons}. A physio may override with "
+                                       "override_reason (an earlier override covers only the contraindications "
+                                       "and the dose it was given for).")  # fmt: skip
         if actor.physio_id is None:
             raise ForbiddenError("only a physio can override a contraindication (use a physio's token)")
         rx.override_physio_id = actor.physio_id
         rx.override_reason = override
+        rx.override_covers = sorted({row_id for row_id, _ in found})
 
     @staticmethod
-    def _active_contraindications(session: Session, patient_id: int, on: date) -> list[tuple[str, float | None]]:
+    def _findings(session: Session, rx: Prescription, band: Band | None) -> list[tuple[int, Finding]]:
+        """Each active contraindication (by id) that conflicts with ``rx``, with the reason."""
         rows = session.scalars(select(Contraindication).where(
-            Contraindication.patient_id == patient_id,
-            or_(Contraindication.resolved_on.is_(None), Contraindication.resolved_on > on))).all()  # fmt: skip
-        return [(row.kind, row.abpi) for row in rows]
+            Contraindication.patient_id == rx.patient.id,
+            or_(Contraindication.resolved_on.is_(None), Contraindication.resolved_on > rx.valid_from))
+            .order_by(Contraindication.id)).all()  # fmt: skip
+        return [(row.id, finding) for row in rows
+                for finding in conflicts([(row.kind, row.abpi)], rx.garment_kind, band)]  # fmt: skip
 
     def get_prescription(self, actor: Actor, rx_id: int) -> s.PrescriptionOut:
         """One prescription."""
         with self._tx(actor) as session:
-            rx = self._one(session, select(Prescription).where(Prescription.id == rx_id), f"prescription {rx_id}")
-            _same_clinic(actor, rx.patient.clinic_id)
+            what = f"prescription {rx_id}"
+            rx = self._one(session, select(Prescription).where(Prescription.id == rx_id), what)
+            _same_clinic(actor, rx.patient.clinic_id, what)
             return _prescription_out(rx)
 
     def list_prescriptions(self, actor: Actor, patient: str | None = None) -> list[s.PrescriptionOut]:
@@ -610,11 +701,11 @@ class Registry:
     def resolve_contraindication(self, actor: Actor, row_id: int, data: s.ResolveIn) -> s.ContraindicationOut:
         """Mark a contraindication resolved (e.g. a DVT treated) from a date on."""
         with self._tx(actor, write=True) as session:
-            row = self._one(session, select(Contraindication).where(Contraindication.id == row_id),
-                            f"contraindication {row_id}")  # fmt: skip
+            what = f"contraindication {row_id}"
+            row = self._one(session, select(Contraindication).where(Contraindication.id == row_id), what)
             patient = session.get(Patient, row.patient_id)
             assert patient is not None
-            _same_clinic(actor, patient.clinic_id)
+            _same_clinic(actor, patient.clinic_id, what)
             if row.resolved_on is not None:
                 raise ConflictError(f"contraindication {row_id} was already resolved on {row.resolved_on}")
             if data.resolved_on < row.noted_on:
@@ -664,18 +755,33 @@ class Registry:
             row.revoked_at = utcnow()
             self._audit(session, actor, "revoke", "token", row.name, {"id": token_id})
 
-    def bootstrap_admin_token(self, name: str = "bootstrap-admin") -> str:
+    def bootstrap_admin_token(self, name: str = BOOTSTRAP_TOKEN_NAME) -> str:
         """The first admin token (CLI ``devices token create`` and the demo use it)."""
         return self.create_token(SYSTEM, s.TokenIn(name=name, role="admin")).token or ""
 
-    def ensure_admin_token(self, token: str, name: str = "bootstrap-admin") -> None:
-        """Make ``token`` a valid admin token unless it already is (automated set-ups: compose, the demo)."""
-        if len(token) < 20:
-            raise InvalidError("a bootstrap admin token needs at least 20 characters")
+    def ensure_admin_token(self, token: str, name: str = BOOTSTRAP_TOKEN_NAME) -> None:
+        """Make ``token`` the bootstrap admin token (automated set-ups: compose, the demo).
+
+        It replaces the previous one: every other live admin token named ``name``
+        is revoked, so changing the environment's token retires the old value.
+        """
+        problem = token_problem(token)
+        if problem is not None:
+            raise InvalidError(f"the bootstrap admin token {problem}; {TOKEN_ADVICE}")
+        digest = token_hash(token)
         with self._factory() as session, session.begin():
-            if session.scalars(select(ApiToken).where(ApiToken.token_hash == token_hash(token))).first():
+            live = session.scalars(select(ApiToken).where(
+                ApiToken.name == name, ApiToken.role == "admin", ApiToken.physio_id.is_(None),
+                ApiToken.revoked_at.is_(None))).all()  # fmt: skip
+            for old in live:
+                if old.token_hash != digest:
+                    old.revoked_at = utcnow()
+                    self._audit(session, SYSTEM, "revoke", "token", name, {"id": old.id, "replaced": True})
+            if any(old.token_hash == digest for old in live):
                 return
-            session.add(ApiToken(name=name, role="admin", token_hash=token_hash(token)))
+            if session.scalars(select(ApiToken).where(ApiToken.token_hash == digest)).first() is not None:
+                raise ConflictError("the bootstrap admin token is already in use as another (or a revoked) token")
+            session.add(ApiToken(name=name, role="admin", token_hash=digest))
             self._audit(session, SYSTEM, "create", "token", name, {"role": "admin", "bootstrap": True})
 
     def authenticate(self, token: str) -> Actor:
@@ -688,20 +794,31 @@ class Registry:
             if row.physio is not None:
                 if not row.physio.active:
                     raise ForbiddenError("this physio is no longer active")
-                return Actor(f"{row.physio.email} ({row.name})", row.role, row.physio.id, row.physio.clinic_id)
-            return Actor(f"token:{row.name}", row.role)
+                return Actor(f"{row.physio.email} ({row.name})", row.role, row.physio.id, row.physio.clinic_id,
+                             row.id)  # fmt: skip
+            return Actor(f"token:{row.name}", row.role, token_id=row.id)
 
-    def login(self, email: str, password: str) -> str:
-        """A physio's web session token for a correct e-mail and password (valid :data:`SESSION_HOURS`)."""
+    def login(self, email: str, password: str, address: str = UNKNOWN_ADDRESS) -> str:
+        """A physio's web session token for a right e-mail and password (valid :data:`SESSION_HOURS`).
+
+        The same work is done whether the e-mail has an account or not (the password is hashed against a dummy);
+        failures are counted per account and address (:attr:`logins`), audited, and past the free ones lock the
+        account or address for a while (:class:`ThrottledError`, 429). Slow on purpose (scrypt): call it from a
+        worker thread, never on an event loop.
+        """
+        account = email.strip().lower()
+        with self._factory() as session:
+            physio = session.scalars(select(Physio).where(Physio.email == account)).first()
+            stored = physio.password_hash if physio is not None and physio.active else None
+            physio_id, clinic_id = (physio.id, physio.clinic_id) if physio is not None else (None, None)
+        self._attempt(account, address, lambda: password_verify(password, stored), actor_name=ANONYMOUS)
+        token = new_token()
         with self._factory() as session, session.begin():
-            physio = session.scalars(select(Physio).where(Physio.email == email.strip().lower())).first()
-            if physio is None or not physio.active or not password_verify(password, physio.password_hash):
-                raise ForbiddenError("wrong e-mail or password")
-            token = new_token()
-            session.add(ApiToken(name="web-session", role="physio", physio_id=physio.id, token_hash=token_hash(token),
+            session.add(ApiToken(name=WEB_SESSION, role="physio", physio_id=physio_id, token_hash=token_hash(token),
                                  expires_at=utcnow() + timedelta(hours=SESSION_HOURS)))  # fmt: skip
-            self._audit(session, Actor(physio.email, "physio"), "login", "physio", physio.email, {})
-            return token
+            self._audit(session, Actor(account, "physio", physio_id, clinic_id), "login", "physio", account,
+                        {"address": address})  # fmt: skip
+        return token
 
     def logout(self, token: str) -> None:
         """End a web session."""
@@ -744,7 +861,7 @@ class Registry:
 
     def snapshot(self, actor: Actor) -> s.Snapshot:
         """Every device and every assignment with its patient code and clinic code, for tagging at ingest."""
-        with self._tx(actor) as session:
+        with self._tx(actor, snapshot=True) as session:
             version = int(session.scalar(select(func.coalesce(func.max(AuditEntry.id), 0))) or 0)
             device_query = select(Device.device_id).order_by(Device.device_id)
             query = (
@@ -802,10 +919,17 @@ class BrokerAccounts:
 # --- helpers ---------------------------------------------------------------------------------------------------------
 
 
-def _same_clinic(actor: Actor, clinic_id: int) -> None:
-    # A physio sees only their own clinic; to them another clinic's rows do not exist.
+def _same_clinic(actor: Actor, clinic_id: int, what: str) -> None:
+    # A physio sees only their own clinic; to them another clinic's rows do not exist, in the very words used for
+    # a row that does not exist at all (a different answer would tell them apart).
     if actor.clinic_id is not None and actor.clinic_id != clinic_id:
-        raise NotFoundError("not found in your clinic")
+        raise NotFoundError(f"no {what}")
+
+
+def _strong_enough(password: str, email: str, name: str) -> None:
+    problem = password_problem(password, (email, name))
+    if problem is not None:
+        raise InvalidError(f"password: {problem}")
 
 
 def _not_revoked(revoked_at: datetime | None, name: str) -> None:
@@ -842,6 +966,35 @@ _RX_FIELDS: Final = (
     "wear_days_per_week", "sessions_per_week", "session_min_minutes", "session_max_minutes", "max_chamber_mmhg",
     "out_of_range_tolerance_minutes", "max_silence_hours",
 )  # fmt: skip
+
+
+# More of any of these is more compression or later alerts: a riskier prescription.
+DOSE_FIELDS: Final = (
+    "ankle_min_mmhg", "ankle_max_mmhg", "wear_hours_per_day", "wear_days_per_week", "sessions_per_week",
+    "session_min_minutes", "session_max_minutes", "max_chamber_mmhg", "out_of_range_tolerance_minutes",
+    "max_silence_hours",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Dose:
+    """What makes a prescription more or less risky: its amounts, its zones, how long it runs."""
+
+    amounts: tuple[float | None, ...]
+    zones: frozenset[str]
+    valid_to: date | None
+
+
+def _dose(rx: Prescription) -> Dose:
+    return Dose(tuple(getattr(rx, key) for key in DOSE_FIELDS), frozenset(rx.zones or ()), rx.valid_to)
+
+
+def _riskier(before: Dose, after: Dose) -> bool:
+    """Whether ``after`` compresses more, longer, on more zones, or alerts later than ``before``."""
+    more = any(new is not None and (old is None or new > old) for old, new in zip(before.amounts, after.amounts,
+                                                                                   strict=True))  # fmt: skip
+    longer = before.valid_to is not None and (after.valid_to is None or after.valid_to > before.valid_to)
+    return more or longer or not after.zones <= before.zones
 
 
 def _apply_prescription(rx: Prescription, values: dict[str, Any]) -> None:

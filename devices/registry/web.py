@@ -9,7 +9,9 @@ what the physio's API token would, and every change is audited by the service.
 
 Session: the token from :meth:`Registry.login` in the ``compression_session``
 cookie (HttpOnly, SameSite=Strict, Path=/, Secure when the request came over
-https). Forms post back and redirect (POST/redirect/GET) with a one-shot flash
+https through a trusted proxy or the public URL is https). Password hashing
+(sign-in, password change) runs in a worker thread, never on the event loop.
+Forms post back and redirect (POST/redirect/GET) with a one-shot flash
 message in a cookie. CSRF protection is described at :func:`csrf_token`.
 """
 
@@ -22,10 +24,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, TypeVar
 from urllib.parse import quote, unquote, urlencode
 from zoneinfo import ZoneInfo
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -34,9 +37,12 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from pydantic import ValidationError
 
 from devices.registry import schemas as s
-from devices.registry.errors import ContraindicatedError, ForbiddenError, RegistryError
+from devices.registry.api import client_address
+from devices.registry.errors import ContraindicatedError, ForbiddenError, RegistryError, ThrottledError
 from devices.registry.models import utcnow
+from devices.registry.secrets import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH
 from devices.registry.service import SESSION_HOURS, Actor, Registry
+from devices.registry.settings import RegistrySettings
 
 UI: Final = "/ui"
 SESSION_COOKIE: Final = "compression_session"
@@ -45,6 +51,7 @@ FLASH_COOKIE: Final = "compression_flash"
 CSRF_FIELD: Final = "csrf"
 _CSRF_LABEL: Final = b"compression-registry-web/csrf/v1"
 _HERE: Final = Path(__file__).parent
+T = TypeVar("T")
 
 # What the edit form offers per garment kind (the class itself is changed through the API or CLI).
 EDITABLE: Final[dict[str, tuple[str, ...]]] = {
@@ -160,7 +167,19 @@ Session = Annotated[WebSession, Depends(_web_session)]
 
 
 def _secure(request: Request) -> bool:
-    return request.url.scheme == "https"
+    # https as the browser sees it: the request's scheme (a trusted proxy's X-Forwarded-Proto, see guards.py), or
+    # the public URL when that is https (behind a TLS proxy whose hop is plain http).
+    settings = request.app.state.settings
+    return request.url.scheme == "https" or (isinstance(settings, RegistrySettings) and settings.always_https)
+
+
+async def _password_work(request: Request, work: Callable[[], T]) -> T:
+    """Run ``work`` (it hashes a password: ~50 ms of CPU) in a worker thread, never on the event loop.
+
+    At most ``PASSWORD_WORK_CONCURRENCY`` at once (the app's limiter): the rest of the server keeps a core.
+    """
+    limiter = request.app.state.password_work
+    return await anyio.to_thread.run_sync(work, limiter=limiter)
 
 
 def _set_cookie(response: Response, request: Request, key: str, value: str, max_age: int | None = None,
@@ -250,7 +269,8 @@ def _environment() -> Environment:
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
     env.filters["num"] = _num
     env.filters["changes"] = _changes_text
-    env.globals.update(LABELS=LABELS, INPUTS=INPUTS, UI=UI, CSRF_FIELD=CSRF_FIELD)
+    env.globals.update(LABELS=LABELS, INPUTS=INPUTS, UI=UI, CSRF_FIELD=CSRF_FIELD,
+                       PASSWORD_MIN_LENGTH=PASSWORD_MIN_LENGTH, PASSWORD_MAX_LENGTH=PASSWORD_MAX_LENGTH)  # fmt: skip
     return env
 
 
@@ -308,9 +328,7 @@ def _router(templates: Jinja2Templates) -> APIRouter:
         flash = _take_flash(request)
         response = templates.TemplateResponse(request, name, {"session": session, "flash": flash, **context},
                                               status_code=status)  # fmt: skip
-        response.headers["Cache-Control"] = "no-store"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Referrer-Policy"] = "same-origin"
+        response.headers["Cache-Control"] = "no-store"  # the other security headers: guards.SecurityHeaders
         if flash:
             _delete_cookie(response, request, FLASH_COOKIE, path=UI)
         return response
@@ -356,10 +374,15 @@ def _router(templates: Jinja2Templates) -> APIRouter:
         email, password = str(form.get("email") or "").strip(), str(form.get("password") or "")
         if not email or not password:
             return _login_page(request, next_path, email, "Give your e-mail and password.", 422)
+        registry, address = _registry(request), client_address(request)
         try:
-            token = _registry(request).login(email, password)
+            token = await _password_work(request, lambda: registry.login(email, password, address))
+        except ThrottledError as exc:
+            response = _login_page(request, next_path, email, _sentence(exc), exc.status)
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+            return response
         except RegistryError as exc:
-            return _login_page(request, next_path, email, str(exc).capitalize() + ".", exc.status)
+            return _login_page(request, next_path, email, _sentence(exc), exc.status)
         response = _redirect(next_path)
         _set_cookie(response, request, SESSION_COOKIE, token, max_age=SESSION_HOURS * 3600)
         _delete_cookie(response, request, LOGIN_COOKIE, path=f"{UI}/login")
@@ -374,6 +397,36 @@ def _router(templates: Jinja2Templates) -> APIRouter:
         response = _redirect(f"{UI}/login", request, "You are signed out.")
         _delete_cookie(response, request, SESSION_COOKIE)
         return response
+
+    # --- the physio's own password ---
+
+    @router.get(f"{UI}/account/password")
+    def password_form(request: Request, session: Session) -> Response:
+        return page(request, "password.html", {"errors": [], "done": False}, 200, session)
+
+    @router.post(f"{UI}/account/password")
+    async def change_password(request: Request, session: Session) -> Response:
+        form = await request.form()
+        if not _csrf_ok(session.csrf, form.get(CSRF_FIELD)):
+            return refused(request, session, 403, "This form did not come from this page; nothing was changed. "
+                                                  "Reload the page and try again.")  # fmt: skip
+        current, new, again = (str(form.get(k) or "") for k in ("current_password", "new_password", "repeat_password"))
+        errors = _password_form_errors(current, new, again)
+        status = 422
+        if not errors:
+            registry, address = _registry(request), client_address(request)
+            try:
+                change = s.PhysioUpdate(password=new, current_password=current)
+                await _password_work(request, lambda: registry.update_physio(session.actor, session.email, change,
+                                                                             address))  # fmt: skip
+            except ValidationError as exc:
+                errors = [_password_message(error) for error in exc.errors(include_url=False, include_input=False)]
+            except RegistryError as exc:
+                errors, status = [_password_sentence(exc)], exc.status
+            else:
+                return _redirect(f"{UI}/patients", request, "Your password is changed. Every other session of "
+                                                            "yours is signed out.")  # fmt: skip
+        return page(request, "password.html", {"errors": errors, "done": False}, status, session)
 
     # --- patients ---
 
@@ -486,6 +539,36 @@ def _router(templates: Jinja2Templates) -> APIRouter:
         return _redirect(back, request, f"Prescription #{rx_id} saved: {what}.")
 
     return router
+
+
+def _sentence(exc: RegistryError) -> str:
+    text = str(exc)
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def _password_form_errors(current: str, new: str, again: str) -> list[str]:
+    errors = [] if current else ["Current password: give the password you signed in with."]
+    if not new:
+        errors.append("New password: give a new password.")
+    elif new != again:
+        errors.append("Repeat the new password: it is not the same as the new password.")
+    return errors
+
+
+def _password_message(error: Mapping[str, Any]) -> str:
+    loc = error.get("loc") or ()
+    field = "Current password" if loc and loc[0] == "current_password" else "New password"
+    return f"{field}: {str(error.get('msg', 'not valid')).removeprefix('Value error, ')}."
+
+
+def _password_sentence(exc: RegistryError) -> str:
+    """The service's refusal in the page's words (the field it is about first)."""
+    text = str(exc)
+    if text.startswith("password: "):
+        return "New password: " + text.removeprefix("password: ") + ("" if text.endswith(".") else ".")
+    if "current password is wrong" in text:
+        return "Current password: it is not the one you sign in with."
+    return _sentence(exc)
 
 
 def _differs(new: object, old: object) -> bool:

@@ -41,6 +41,7 @@ SCREENSHOT = Path("/tmp/registry-patient.png")
 CLINIC = "bowvalley"
 ANN, ANN_PASSWORD = "ann@bowvalley.example", "ann-password-2026"
 BOB, BOB_PASSWORD = "bob@bowvalley.example", "bob-password-2026"
+CLEO, CLEO_PASSWORD = "cleo@bowvalley.example", "orchard-gate-2026"  # changes her password
 ALICE, CARL, DORA = "BV-0001", "BV-0002", "BV-0003"  # Alice and Carl are Ann's patients, Dora is Bob's
 WEAR_TARGET = "Daily wear target (hours/day)"
 
@@ -59,7 +60,8 @@ def _seed(registry: Registry, today_in_clinic: datetime) -> tuple[int, int]:
     today = today_in_clinic.date()
     clinic = s.ClinicIn(code=CLINIC, name="Bow Valley Physiotherapy", timezone="America/Edmonton")
     registry.create_clinic(SYSTEM, clinic)
-    for email, name, password in ((ANN, "Ann Lee", ANN_PASSWORD), (BOB, "Bob Roy", BOB_PASSWORD)):
+    for email, name, password in ((ANN, "Ann Lee", ANN_PASSWORD), (BOB, "Bob Roy", BOB_PASSWORD),
+                                  (CLEO, "Cleo Park", CLEO_PASSWORD)):  # fmt: skip
         registry.create_physio(SYSTEM, s.PhysioIn(clinic=CLINIC, name=name, email=email, password=password))
     for code, name, physio in ((ALICE, "Alice Example", ANN), (CARL, "Carl Example", ANN), (DORA, "Dora Example", BOB)):
         registry.create_patient(SYSTEM, s.PatientIn(clinic=CLINIC, code=code, display_name=name, physio=physio))
@@ -280,3 +282,67 @@ def test_pages_need_a_login_and_sign_out_ends_the_session(page: Page, site: Site
     expect(page.get_by_role("status")).to_have_text("You are signed out.")
     page.goto("/ui/patients")
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+
+
+def _shots(page: Page, name: str) -> None:
+    """Full-page screenshots at a desktop's and a phone's width (looked at while building the page)."""
+    for width in (1400, 390):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.screenshot(path=f"/tmp/registry-{name}-{width}.png", full_page=True)
+    page.set_viewport_size({"width": 1100, "height": 900})
+
+
+def test_a_physio_changes_her_password_and_her_other_sessions_end(browser: Browser, site: Site) -> None:
+    contexts = [browser.new_context(base_url=site.url, viewport={"width": 1100, "height": 900}) for _ in range(2)]
+    try:
+        here, elsewhere = (context.new_page() for context in contexts)
+        for page in (here, elsewhere):
+            _login(page, CLEO, CLEO_PASSWORD)
+            expect(page.get_by_role("heading", name="My patients")).to_be_visible()
+        here.get_by_role("link", name="Change password").click()
+        expect(here.get_by_role("heading", name="Change your password")).to_be_visible()
+        _shots(here, "password")
+        new = "tidal-pine-2031-heron"
+
+        def change(current: str, password: str, again: str) -> None:
+            here.get_by_label("Current password", exact=True).fill(current)
+            here.get_by_label("New password", exact=True).fill(password)
+            here.get_by_label("Repeat the new password").fill(again)
+            here.get_by_role("button", name="Change password").click()
+
+        change(CLEO_PASSWORD, "cleocleocleocleo", "cleocleocleocleo")
+        expect(here.get_by_role("alert")).to_contain_text("New password: do not use your e-mail address or name")
+        change(CLEO_PASSWORD, "aaaaaaaaaaaaaa", "aaaaaaaaaaaaaa")
+        expect(here.get_by_role("alert")).to_contain_text("New password: too easy to guess. Repeats like")
+        _shots(here, "password-weak")
+        change(CLEO_PASSWORD, new, new + "x")
+        expect(here.get_by_role("alert")).to_contain_text("not the same as the new password")
+        change("orchard-gate-2025", new, new)
+        expect(here.get_by_role("alert")).to_contain_text("Current password: it is not the one you sign in with")
+        assert "aaaaaaaaaaaaaa" not in here.content() and new not in here.content()
+        change(CLEO_PASSWORD, new, new)
+        expect(here.get_by_role("status")).to_contain_text("Your password is changed")
+        elsewhere.goto("/ui/patients")  # the other browser's session has ended
+        expect(elsewhere.get_by_role("heading", name="Sign in")).to_be_visible()
+        here.goto("/ui/patients")  # this one goes on
+        expect(here.get_by_role("heading", name="My patients")).to_be_visible()
+        here.get_by_role("button", name="Sign out").click()
+        _login(here, CLEO, new)
+        expect(here.get_by_role("heading", name="My patients")).to_be_visible()
+    finally:
+        for context in contexts:
+            context.close()
+    entries = site.check.audit(SYSTEM, entity="login", key=CLEO)
+    assert [e.action for e in entries] == ["login_failed"] and new not in str(entries)
+
+
+def test_repeated_wrong_passwords_lock_the_sign_in_for_a_while(page: Page, site: Site) -> None:
+    for attempt in range(5):
+        _login(page, "locked@bowvalley.example", f"guess-{attempt}-of-many")
+        expect(page.get_by_role("alert")).to_have_text("Wrong e-mail or password.")
+    with page.expect_response(lambda r: r.request.method == "POST") as posted:
+        _login(page, "locked@bowvalley.example", "guess-5-of-many")
+    assert posted.value.status == 429 and posted.value.headers["retry-after"] == "30"
+    expect(page.get_by_role("alert")).to_have_text(
+        "Too many wrong passwords for this e-mail or from this network; try again in 30 seconds.")
+    _shots(page, "login-locked")

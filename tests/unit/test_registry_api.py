@@ -149,7 +149,7 @@ def seed() -> Iterator[Seed]:
     tokens, passwords = {"admin": registry.bootstrap_admin_token()}, {}
     for code, name, tz in ((A, "Clinic A", "Europe/Berlin"), (B, "Clinic B", "America/Edmonton")):
         registry.create_clinic(SYSTEM, s.ClinicIn(code=code, name=name, timezone=tz))
-    registry.create_physio(SYSTEM, s.PhysioIn(clinic=A, name="Anna", email=ANNA, password="anna-secret-1"))
+    registry.create_physio(SYSTEM, s.PhysioIn(clinic=A, name="Anna", email=ANNA, password="harbour-lights-1907"))
     registry.create_physio(SYSTEM, s.PhysioIn(clinic=B, name="Ben", email=BEN))
     registry.create_patient(SYSTEM, s.PatientIn(clinic=A, code=PA, display_name=PA_NAME, physio=ANNA))
     registry.create_patient(SYSTEM, s.PatientIn(clinic=B, code=PB, display_name=PB_NAME, physio=BEN))
@@ -247,11 +247,11 @@ def test_revoked_token_is_401(world: World) -> None:
     created = world.ok("POST", "/tokens", json={"name": "laptop", "role": "ingester"}, status=201)
     assert created["role"] == "ingester" and created["token"].startswith("ct_")
     world.tokens["laptop"] = created["token"]
-    assert world.ok("GET", "/clinics", "laptop")
+    assert world.ok("GET", "/enrichment/snapshot", "laptop")
     before = world.audit_count()
     assert world.ok("DELETE", f"/tokens/{created['id']}", status=204) is None
     assert world.audit_count() == before + 1
-    world.refused("GET", "/clinics", "laptop", 401, match="revoked")
+    world.refused("GET", "/enrichment/snapshot", "laptop", 401, match="revoked")
     world.refused("DELETE", f"/tokens/{created['id']}", "admin", 409, match="already revoked")
 
 
@@ -302,7 +302,7 @@ def test_list_and_get_clinics(world: World) -> None:
     both = [{"code": A, "name": "Clinic A", "timezone": "Europe/Berlin"},
             {"code": B, "name": "Clinic B", "timezone": "America/Edmonton"}]  # fmt: skip
     assert world.ok("GET", "/clinics") == both
-    assert world.ok("GET", "/clinics", "ingester") == both
+    world.refused("GET", "/clinics", "ingester", 403, match="snapshot")  # the ingester reads the snapshot only
     assert world.ok("GET", "/clinics", "physio_a") == both[:1]
     assert world.ok("GET", "/clinics", "physio_b") == both[1:]
     assert world.ok("GET", f"/clinics/{A}", "physio_a") == both[0]
@@ -331,7 +331,7 @@ def test_create_physio_needs_admin(world: World, who: str) -> None:
 
 @pytest.mark.parametrize(
     ("extra", "match"),
-    [({"email": "not-an-email"}, "pattern"), ({"password": "short"}, "at least 10"), ({"clinic": "A!"}, "pattern"),
+    [({"email": "not-an-email"}, "pattern"), ({"password": "short"}, "at least 12"), ({"clinic": "A!"}, "pattern"),
      ({"role": "admin"}, "extra"), ({"active": "perhaps"}, "bool")],
 )  # fmt: skip
 def test_create_physio_bad_input(world: World, extra: dict[str, Any], match: str) -> None:
@@ -343,7 +343,7 @@ def test_list_physios(world: World) -> None:
     assert [p["email"] for p in world.ok("GET", "/physios")] == [ANNA, BEN]
     assert [p["email"] for p in world.ok("GET", "/physios", params={"clinic": B})] == [BEN]
     assert [p["email"] for p in world.ok("GET", "/physios", "physio_b")] == [BEN]
-    assert [p["email"] for p in world.ok("GET", "/physios", "ingester")] == [ANNA, BEN]
+    world.refused("GET", "/physios", "ingester", 403, match="snapshot")
     world.refused("GET", "/physios", "physio_b", 404, params={"clinic": A})
     world.refused("GET", "/physios", "admin", 404, params={"clinic": "nowhere"})
 
@@ -372,13 +372,14 @@ def test_update_physio_null_email_changes_nothing(world: World) -> None:
 
 def test_physio_changes_only_own_password(world: World) -> None:
     before = world.dump()["physios"]
-    updated = world.ok("PATCH", f"/physios/{ANNA}", "physio_a", json={"password": "a-new-long-password"})
+    updated = world.ok("PATCH", f"/physios/{ANNA}", "physio_a", json={"password": "a-new-long-password",
+                                                                      "current_password": "harbour-lights-1907"})
     assert updated["email"] == ANNA and "password" not in updated
     after = world.dump()["physios"]
     assert before != after  # the hash changed
     entry = world.ok("GET", "/audit", params={"entity": "physio", "key": ANNA})[0]
-    assert entry["changes"]["after"] == {"password": "changed"}
-    assert "a-new-long-password" not in str(entry)
+    assert entry["changes"]["after"] == {"password": "changed", "sessions_ended": 0}
+    assert "a-new-long-password" not in str(entry) and "harbour-lights" not in str(entry)
     world.refused("PATCH", f"/physios/{BEN}", "physio_a", 403, json={"password": "a-new-long-password"}, match="own")
     world.refused("PATCH", f"/physios/{ANNA}", "physio_a", 403, json={"name": "Anna the Great"}, match="admin")
     world.refused("PATCH", f"/physios/{ANNA}", "ingester", 403, json={"password": "a-new-long-password"})
@@ -386,7 +387,7 @@ def test_physio_changes_only_own_password(world: World) -> None:
 
 @pytest.mark.parametrize(
     ("body", "match"),
-    [({"password": "short"}, "at least 10"), ({"clinic": B}, "extra"), ({"email": "no-at-sign"}, "pattern"),
+    [({"password": "short"}, "at least 12"), ({"clinic": B}, "extra"), ({"email": "no-at-sign"}, "pattern"),
      ({"active": [1]}, "bool")],
 )  # fmt: skip
 def test_update_physio_bad_input(world: World, body: dict[str, Any], match: str) -> None:
@@ -429,7 +430,7 @@ def test_create_patient_bad_input(world: World, extra: dict[str, Any]) -> None:
 
 def test_list_patients_is_per_clinic_for_physios(world: World) -> None:
     assert [p["code"] for p in world.ok("GET", "/patients")] == [PA, PB]
-    assert [p["code"] for p in world.ok("GET", "/patients", "ingester")] == [PA, PB]
+    world.refused("GET", "/patients", "ingester", 403, match="snapshot")
     assert world.ok("GET", "/patients", "physio_b") == [{"code": PB, "clinic": B, "display_name": PB_NAME,
                                                            "physio": BEN}]  # fmt: skip
     assert [p["code"] for p in world.ok("GET", "/patients", params={"clinic": A})] == [PA]
@@ -441,7 +442,7 @@ def test_list_patients_is_per_clinic_for_physios(world: World) -> None:
 def test_get_patient(world: World) -> None:
     expected = {"code": PA, "clinic": A, "display_name": PA_NAME, "physio": ANNA}
     assert world.ok("GET", f"/patients/{PA}", "physio_a") == expected
-    assert world.ok("GET", f"/patients/{PA}", "ingester") == expected
+    world.refused("GET", f"/patients/{PA}", "ingester", 403, match="snapshot")
     world.refused("GET", f"/patients/{PA}", "physio_b", 404)
     world.refused("GET", "/patients/PX-999", "admin", 404, match="PX-999")
 
@@ -469,7 +470,8 @@ def test_patient_audit(world: World) -> None:
     entries = world.ok("GET", f"/patients/{PA}/audit", "physio_a")
     assert [(e["entity"], e["key"]) for e in entries] == [
         ("assignment", f"{SOCK_A}->{PA}"), ("prescription", f"{PA}#{rx_id}"), ("patient", PA)]  # fmt: skip
-    assert len(world.ok("GET", f"/patients/{PA}/audit", "ingester", params={"limit": 2})) == 2
+    assert len(world.ok("GET", f"/patients/{PA}/audit", "admin", params={"limit": 2})) == 2
+    world.refused("GET", f"/patients/{PA}/audit", "ingester", 403, match="snapshot")
     world.refused("GET", f"/patients/{PA}/audit", "physio_b", 404)
     world.refused("GET", "/patients/PX-999/audit", "admin", 404)
     world.refused("GET", f"/patients/{PA}/audit", "admin", 422, params={"limit": 0})
@@ -527,7 +529,8 @@ def test_list_and_get_gateways(world: World) -> None:
     assert world.ok("GET", "/gateways") == [gateway]
     assert world.ok("GET", "/gateways", "physio_a") == [gateway]
     assert world.ok("GET", "/gateways", "physio_b") == []
-    assert world.ok("GET", f"/gateways/{GW_A}", "ingester") == gateway
+    assert world.ok("GET", f"/gateways/{GW_A}", "admin") == gateway
+    world.refused("GET", f"/gateways/{GW_A}", "ingester", 403, match="snapshot")
     world.refused("GET", f"/gateways/{GW_A}", "physio_b", 404)
     world.refused("GET", "/gateways/GW-X-99", "admin", 404)
 
@@ -589,7 +592,8 @@ def test_create_device_bad_input(world: World, extra: dict[str, Any], match: str
 
 def test_list_and_get_devices(world: World) -> None:
     assert [d["device_id"] for d in world.ok("GET", "/devices")] == [BOOT_A, SOCK_A, SOCK_B]
-    assert [d["device_id"] for d in world.ok("GET", "/devices", "ingester", params={"clinic": B})] == [SOCK_B]
+    assert [d["device_id"] for d in world.ok("GET", "/devices", "admin", params={"clinic": B})] == [SOCK_B]
+    world.refused("GET", "/devices", "ingester", 403, params={"clinic": B}, match="snapshot")
     assert [d["device_id"] for d in world.ok("GET", "/devices", "physio_b")] == [SOCK_B]
     world.refused("GET", "/devices", "physio_b", 404, params={"clinic": A})
     _assign(world)
@@ -710,7 +714,8 @@ def test_list_assignments(world: World) -> None:
     a = _assign(world)
     b = _assign(world, SOCK_B, PB)
     assert world.ok("GET", "/assignments") == [a, b]
-    assert world.ok("GET", "/assignments", "ingester", params={"patient": PB}) == [b]
+    assert world.ok("GET", "/assignments", "admin", params={"patient": PB}) == [b]
+    world.refused("GET", "/assignments", "ingester", 403, params={"patient": PB}, match="snapshot")
     assert world.ok("GET", "/assignments", "physio_a", params={"device_id": SOCK_A}) == [a]
     assert world.ok("GET", "/assignments", "physio_b") == [b]
     world.refused("GET", "/assignments", "physio_b", 404, params={"patient": PA})
@@ -730,7 +735,7 @@ def test_prescribe_sock_and_boot(world: World) -> None:
         "zones": ["ankle", "calf"], "wear_hours_per_day": 10.0, "wear_days_per_week": 7, "sessions_per_week": None,
         "session_min_minutes": None, "session_max_minutes": None, "max_chamber_mmhg": None,
         "out_of_range_tolerance_minutes": 30.0, "max_silence_hours": 24.0, "override_by": None,
-        "override_reason": None}  # fmt: skip
+        "override_reason": None, "override_covers": None}  # fmt: skip
     assert world.audit_count() == before + 1
     boot = world.ok("POST", "/prescriptions", json=_boot(), status=201)  # a boot beside a sock is fine
     assert (boot["garment_kind"], boot["zones"], boot["max_chamber_mmhg"], boot["class_system"]) == (
@@ -840,7 +845,8 @@ def test_list_and_get_prescriptions(world: World) -> None:
     pa = world.ok("POST", "/prescriptions", json=_sock(), status=201)
     pb = world.ok("POST", "/prescriptions", json=_boot(PB), status=201)
     assert world.ok("GET", "/prescriptions") == [pa, pb]
-    assert world.ok("GET", "/prescriptions", "ingester", params={"patient": PB}) == [pb]
+    assert world.ok("GET", "/prescriptions", "admin", params={"patient": PB}) == [pb]
+    world.refused("GET", "/prescriptions", "ingester", 403, params={"patient": PB}, match="snapshot")
     assert world.ok("GET", "/prescriptions", "physio_a") == [pa]
     assert world.ok("GET", "/prescriptions", "physio_b") == [pb]
     world.refused("GET", "/prescriptions", "physio_b", 404, params={"patient": PA})
@@ -882,7 +888,8 @@ def test_contraindications(world: World) -> None:
     assert created == {"id": created["id"], "patient": PA, "kind": "abpi", "abpi": 0.72, "noted_on": "2025-01-10",
                        "resolved_on": None, "note": "left leg"}  # fmt: skip
     assert world.audit_count() == before + 1
-    assert world.ok("GET", "/contraindications", "ingester", params={"patient": PA}) == [created]
+    assert world.ok("GET", "/contraindications", "admin", params={"patient": PA}) == [created]
+    world.refused("GET", "/contraindications", "ingester", 403, params={"patient": PA}, match="snapshot")
     world.refused("GET", "/contraindications", "physio_b", 404, params={"patient": PA})
     world.refused("GET", "/contraindications", "admin", 404, params={"patient": "PX-999"})
     world.refused("GET", "/contraindications", "admin", 422)  # patient is required

@@ -99,7 +99,7 @@ def test_every_command_explains_itself(run: Run) -> None:
 
 
 def test_migrate_and_clinics(run: Run) -> None:
-    assert "schema at revision 0001" in run("migrate").stdout
+    assert "schema at revision 0002" in run("migrate").stdout
     assert run("migrate").exit_code == 0
     run("clinic", "add", "bowvalley", "--name", "Bow Valley", "--timezone", "America/Edmonton")
     table = run("clinic", "list").stdout.splitlines()
@@ -143,7 +143,7 @@ def test_physios_with_prompted_password(clinic: Run, registry: Registry) -> None
         ("ana@bowvalley.example", "Ana M.", False), ("ben@bowvalley.example", "Ben Okafor", True),
     ]  # fmt: skip
     assert "nothing to change" in fails(run, "physio", "update", "ana@bowvalley.example", code=2)
-    assert "at least 10 characters" in fails(run, "physio", "update", "ana@bowvalley.example", "--password", "short")
+    assert "at least 12 characters" in fails(run, "physio", "update", "ana@bowvalley.example", "--password", "short")
 
 
 def test_patients(clinic: Run) -> None:

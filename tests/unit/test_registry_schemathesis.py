@@ -32,6 +32,7 @@ from devices.registry.db import make_engine, migrate, session_factory
 from devices.registry.models import ApiToken
 from devices.registry.secrets import token_hash
 from devices.registry.service import SYSTEM, Registry
+from devices.registry.settings import RegistrySettings
 
 MAX_EXAMPLES = 40
 
@@ -52,7 +53,7 @@ def _seeded_app() -> tuple[FastAPI, sessionmaker[Session], str]:
                                                                noted_on=date(2025, 1, 1)))  # fmt: skip
     registry.prescribe(SYSTEM, s.PrescriptionIn(patient="PA-001", garment_kind="sock", valid_from=date(2025, 1, 1),
                                                 class_system="ral", class_name="1", wear_hours_per_day=8))  # fmt: skip
-    return create_app(registry), factory, token
+    return create_app(registry, RegistrySettings(api_docs=True)), factory, token
 
 
 APP, FACTORY, TOKEN = _seeded_app()
