@@ -19,8 +19,14 @@ from devices.registry.secrets import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH
 # Device, gateway and patient codes follow the protocol's identifier rule: they end up in topics and tags.
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$")]
 ClinicCode = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{1,63}$")]
-Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$", max_length=254)]
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+# One plain address: a dot-atom local part (no quotes, commas, angle brackets or spaces that could smuggle a second
+# recipient into an e-mail header) and a host name; the monitor checks it again before RCPT TO (monitor.recipients).
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+Email = Annotated[str, StringConstraints(pattern=rf"^{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+$", max_length=254)]
+# Display text: no control, line/paragraph separator or bidi override characters (they end up in e-mail headers).
+_DISPLAY_TEXT = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]+$"
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=_DISPLAY_TEXT)]
 GarmentKind = Literal["sock", "boot"]
 Role = Literal["admin", "physio", "ingester"]
 ZoneName = Literal["foot", "ankle", "calf", "knee", "thigh"]

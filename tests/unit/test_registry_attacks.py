@@ -332,3 +332,29 @@ def test_guessing_the_current_password_through_the_api_is_throttled(world: World
     assert int(answers[-1].headers["Retry-After"]) >= 1
     world.refused("PATCH", path, "web", 429, json={"password": STRONG, "current_password": ANNA_PASSWORD},
                   match="too many wrong passwords")  # fmt: skip
+
+
+# --- finding 4, at the registry's door: names and addresses that would smuggle a recipient or a header -------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("email", "cat,attacker@evil.example"),
+        ("email", "Cat <attacker@evil.example>"),
+        ("email", '"cat"@clinica.example'),
+        ("email", "cat@clinica.example\nBcc: attacker@evil.example"),
+        ("name", "Carla <attacker@evil.example>,\nBcc: attacker@evil.example"),
+        ("name", "Carla\rBcc: attacker@evil.example"),
+        ("name", "Carla \u202eelpmaxe.live"),
+    ],
+)
+def test_a_physio_record_cannot_carry_a_second_recipient_or_a_header(world: World, field: str, value: str) -> None:
+    body = {"clinic": A, "name": "Carla", "email": "carla@clinica.example", field: value}
+    response = world.refused("POST", "/physios", "admin", 422, json=body)
+    assert "attacker" not in response.text
+
+
+def test_plain_names_and_addresses_stay_accepted(world: World) -> None:
+    body = {"clinic": A, "name": "Zoë Ünal-O'Brien", "email": "zoe.unal+physio@clinic-a.example.org"}
+    assert world.ok("POST", "/physios", json=body, status=201)
