@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
+from devices.files import private_sqlite_file
 from devices.protocol import Channel
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,7 @@ class SqliteOutbox:
         try:
             # One connection shared by the caller's thread and the sender thread, under our lock;
             # autocommit mode (isolation_level=None) so each statement group is an explicit transaction.
+            private_sqlite_file(self.path)  # queued readings: the device's owner only
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from compression.files import open_private_append
+from devices.files import open_private_append
 from devices.protocol import TimeWindow
 from ingest.batch import Batch, Batcher, Entry, OrderedAcker
 from ingest.consume import MqttConsumer

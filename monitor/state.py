@@ -21,7 +21,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -37,11 +36,9 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from compression.files import SQLITE_SIDE_FILES, private_file, tighten
 from devices.registry.db import make_engine
 from devices.registry.models import NAMING, UTCDateTime, utcnow
 
@@ -112,34 +109,10 @@ class Lease(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
-def sqlite_path(url: str) -> Path | None:
-    """The file of a SQLite database URL; ``None`` for an in-memory database or another kind of database."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        return None
-    database = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return Path(database)
-
-
-def private_sqlite(url: str) -> None:
-    """Before a SQLite database is first opened: its file created 0600 (SQLite gives its ``-wal``/``-shm`` files
-    the database file's mode), or an existing one and its side files tightened. Other databases: nothing."""
-    path = sqlite_path(url)
-    if path is None:
-        return
-    private_file(path)
-    for suffix in SQLITE_SIDE_FILES:
-        tighten(path.with_name(path.name + suffix))
-
-
 class State:
     """The state database: sessions, the lease, and the outbox's claim/sent bookkeeping."""
 
     def __init__(self, url: str) -> None:
-        private_sqlite(url)  # a SQLite state file is the owner's only (0600): it holds addresses, names, flags
         self.engine = make_engine(url)
         for attempt in range(3):
             try:

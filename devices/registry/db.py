@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,13 +10,15 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from devices.files import private_sqlite_file
+
 MIGRATIONS = Path(__file__).with_name("migrations")
 DEFAULT_URL = "sqlite:///var/registry.db"
-FILE_MODE = 0o600
-DIRECTORY_MODE = 0o700
 
 
 def normalise_url(url: str) -> str:
@@ -28,11 +29,13 @@ def normalise_url(url: str) -> str:
 
 
 def make_engine(url: str = DEFAULT_URL) -> Engine:
-    """An engine; for SQLite the file is made private first (:func:`private_sqlite_file`), foreign keys enforced
+    """An engine; for SQLite the file is made private first (0600: the registry holds patient names and clinical
+    notes, the monitor's state physio addresses; :func:`devices.files.private_sqlite_file`), foreign keys enforced
     and WAL used."""
     url = normalise_url(url)
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        private_sqlite_file(Path(url.removeprefix("sqlite:///").split("?", 1)[0]))
+    path = sqlite_path(url)
+    if path is not None:
+        private_sqlite_file(path)
     if url in ("sqlite://", "sqlite:///:memory:"):
         # One shared connection, or each thread would see its own empty database.
         engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
@@ -43,19 +46,16 @@ def make_engine(url: str = DEFAULT_URL) -> Engine:
     return engine
 
 
-def private_sqlite_file(path: Path) -> None:
-    """Create ``path`` (and its folder, 0700 when new) with mode 0600, or take a wider mode back to 0600.
-
-    The registry holds patient names and clinical notes: only its owner (the service's user) reads it. SQLite
-    gives the -wal and -shm files the database file's mode. Other services reading it (the ingester, the monitor)
-    run as the same user (the Dockerfile's ``compression``).
-    """
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, mode=DIRECTORY_MODE)
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, FILE_MODE))
-    for existing in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", "-journal"))):
-        if existing.exists() and existing.stat().st_mode & 0o777 & ~FILE_MODE:
-            existing.chmod(FILE_MODE)
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite database URL; ``None`` for an in-memory database or another kind of database."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

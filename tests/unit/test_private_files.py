@@ -61,3 +61,18 @@ def test_ingest_dead_letter_fallback_file_is_private(tmp_path: Path, usual_umask
     ingester = Ingester(IngestSettings(dead_letter_file=str(path), metrics_enabled=False))
     ingester._fallback_file([RefusedLine('status,device=x state="online" 1', "refused")])
     assert mode(path) == 0o600
+
+
+def test_a_gateways_outbox_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    from devices.outbox import SqliteOutbox
+
+    path = tmp_path / "queue" / "outbox.db"
+    outbox = SqliteOutbox(path)
+    try:
+        outbox.put("garments/v1/sock-0001/telemetry", b"{}", "telemetry")
+    finally:
+        outbox.close()
+    for name in ("outbox.db", "outbox.db-wal", "outbox.db-shm"):
+        if (path.parent / name).exists():
+            assert stat.S_IMODE((path.parent / name).stat().st_mode) == 0o600, name
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700

@@ -1,7 +1,8 @@
-"""Files readable by their owner only: the monitor's state database, the ingester's dead-letter file.
+"""Files readable by their owner only: the registry's and the monitor's SQLite databases, the ingester's dead-letter
+file, a gateway's store-and-forward outbox.
 
-No third-party import here: the ingester imports this module, and SQLAlchemy alone would cost it 11 MB of RSS
-(``monitor.state.private_sqlite`` reads SQLite URLs).
+Here, in ``devices/`` (which depends on no other component), so that every component uses the one helper. No
+third-party import: the ingester imports this module, and SQLAlchemy alone would cost it 11 MB of RSS.
 
 They hold what must not be world-readable on a shared host (physio addresses and names in the e-mail outbox,
 patient codes and flags, raw device payloads). Created ``0600`` whatever the process's umask; one found with
@@ -47,6 +48,16 @@ def private_file(path: Path) -> Path:
     return path
 
 
+def private_sqlite_file(path: Path) -> None:
+    """Before a SQLite database is first opened: its file created 0600 (SQLite gives its ``-wal``/``-shm`` files the
+    database file's mode), or an existing one and its side files tightened. A new folder is made 0700."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    private_file(path)
+    for suffix in SQLITE_SIDE_FILES:
+        tighten(path.with_name(path.name + suffix))
+
+
 def open_private_append(path: Path) -> int:
     """A file descriptor appending to ``path``, created 0600 (an existing file is tightened)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,4 +65,4 @@ def open_private_append(path: Path) -> int:
     return os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, PRIVATE_MODE)
 
 
-__all__ = ["PRIVATE_MODE", "SQLITE_SIDE_FILES", "open_private_append", "private_file", "tighten"]
+__all__ = ["PRIVATE_MODE", "SQLITE_SIDE_FILES", "open_private_append", "private_file", "private_sqlite_file", "tighten"]
