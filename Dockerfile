@@ -31,6 +31,9 @@ RUN groupadd --system --gid 10001 compression \
 # Only what the package needs, named one by one: the build context also holds
 # .venv/, var/ and perhaps .env (secrets), none of which belongs in the image.
 WORKDIR /tmp/src
+# The locked dependencies first (their own layer; hashes checked: exactly what the tests ran with), then the package.
+COPY requirements/runtime.lock requirements/
+RUN pip install --require-hashes -r requirements/runtime.lock
 COPY pyproject.toml README.md ./
 COPY compression/ compression/
 COPY devices/ devices/
@@ -39,7 +42,8 @@ COPY monitor/ monitor/
 COPY simulators/ simulators/
 COPY dashboards/ dashboards/
 # A regular (not editable) install into site-packages, then the sources go.
-RUN pip install /tmp/src \
+RUN pip install --no-deps --no-build-isolation /tmp/src \
+    && pip check \
     && cd / \
     && rm -rf /tmp/src \
     && compression --version
