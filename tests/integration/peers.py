@@ -38,6 +38,7 @@ class Peer:
 
     client: mqtt.Client
     connacks: list[ReasonCode] = field(default_factory=list)
+    sessions_present: list[bool] = field(default_factory=list)
     acks: dict[int, ReasonCode] = field(default_factory=dict)
     subacks: dict[int, list[ReasonCode]] = field(default_factory=dict)
     messages: list[tuple[str, bytes]] = field(default_factory=list)
@@ -85,8 +86,9 @@ class Peer:
         return peer
 
     # paho calls these on its loop thread.
-    def _on_connect(self, _c: mqtt.Client, _u: object, _f: mqtt.ConnectFlags, rc: ReasonCode, _p: object) -> None:
+    def _on_connect(self, _c: mqtt.Client, _u: object, flags: mqtt.ConnectFlags, rc: ReasonCode, _p: object) -> None:
         with self.lock:
+            self.sessions_present.append(flags.session_present)
             self.connacks.append(rc)
 
     def _on_publish(self, _c: mqtt.Client, _u: object, mid: int, rc: ReasonCode, _p: object) -> None:

@@ -29,13 +29,13 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from compression.localservers import BrokerAccess, InfluxDB, Mosquitto, start_mosquitto
+from compression.localservers import InfluxDB, Mosquitto, start_platform_broker
 from devices.client import OFFLINE_PAYLOAD
 from devices.protocol import Sample, Status, Telemetry, encode
 from devices.registry import schemas as s
-from devices.registry.broker import BrokerSync, write_broker_files
+from devices.registry.broker import BrokerSync
 from devices.registry.db import make_engine, migrate, session_factory
-from devices.registry.service import SYSTEM, BrokerAccounts, Registry
+from devices.registry.service import SYSTEM, Registry
 from ingest.settings import IngestSettings
 from tests.integration.conftest import Names, running, settings_for, wait_for_count
 from tests.integration.peers import NOT_AUTHORIZED, SUCCESS, Peer, until
@@ -112,16 +112,12 @@ def platform(servers_root: Path, tmp_path: Path) -> Iterator[Platform]:
     engine = make_engine(f"sqlite:///{tmp_path / 'registry.db'}")
     migrate(engine)
     registry = Registry(session_factory(engine))
-    stage = servers_root / f"identity-stage-{token}"
-    stage.mkdir()
-    write_broker_files(BrokerAccounts((), (), ()), stage / "passwd", stage / "acl")
-    broker = start_mosquitto(servers_root, access=BrokerAccess(password_file=stage / "passwd", acl_file=stage / "acl"))
-    assert broker.access is not None and broker.access.password_file and broker.access.acl_file
+    broker = start_platform_broker(servers_root)
+    assert broker.service_port is not None
     try:
         assert until(lambda: broker.pid_file.exists()), "mosquitto wrote no pid file"
-        registry.on_credentials_changed = BrokerSync(registry, broker.access.password_file, broker.access.acl_file,
-                                                     broker.pid_file)  # fmt: skip
-        p = Platform(broker, registry, token, broker.port, broker.port)
+        registry.on_credentials_changed = BrokerSync(registry, broker.accounts_dir, broker.pid_file)
+        p = Platform(broker, registry, token, broker.port, broker.service_port)
         for clinic in ("A", "B"):
             code = f"clinic{clinic.lower()}-{token}"
             registry.create_clinic(SYSTEM, s.ClinicIn(code=code, name=f"Clinic {clinic}", timezone="Europe/Berlin"))
