@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +32,7 @@ from monitor.app import Monitor
 from monitor.settings import MonitorSettings
 from simulators.registration import DEMO_CLINIC, Registered, register_fleet
 from simulators.run import RunOptions, RunReport, gateway_plan, run_fleet
-from simulators.scenarios import Fleet, every_scenario
+from simulators.scenarios import Fleet, SimMessage, every_scenario
 
 DATABASE = "compression_demo"
 INGEST_ACCOUNT = "svc.ingest"
@@ -89,11 +90,20 @@ def _ingest_settings(mq: Mosquitto, db: InfluxDB, reg: DemoRegistry) -> IngestSe
                           registry_refresh_s=1.0, mqtt_client_id=f"demo.ingest-{uuid.uuid4().hex[:6]}")  # fmt: skip
 
 
-async def _stored(ingester: Ingester, acks: int) -> None:
-    """Until the ingester has stored (and acknowledged) ``acks`` messages in all (at most 2 minutes)."""
+def _readings(fleet: Fleet, keep: Callable[[SimMessage], bool]) -> int:
+    """The fleet's telemetry and event messages that ``keep`` selects (status messages are left out: the gateways
+    publish statuses of their own, so a count of every message would be reached too early)."""
+    return sum(1 for m in fleet.messages() if keep(m) and m.channel != "status")
+
+
+async def _stored(ingester: Ingester, readings: int) -> None:
+    """Until the ingester has received ``readings`` telemetry and event messages in all and written and acknowledged
+    everything it received (at most 2 minutes)."""
+    value = ingester.metrics.value
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if ingester.metrics.value("compression_ingest_messages_acked_total") >= acks:
+        received = sum(value("compression_ingest_messages_received_total", channel=c) for c in ("telemetry", "event"))
+        if received >= readings and value("compression_ingest_inflight_messages") == 0:
             return
         await asyncio.sleep(0.2)
 
@@ -115,13 +125,13 @@ async def _run_phases(
     click.echo()
     _say(f"backfill: {backfill.messages:,} messages ({backfill.samples:,} samples, {backfill.bad_payloads} "
          f"deliberately malformed) in {backfill.seconds:.1f} s; the broker took {backfill.acked:,}")  # fmt: skip
-    await _stored(ingester, backfill.acked)
+    await _stored(ingester, _readings(fleet, lambda m: m.publish_at_ms <= cutoff_ms))
     _say(f"the monitor evaluates the clinic (e-mails to a local SMTP catcher on {catcher.url})")
     monitor = await _first_round(root, db, reg, catcher, days)
     live = None
     if fleet.period.end_ms > cutoff_ms:
         live = await _live(fleet, options, monitor, cutoff_ms, catcher)
-        await _stored(ingester, backfill.acked + live.acked)
+        await _stored(ingester, _readings(fleet, lambda m: True))
     ingester.stop()
     await task
     return Phases(ingester, backfill, live, monitor)
