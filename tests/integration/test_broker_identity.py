@@ -85,16 +85,21 @@ class Platform:
     def reader(self) -> str:
         return f"svc.ingest-{self.token}"
 
-    def device(self, username: str, protocol: int = mqtt.MQTTv5, **options: object) -> Peer:
-        """A client on the listener garments and gateways reach, with ``username``'s password."""
-        peer = Peer.connect(self.device_port, username, self.passwords[username], protocol, **options)  # type: ignore[arg-type]
+    def device(
+        self, username: str, protocol: int = mqtt.MQTTv5, *, client_id: str, clean_start: bool = True,
+        will: tuple[str, bytes] | None = None,
+    ) -> Peer:  # fmt: skip
+        """A client on the listener garments and gateways reach, with ``username``'s password and the client id,
+        session and will it asks for."""
+        peer = Peer.connect(self.device_port, username, self.passwords[username], protocol, client_id=client_id,
+                            clean_start=clean_start, will=will)  # fmt: skip
         self.peers.append(peer)
         return peer
 
-    def service(self, **options: object) -> Peer:
+    def service(self) -> Peer:
         """A client of the ingester's account on the services' listener."""
-        options.setdefault("client_id", f"reader.{uuid.uuid4().hex[:8]}")
-        peer = Peer.connect(self.service_port, self.reader, self.passwords[self.reader], **options)  # type: ignore[arg-type]
+        peer = Peer.connect(self.service_port, self.reader, self.passwords[self.reader],
+                            client_id=f"reader.{uuid.uuid4().hex[:8]}")  # fmt: skip
         self.peers.append(peer)
         return peer
 

@@ -30,3 +30,16 @@ def test_broker_sync_writes_the_account_files(
     assert (tmp_path / "services.passwd").read_text() == "" and (tmp_path / "services.acl").exists()
     clinic("device", "revoke", "sock-0002")
     assert "sock-0002" not in passwd.read_text()
+
+
+def test_broker_config_writes_and_checks_the_deployed_files(run: Run, tmp_path: Path) -> None:  # noqa: F811
+    # The committed deploy/mosquitto files are up to date (the default folder).
+    assert "up to date" in run("broker-config", "--check").output
+    out = str(tmp_path)
+    assert "out of date" in fails(run, "broker-config", "--check", "--out", out)
+    written = run("broker-config", "--out", out).output
+    assert "mosquitto.conf" in written and "services.acl" in written
+    assert "up to date" in run("broker-config", "--check", "--out", out).output
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(conf.read_text().replace("use_username_as_clientid true", "use_username_as_clientid false"))
+    assert "mosquitto.conf" in fails(run, "broker-config", "--check", "--out", out)
