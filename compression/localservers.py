@@ -5,6 +5,13 @@ ports and a folder of its own under the project's data folder (``var/``).
 The binaries come from Debian's ``mosquitto``, ``influxdb`` and ``postgresql``
 packages (``scripts/bootstrap`` installs them).
 
+Two kinds of broker: :func:`start_platform_broker` runs the platform's
+layout (``devices.registry.brokerconf``, as in ``deploy/mosquitto/mosquitto.conf``:
+a device listener and a services listener, the registry's account files) for
+``compression demo`` and the broker tests; :func:`start_mosquitto` runs one
+open listener with the same global settings for the ingester's tests and the
+bench.
+
 Started as root, Mosquitto drops to the ``mosquitto`` user and PostgreSQL is run
 as ``postgres``; when that user cannot enter the checkout (root's home is 0700),
 the server's folder is made in the system's temporary directory instead, owned
@@ -225,7 +232,7 @@ class BrokerAccess:
 
 def mosquitto_config(folder: Path, port: int, extra: str = "", access: BrokerAccess | None = None) -> str:
     """An open broker's configuration: devices.registry.brokerconf's global settings, one loopback listener."""
-    return render(local_open(folder, port, (access or BrokerAccess()).listener(port))) + extra
+    return render(local_open(folder, (access or BrokerAccess()).listener(port))) + extra
 
 
 def start_mosquitto(

@@ -105,17 +105,16 @@ def deployed() -> BrokerConfig:
                         DEPLOYED_MAX_QUEUED_BYTES)  # fmt: skip
 
 
-def local_platform(folder: Path, device_port: int, service_port: int, tls: Tls | None = None) -> BrokerConfig:
-    """The deployed listeners on loopback (a TLS device listener only with ``tls``), files in ``folder``."""
-    devices = Listener("devices", device_port, "127.0.0.1", tls)
+def local_platform(folder: Path, device_port: int, service_port: int) -> BrokerConfig:
+    """The deployed listeners on loopback (one plain device listener, the services' listener), files in ``folder``."""
+    devices = Listener("devices", device_port, "127.0.0.1")
     return BrokerConfig((devices, Listener("services", service_port, "127.0.0.1")), str(folder), f"{folder}/",
                         LOCAL_AUTOSAVE_S, 0, f"{folder}/mosquitto.pid", f"{folder}/mosquitto.log")  # fmt: skip
 
 
-def local_open(folder: Path, port: int, listener: Listener | None = None) -> BrokerConfig:
-    """One loopback listener (anonymous unless ``listener`` names a password file) for the ingester's tests."""
-    one = listener or Listener("open", port, "127.0.0.1")
-    return BrokerConfig((one,), str(folder), f"{folder}/", LOCAL_AUTOSAVE_S, 0, f"{folder}/mosquitto.pid",
+def local_open(folder: Path, listener: Listener) -> BrokerConfig:
+    """One ``open`` listener (anonymous unless it names a password file) for the ingester's tests and the bench."""
+    return BrokerConfig((listener,), str(folder), f"{folder}/", LOCAL_AUTOSAVE_S, 0, f"{folder}/mosquitto.pid",
                         f"{folder}/mosquitto.log")  # fmt: skip
 
 
