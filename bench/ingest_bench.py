@@ -84,7 +84,7 @@ from compression.localservers import (
     start_influxdb,
     start_mosquitto,
 )
-from devices.protocol import Status, Telemetry, encode, topic_for
+from devices.protocol import TOPIC_ROOT, Status, Telemetry, encode, topic_for
 from ingest.decode import Decoder
 from ingest.encode import telemetry_lines
 from simulators.publisher import LoadSpec, Outgoing, Publisher, generate
@@ -506,7 +506,7 @@ class IngesterProcess:
         self.bench = bench
         tag = uuid.uuid4().hex[:6]
         self.database = f"bench_{label}_{tag}"
-        self.client_id = f"bench-ingest-{label}-{tag}"
+        self.client_id = f"bench.ingest-{label}-{tag}"
         self.metrics_port = free_port()
         self.log_path = bench.run_dir / f"ingest-{label}-{tag}.log"
         argv = [
@@ -520,6 +520,9 @@ class IngesterProcess:
             self.database,
             "--mqtt-client-id",
             self.client_id,
+            # The open local broker: the publishers' topics as they send them (no mount point).
+            "--mqtt-topic-root",
+            TOPIC_ROOT,
             "--metrics-port",
             str(self.metrics_port),
             "--log-level",

@@ -76,7 +76,7 @@ from ingest_bench import (
 )
 
 from compression.localservers import InfluxDB, Mosquitto, free_port, start_influxdb, start_mosquitto
-from devices.protocol import Status, encode, topic_for
+from devices.protocol import TOPIC_ROOT, Status, encode, topic_for
 from simulators.publisher import Outgoing, Publisher
 from simulators.scenarios import build_fleet
 
@@ -156,7 +156,8 @@ class Ingester:
         self.database = f"sim_{label}_{tag}".replace("-", "_")
         self.log_path = run_dir / f"ingest-{label}-{tag}.log"
         argv = [str(COMPRESSION_BIN), "ingest", "--mqtt-url", mq.url, "--influx-url", db.url,
-                "--influx-database", self.database, "--mqtt-client-id", f"simbench-ingest-{tag}",
+                "--influx-database", self.database, "--mqtt-client-id", f"simbench.ingest-{tag}",
+                "--mqtt-topic-root", TOPIC_ROOT,
                 "--metrics-port", str(free_port()), "--log-level", "INFO",
                 "--dead-letter-file", str(run_dir / f"dead-letter-{tag}.jsonl")]  # fmt: skip
         self._log = self.log_path.open("ab")

@@ -85,9 +85,11 @@ def load_settings(overrides: dict[str, Any]) -> IngestSettings:
 def ingest(**overrides: Any) -> None:
     """Consume garment telemetry from MQTT and store it in InfluxDB.
 
-    Subscribes to garments/v1/+/telemetry, /event and /status at QoS 1 with a
-    persistent session; acknowledges each message only after its samples (or
-    its dead letter) are written. Serves Prometheus metrics on /metrics.
+    Subscribes to fleet/garments/v1/+/telemetry, /event and /status (the
+    garments' garments/v1 topics as the broker's services listener shows them;
+    COMPRESSION_MQTT_TOPIC_ROOT) at QoS 1 with a persistent session;
+    acknowledges each message only after its samples (or its dead letter) are
+    written. Serves Prometheus metrics on /metrics.
     Stops cleanly on SIGTERM/SIGINT: what was received is written and acked.
     """
     from ingest.app import run_ingester

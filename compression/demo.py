@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,12 +16,11 @@ import click
 
 from compression.influxql import rows, scalar
 from compression.localservers import (
-    BrokerAccess,
     InfluxDB,
     Mosquitto,
     remove_server_folder,
     start_influxdb,
-    start_mosquitto,
+    start_platform_broker,
 )
 from compression.mailcatcher import MailCatcher, start_mailcatcher
 from devices.registry.broker import BrokerSync
@@ -32,7 +32,7 @@ from monitor.app import Monitor
 from monitor.settings import MonitorSettings
 from simulators.registration import DEMO_CLINIC, Registered, register_fleet
 from simulators.run import RunOptions, RunReport, gateway_plan, run_fleet
-from simulators.scenarios import Fleet, every_scenario
+from simulators.scenarios import Fleet, SimMessage, every_scenario
 
 DATABASE = "compression_demo"
 INGEST_ACCOUNT = "svc.ingest"
@@ -50,7 +50,7 @@ class DemoRegistry:
 
 
 def _register(root: Path, mq: Mosquitto, fleet: Fleet, options: RunOptions) -> DemoRegistry:
-    """A fresh registry for the demo clinic; the broker's password and ACL files follow it."""
+    """A fresh registry for the demo clinic; the broker's account files follow it."""
     path = root / "registry.db"
     for stale in root.glob("registry.db*"):
         stale.unlink()
@@ -58,8 +58,7 @@ def _register(root: Path, mq: Mosquitto, fleet: Fleet, options: RunOptions) -> D
     engine = make_engine(url)
     migrate(engine)
     registry = Registry(session_factory(engine))
-    assert mq.access is not None and mq.access.password_file and mq.access.acl_file
-    registry.on_credentials_changed = BrokerSync(registry, mq.access.password_file, mq.access.acl_file, mq.pid_file)
+    registry.on_credentials_changed = BrokerSync(registry, mq.accounts_dir, mq.pid_file)
     ingest = registry.create_service_account(SYSTEM, INGEST_ACCOUNT)
     registered = register_fleet(registry, fleet, gateway_plan(fleet, options))
     return DemoRegistry(url, registry, registered, ingest.password)
@@ -85,16 +84,26 @@ class Phases:
 
 
 def _ingest_settings(mq: Mosquitto, db: InfluxDB, reg: DemoRegistry) -> IngestSettings:
-    return IngestSettings(mqtt_url=_with_user(mq.url, INGEST_ACCOUNT, reg.ingest_password), influx_url=db.url,
-                          influx_database=DATABASE, metrics_port=0, registry_url=reg.url, registry_refresh_s=1.0,
-                          mqtt_client_id=f"demo-ingest-{uuid.uuid4().hex[:6]}")  # fmt: skip
+    # The services' listener; the ingester's default topic root (fleet/garments/v1) is the deployed one.
+    return IngestSettings(mqtt_url=_with_user(mq.service_url, INGEST_ACCOUNT, reg.ingest_password),
+                          influx_url=db.url, influx_database=DATABASE, metrics_port=0, registry_url=reg.url,
+                          registry_refresh_s=1.0, mqtt_client_id=f"demo.ingest-{uuid.uuid4().hex[:6]}")  # fmt: skip
 
 
-async def _stored(ingester: Ingester, acks: int) -> None:
-    """Until the ingester has stored (and acknowledged) ``acks`` messages in all (at most 2 minutes)."""
+def _readings(fleet: Fleet, keep: Callable[[SimMessage], bool]) -> int:
+    """The fleet's telemetry and event messages that ``keep`` selects (status messages are left out: the gateways
+    publish statuses of their own, so a count of every message would be reached too early)."""
+    return sum(1 for m in fleet.messages() if keep(m) and m.channel != "status")
+
+
+async def _stored(ingester: Ingester, readings: int) -> None:
+    """Until the ingester has received ``readings`` telemetry and event messages in all and written and acknowledged
+    everything it received (at most 2 minutes)."""
+    value = ingester.metrics.value
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if ingester.metrics.value("compression_ingest_messages_acked_total") >= acks:
+        received = sum(value("compression_ingest_messages_received_total", channel=c) for c in ("telemetry", "event"))
+        if received >= readings and value("compression_ingest_inflight_messages") == 0:
             return
         await asyncio.sleep(0.2)
 
@@ -116,13 +125,13 @@ async def _run_phases(
     click.echo()
     _say(f"backfill: {backfill.messages:,} messages ({backfill.samples:,} samples, {backfill.bad_payloads} "
          f"deliberately malformed) in {backfill.seconds:.1f} s; the broker took {backfill.acked:,}")  # fmt: skip
-    await _stored(ingester, backfill.acked)
+    await _stored(ingester, _readings(fleet, lambda m: m.publish_at_ms <= cutoff_ms))
     _say(f"the monitor evaluates the clinic (e-mails to a local SMTP catcher on {catcher.url})")
     monitor = await _first_round(root, db, reg, catcher, days)
     live = None
     if fleet.period.end_ms > cutoff_ms:
         live = await _live(fleet, options, monitor, cutoff_ms, catcher)
-        await _stored(ingester, backfill.acked + live.acked)
+        await _stored(ingester, _readings(fleet, lambda m: True))
     ingester.stop()
     await task
     return Phases(ingester, backfill, live, monitor)
@@ -204,12 +213,14 @@ def run_demo(days: int, data_dir: str, keep: bool, started: float, live_minutes:
     the fleet live with the monitor running; a summary of what was stored, flagged and e-mailed. 0 on success."""
     root = Path(data_dir)
     _forget_previous_runs(root)
-    _say(f"starting Mosquitto (accounts and ACL from the registry) and InfluxDB on free loopback ports under {root}/")
-    mq = start_mosquitto(root, access=_empty_access(root))
+    _say(f"starting Mosquitto (as deployed: accounts and ACL from the registry, a device and a services listener) "
+         f"and InfluxDB on free loopback ports under {root}/")  # fmt: skip
+    mq = start_platform_broker(root)
     db = start_influxdb(root)
     catcher = start_mailcatcher(root)
     try:
-        _say(f"Mosquitto {mq.url}, InfluxDB {db.url}, SMTP catcher {catcher.url}")
+        _say(f"Mosquitto {mq.url} (garments) and {mq.service_url} (services), InfluxDB {db.url}, "
+             f"SMTP catcher {catcher.url}")  # fmt: skip
         now_ms = int(time.time() * 1000)
         end = datetime.fromtimestamp((now_ms + int(live_minutes * 60_000)) / 1000, UTC)
         fleet = every_scenario(seed=1, days=days, end=end)
@@ -289,20 +300,12 @@ def _serve_registry(reg: DemoRegistry) -> None:
     _say("servers still running, registry web page on http://127.0.0.1:8070/ui (Ctrl-C stops)")
 
 
-def _empty_access(root: Path) -> BrokerAccess:
-    """Start the broker with empty password and ACL files: nobody may connect until the registry says so."""
-    seed = root / "broker-seed"
-    seed.mkdir(parents=True, exist_ok=True)
-    (seed / "passwd").write_text("")
-    (seed / "acl").write_text("")
-    return BrokerAccess(password_file=seed / "passwd", acl_file=seed / "acl")
-
-
 def _registry_summary(reg: DemoRegistry) -> None:
     patients = reg.registry.list_patients(SYSTEM)
     _say(f"registry {reg.url}: clinic {DEMO_CLINIC!r}, {len(reg.registered.physios)} physios, {len(patients)} "
          f"patients, {len(reg.registered.devices)} garments relayed by {len(reg.registered.gateways)} gateways, "
-         "one prescription each; the broker accepts only these accounts (ACL: own topics)")  # fmt: skip
+         "one prescription each; the broker accepts only these accounts (each gateway its own status and its garments' "
+         "topics)")  # fmt: skip
 
 
 async def _first_round(root: Path, db: InfluxDB, reg: DemoRegistry, catcher: MailCatcher, days: int) -> Monitor:

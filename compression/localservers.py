@@ -5,6 +5,13 @@ ports and a folder of its own under the project's data folder (``var/``).
 The binaries come from Debian's ``mosquitto``, ``influxdb`` and ``postgresql``
 packages (``scripts/bootstrap`` installs them).
 
+Two kinds of broker: :func:`start_platform_broker` runs the platform's
+layout (``devices.registry.brokerconf``, as in ``deploy/mosquitto/mosquitto.conf``:
+a device listener and a services listener, the registry's account files) for
+``compression demo`` and the broker tests; :func:`start_mosquitto` runs one
+open listener with the same global settings for the ingester's tests and the
+bench.
+
 Started as root, Mosquitto drops to the ``mosquitto`` user and PostgreSQL is run
 as ``postgres``; when that user cannot enter the checkout (root's home is 0700),
 the server's folder is made in the system's temporary directory instead, owned
@@ -28,6 +35,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from devices.registry.broker import write_broker_files
+from devices.registry.brokerconf import Listener, Tls, local_open, local_platform, render
+from devices.registry.service import BrokerAccounts
 
 MOSQUITTO_BIN = os.environ.get("COMPRESSION_MOSQUITTO_BIN", "/usr/sbin/mosquitto")
 INFLUXD_BIN = os.environ.get("COMPRESSION_INFLUXD_BIN", "/usr/bin/influxd")
@@ -125,14 +136,31 @@ class LocalServer:
 
 @dataclass
 class Mosquitto(LocalServer):
-    """Mosquitto with persistence and limits fit for an ack-after-write consumer."""
+    """Mosquitto with persistence and limits fit for an ack-after-write consumer.
+
+    A platform broker (:func:`start_platform_broker`) has the deployed listeners:
+    ``port`` for garments and gateways, ``service_port`` for the services, and the
+    registry's four account files in its folder (:attr:`accounts_dir`). An open
+    broker (:func:`start_mosquitto`) has one listener, ``port``, for everyone.
+    """
 
     access: BrokerAccess | None = None
+    service_port: int | None = None
 
     @property
     def url(self) -> str:
-        """``mqtt://127.0.0.1:PORT``."""
+        """``mqtt://127.0.0.1:PORT``: the device listener (or the only one)."""
         return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def service_url(self) -> str:
+        """The services' listener (the only listener of an open broker)."""
+        return f"mqtt://127.0.0.1:{self.service_port or self.port}"
+
+    @property
+    def accounts_dir(self) -> Path:
+        """Where the registry writes the account files the broker reads (``BrokerSync``'s folder)."""
+        return self.folder
 
     @property
     def pid_file(self) -> Path:
@@ -142,6 +170,10 @@ class Mosquitto(LocalServer):
         stop removes the file, a kill leaves it behind.
         """
         return self.folder / "mosquitto.pid"
+
+    def ready(self) -> bool:
+        """True once every listener accepts connections."""
+        return _port_open(self.port) and (self.service_port is None or _port_open(self.service_port))
 
 
 @dataclass
@@ -190,47 +222,23 @@ class BrokerAccess:
         return BrokerAccess(copy(self.password_file), copy(self.tls_ca), copy(self.tls_cert), copy(self.tls_key),
                             copy(self.acl_file))  # fmt: skip
 
-    def lines(self) -> str:
-        """The listener's access lines of mosquitto.conf."""
-        out = [f"allow_anonymous {'false' if self.password_file else 'true'}"]
-        if self.password_file:
-            out.append(f"password_file {self.password_file}")
-        if self.acl_file:
-            out.append(f"acl_file {self.acl_file}")
-        if self.tls_cert and self.tls_key:
-            out += [f"certfile {self.tls_cert}", f"keyfile {self.tls_key}"]
-            if self.tls_ca:
-                out.append(f"cafile {self.tls_ca}")
-        return "\n".join(out)
+    def listener(self, port: int) -> Listener:
+        """The open broker's only listener with these files (anonymous without a password file)."""
+        tls = Tls(str(self.tls_cert), str(self.tls_key), str(self.tls_ca) if self.tls_ca else None) \
+            if self.tls_cert and self.tls_key else None  # fmt: skip
+        return Listener("open", port, "127.0.0.1", tls, str(self.password_file) if self.password_file else None,
+                        str(self.acl_file) if self.acl_file else None)  # fmt: skip
 
 
-def mosquitto_config(
-    folder: Path, port: int, autosave_s: int = 1, extra: str = "", access: BrokerAccess | None = None
-) -> str:
-    """The broker configuration used locally: see ``deploy/mosquitto/mosquitto.conf`` for the why."""
-    return f"""# written by compression.localservers
-listener {port} 127.0.0.1
-{(access or BrokerAccess()).lines()}
-persistence true
-persistence_location {folder}/
-pid_file {folder}/mosquitto.pid
-autosave_interval {autosave_s}
-max_queued_messages 1000000
-max_queued_bytes 0
-max_inflight_messages 1000
-set_tcp_nodelay true
-log_dest file {folder}/mosquitto.log
-log_type error
-log_type warning
-log_type notice
-{extra}
-"""
+def mosquitto_config(folder: Path, port: int, extra: str = "", access: BrokerAccess | None = None) -> str:
+    """An open broker's configuration: devices.registry.brokerconf's global settings, one loopback listener."""
+    return render(local_open(folder, (access or BrokerAccess()).listener(port))) + extra
 
 
 def start_mosquitto(
     root: Path, port: int | None = None, extra: str = "", access: BrokerAccess | None = None
 ) -> Mosquitto:
-    """Start a broker with its own folder under ``root``."""
+    """Start an open broker (one listener: anonymous, or ``access``'s files) with its own folder under ``root``."""
     port = port or free_port()
     folder = server_folder(root, f"mosquitto-{port}", BROKER_USER)
     conf = folder / "mosquitto.conf"
@@ -238,6 +246,25 @@ def start_mosquitto(
     conf.write_text(mosquitto_config(folder, port, extra=extra, access=access))
     hand_to(BROKER_USER, folder)
     server = Mosquitto("mosquitto", folder, port, [MOSQUITTO_BIN, "-c", str(conf)], access=access)
+    server.start()
+    return server
+
+
+def start_platform_broker(root: Path, accounts: BrokerAccounts | None = None) -> Mosquitto:
+    """Start the platform's broker as deployed (deploy/mosquitto/mosquitto.conf's listeners on free loopback ports).
+
+    The device listener is ``port``, the services' listener ``service_port``; the
+    four account files start from ``accounts`` (default: none, so nobody gets in)
+    and are the files the registry's ``BrokerSync(registry, broker.accounts_dir,
+    broker.pid_file)`` rewrites.
+    """
+    port, service_port = free_port(), free_port()
+    folder = server_folder(root, f"mosquitto-{port}", BROKER_USER)
+    write_broker_files(accounts or BrokerAccounts((), (), ()), folder)
+    conf = folder / "mosquitto.conf"
+    conf.write_text(render(local_platform(folder, port, service_port)))
+    hand_to(BROKER_USER, folder)
+    server = Mosquitto("mosquitto", folder, port, [MOSQUITTO_BIN, "-c", str(conf)], service_port=service_port)
     server.start()
     return server
 

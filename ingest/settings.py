@@ -13,6 +13,8 @@ from urllib.parse import unquote, urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from devices.protocol import is_valid_device_id
+
 
 class SettingsError(ValueError):
     """A setting that cannot work (a malformed URL, an impossible limit)."""
@@ -65,8 +67,8 @@ class IngestSettings(BaseSettings):
         description="Broker URL: mqtt://[user:password@]host[:port], mqtts:// for TLS. No credentials: anonymous.",
     )
     mqtt_client_id: str = Field(
-        "compression-ingest",
-        description="Fixed MQTT client id; the broker keeps this ingester's persistent session under it. Give each replica its own.",
+        "compression.ingest",
+        description="Fixed MQTT client id; the broker keeps this ingester's persistent session under it. Give each replica its own. It must not be a valid device id (give it a '.', which device ids never have), so that no garment or gateway can ever hold it.",
     )
     mqtt_protocol: Literal["5", "3.1.1"] = Field(
         "5",
@@ -76,7 +78,8 @@ class IngestSettings(BaseSettings):
         None, description="If set, subscribe through $share/<group>/... so several ingesters split the load."
     )
     mqtt_topic_root: str = Field(
-        "garments/v1", description="Topic root of the garment protocol (tests use their own roots)."
+        "fleet/garments/v1",
+        description="Topic root the garments' topics have on the broker's services listener: the protocol's garments/v1 under the device listeners' mount point fleet/ (tests use their own roots).",
     )
     mqtt_keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive in seconds.")
     mqtt_session_expiry_s: int = Field(
@@ -175,6 +178,14 @@ class IngestSettings(BaseSettings):
     @classmethod
     def _check_mqtt_url(cls, value: str) -> str:
         parse_mqtt_url(value)
+        return value
+
+    @field_validator("mqtt_client_id")
+    @classmethod
+    def _check_mqtt_client_id(cls, value: str) -> str:
+        # Client ids are global to the broker: one a device could use would let it take this session over.
+        if is_valid_device_id(value):
+            raise SettingsError(f"MQTT client id {value!r} could be a device id: give it a '.' (e.g. compression.ingest)")
         return value
 
     @field_validator("influx_url")

@@ -7,7 +7,7 @@ simulate``: one garment per clinical scenario (``--every-scenario``), a
 patient holding each, its prescription, two physios and the gateways
 ``sim-gw-SEED-N`` relaying them, as ``compression demo`` registers them
 (``simulators.registration.register_fleet``). The registry's broker files are
-rewritten (COMPRESSION_REGISTRY_BROKER_PASSWORD_FILE / _ACL_FILE), so the
+rewritten (COMPRESSION_REGISTRY_BROKER_DIR), so the
 broker's watcher lets the gateways in within seconds.
 
 The gateways' passwords are written once, as ``gateway_id,password`` lines
@@ -135,9 +135,9 @@ def seed(args: argparse.Namespace) -> int:
     engine = make_engine(settings.database_url)
     migrate(engine)
     registry = Registry(session_factory(engine))
-    if settings.broker_password_file and settings.broker_acl_file:
+    if settings.broker_dir:
         # No pid file: the broker runs in another container; its entry point's watcher reloads it.
-        registry.on_credentials_changed = BrokerSync(registry, settings.broker_password_file, settings.broker_acl_file)
+        registry.on_credentials_changed = BrokerSync(registry, settings.broker_dir)
 
     fleet = every_scenario(seed=args.seed, days=args.days, end=datetime.now(UTC), tz=args.tz)
     plan = gateway_plan(fleet, RunOptions("mqtt://unused", connections=args.connections))

@@ -3,26 +3,29 @@
 #
 #   entrypoint.sh COMMAND...   e.g. /docker-entrypoint.sh /usr/sbin/mosquitto -c /deploy/mosquitto.conf
 #
-# 1. make-passwd.sh writes the static accounts from the environment
-#    (svc.ingest, svc.healthcheck, the optional demo garment) into
-#    $MOSQUITTO_CONFIG_DIR/static.passwd and static.acl.
+# 1. make-passwd.sh writes the static accounts from the environment into
+#    $MOSQUITTO_CONFIG_DIR: static-services.passwd and .acl (svc.ingest,
+#    svc.healthcheck) and static-devices.passwd and .acl (the optional demo
+#    garment).
 # 2. The TLS certificate and key (made on the host by make-certs.sh, mounted
 #    read-only at $MOSQUITTO_CERTS_IN) are copied to $MOSQUITTO_CONFIG_DIR/certs,
 #    owned by the mosquitto user (the broker loads them after dropping root),
 #    the key 0600. An empty MOSQUITTO_CERTS_IN
 #    skips this (a configuration without the TLS listener).
-# 3. Merge: the password_file mosquitto reads ($MOSQUITTO_CONFIG_DIR/passwd)
-#    is static.passwd followed by the registry's password file
-#    ($MOSQUITTO_REGISTRY_DIR/passwd, written by `compression devices serve`),
-#    minus any registry line for a name that static.passwd already has; the
-#    acl_file ($MOSQUITTO_CONFIG_DIR/acl) is the registry's ACL (minus the
-#    blocks of those names) followed by static.acl. The registry's ACL comes
-#    first so that a topic line before its first "user" line could only ever
-#    apply to anonymous clients (refused), never to a static account.
+# 3. Merge, for each kind of listener (devices: 1883 and 8883; services:
+#    1884): the password_file mosquitto reads ($MOSQUITTO_CONFIG_DIR/KIND.passwd)
+#    is static-KIND.passwd followed by the registry's KIND.passwd (in
+#    $MOSQUITTO_REGISTRY_DIR, written by `compression devices serve`), minus
+#    any registry line for a name that static-KIND.passwd already has; the
+#    acl_file (KIND.acl) is the registry's KIND.acl (minus the blocks of those
+#    names) followed by static-KIND.acl. The registry's ACL comes first so
+#    that a topic line before its first "user" line could only ever apply to
+#    anonymous clients (refused), never to a static account. A registry
+#    account never reaches the other kind's files.
 # 4. A watcher in the background: every $MOSQUITTO_WATCH_INTERVAL_S seconds
-#    (default 5) it checksums the four input files; when they changed, it
+#    (default 5) it checksums the eight input files; when they changed, it
 #    merges again and sends the broker SIGHUP, which makes Mosquitto 2.0
-#    re-read both files (it does not watch them itself, and the registry's
+#    re-read the files (it does not watch them itself, and the registry's
 #    container cannot signal a process of this one). The SIGHUP is held back
 #    until the broker has installed its SIGHUP handler (SigCgt in
 #    /proc/PID/status), because an early SIGHUP would end the broker.
@@ -42,10 +45,8 @@ interval=${MOSQUITTO_WATCH_INTERVAL_S:-5}
 deploy_dir=${MOSQUITTO_DEPLOY_DIR:-$(dirname "$0")}
 export MOSQUITTO_CONFIG_DIR="$config_dir" MOSQUITTO_DEPLOY_DIR="$deploy_dir"
 
-static_passwd=$config_dir/static.passwd
-static_acl=$config_dir/static.acl
-registry_passwd=$registry_dir/passwd
-registry_acl=$registry_dir/acl
+# The two kinds of listener, each with its own password file and ACL (mosquitto.conf).
+kinds="devices services"
 
 say() {
     echo "entrypoint.sh: $*" >&2
@@ -96,17 +97,20 @@ fi
 
 # --- 3. merge --------------------------------------------------------------------------------------------------------
 
-# The names of the static password file, one a line.
+# The names of a static password file ($1), one a line.
 static_names() {
-    awk -F: '$1 != "" && $1 !~ /^#/ { print $1 }' "$static_passwd"
+    awk -F: '$1 != "" && $1 !~ /^#/ { print $1 }' "$1"
 }
 
-# Write the merged password and ACL files; returns non-zero (files untouched) on any error.
-merge() {
-    passwd_tmp=$(mktemp "$config_dir/.passwd.XXXXXX") || return 1
-    acl_tmp=$(mktemp "$config_dir/.acl.XXXXXX") || { rm -f "$passwd_tmp"; return 1; }
-    names=$(static_names) || names=""
-    if {
+# Write the merged password file ($2) and ACL ($3) of one kind ($1) into temporary files; non-zero on any error.
+merge_kind() {
+    kind=$1
+    static_passwd=$config_dir/static-$kind.passwd
+    static_acl=$config_dir/static-$kind.acl
+    registry_passwd=$registry_dir/$kind.passwd
+    registry_acl=$registry_dir/$kind.acl
+    names=$(static_names "$static_passwd") || names=""
+    {
         cat "$static_passwd"
         if [ -r "$registry_passwd" ]; then
             # Only name:$6$... or name:$7$... lines of names that are not static.
@@ -115,8 +119,8 @@ merge() {
                 NF >= 2 && $1 != "" && !($1 in static) && $2 ~ /^\$[67]\$/ && $0 !~ /[ \t]/ { print }
             ' - "$registry_passwd"
         fi
-    } >"$passwd_tmp" && {
-        echo "# Written by entrypoint.sh: the registry's ACL ($registry_acl), then static.acl. Edits here are overwritten."
+    } >"$2" && {
+        echo "# Written by entrypoint.sh: the registry's ACL ($registry_acl), then static-$kind.acl. Edits here are overwritten."
         if [ -r "$registry_acl" ]; then
             # Drop the blocks ("user NAME" up to the next "user" line) of static names.
             printf '%s\n' "$names" | awk '
@@ -127,29 +131,66 @@ merge() {
         fi
         echo
         cat "$static_acl"
-    } >"$acl_tmp"; then
-        # Password file first: a new account can log in before the ACL lets it act.
-        install_file "$passwd_tmp" "$config_dir/passwd" 0600
-        install_file "$acl_tmp" "$config_dir/acl" 0600
-        static_count=$(printf '%s\n' "$names" | awk 'NF { n++ } END { print n + 0 }')
-        total=$(awk -F: 'NF >= 2 && $1 !~ /^#/ { n++ } END { print n + 0 }' "$config_dir/passwd")
-        note=""
-        [ -r "$registry_passwd" ] || note=" (no $registry_passwd yet)"
-        say "merged $config_dir/passwd and acl: $static_count static account(s), $((total - static_count)) from the registry$note"
-        return 0
+    } >"$3"
+}
+
+# Count the accounts of a password file.
+accounts_in() {
+    awk -F: 'NF >= 2 && $1 !~ /^#/ { n++ } END { print n + 0 }' "$1"
+}
+
+# Write the merged files of both kinds; returns non-zero (files untouched) on any error.
+merge() {
+    tmps=""
+    ok=true
+    for kind in $kinds; do
+        passwd_tmp=$(mktemp "$config_dir/.$kind.passwd.XXXXXX") || { ok=false; break; }
+        tmps="$tmps $passwd_tmp"
+        acl_tmp=$(mktemp "$config_dir/.$kind.acl.XXXXXX") || { ok=false; break; }
+        tmps="$tmps $acl_tmp"
+        merge_kind "$kind" "$passwd_tmp" "$acl_tmp" || { ok=false; break; }
+    done
+    if ! $ok; then
+        # shellcheck disable=SC2086 # the list of temporary files, split on purpose
+        rm -f $tmps
+        return 1
     fi
-    rm -f "$passwd_tmp" "$acl_tmp"
-    return 1
+    # Password files first: a new account can log in before an ACL lets it act.
+    # shellcheck disable=SC2086 # the list of temporary files, split on purpose
+    set -- $tmps
+    for kind in $kinds; do
+        install_file "$1" "$config_dir/$kind.passwd" 0600
+        shift 2
+    done
+    # shellcheck disable=SC2086 # the list of temporary files, split on purpose
+    set -- $tmps
+    for kind in $kinds; do
+        install_file "$2" "$config_dir/$kind.acl" 0600
+        shift 2
+    done
+    summary=""
+    for kind in $kinds; do
+        static_count=$(accounts_in "$config_dir/static-$kind.passwd")
+        total=$(accounts_in "$config_dir/$kind.passwd")
+        note=""
+        [ -r "$registry_dir/$kind.passwd" ] || note=" (no $registry_dir/$kind.passwd yet)"
+        summary="$summary; $kind: $static_count static, $((total - static_count)) from the registry$note"
+    done
+    say "merged $config_dir/{devices,services}.{passwd,acl}$summary"
+    return 0
 }
 
 # One line that changes whenever any input file changes (or appears, or goes).
 fingerprint() {
-    for f in "$static_passwd" "$static_acl" "$registry_passwd" "$registry_acl"; do
-        if [ -r "$f" ]; then
-            md5sum <"$f"
-        else
-            echo "absent $f"
-        fi
+    for kind in $kinds; do
+        for f in "$config_dir/static-$kind.passwd" "$config_dir/static-$kind.acl" \
+            "$registry_dir/$kind.passwd" "$registry_dir/$kind.acl"; do
+            if [ -r "$f" ]; then
+                md5sum <"$f"
+            else
+                echo "absent $f"
+            fi
+        done
     done | md5sum
 }
 
@@ -173,7 +214,7 @@ watch_files() {
         sleep "$interval"
         now=$(fingerprint)
         if [ "$now" != "$last" ]; then
-            # The registry replaces its two files one after the other: let both land.
+            # The registry replaces its four files one after the other: let them all land.
             sleep 1
             now=$(fingerprint)
             if merge; then
@@ -193,7 +234,7 @@ watch_files() {
 }
 
 start=$(fingerprint)
-merge || { say "cannot write $config_dir/passwd and $config_dir/acl"; exit 1; }
+merge || { say "cannot write the merged password and ACL files in $config_dir"; exit 1; }
 
 if [ "$#" -eq 0 ]; then
     exit 0  # merged once; nothing to run or watch

@@ -1,18 +1,28 @@
 #!/bin/sh
-# Make the broker's static accounts from environment variables: the password
-# file $MOSQUITTO_CONFIG_DIR/static.passwd and the ACL static.acl beside it
-# (copied from the acl file beside this script); then run the given command.
+# Make the broker's static accounts from environment variables, then run the
+# given command. In $MOSQUITTO_CONFIG_DIR:
+#
+#   static-services.passwd  svc.ingest and svc.healthcheck (the services'
+#                           listener, 1884)
+#   static-services.acl     a copy of services.acl beside this script (made by
+#                           `compression devices broker-config`)
+#   static-devices.passwd   the optional demo garment (the device listeners,
+#   static-devices.acl      1883 and 8883) and its ACL block: its three topics
 #
 # entrypoint.sh (the mosquitto service's entry point in docker-compose.yml)
 # runs it at every start of the container, so no secret is ever committed, and
-# merges these files with the accounts the device registry writes into the
-# password_file and acl_file that mosquitto.conf names:
+# merges these files with the ones the device registry writes
+# (devices.passwd, devices.acl, services.passwd, services.acl) into the files
+# that mosquitto.conf names:
 #
 #   MQTT_INGEST_PASSWORD       required: the ingester's account, svc.ingest.
 #                              Only A-Z a-z 0-9 . _ ~ - (it goes into the
 #                              ingester's mqtt:// URL unencoded).
 #   MQTT_DEMO_DEVICE_ID        optional: a garment account for trying the
-#   MQTT_DEMO_DEVICE_PASSWORD  platform out; both or neither.
+#   MQTT_DEMO_DEVICE_PASSWORD  platform out; both or neither. Like every
+#                              garment it logs in on a device listener, its
+#                              client id is its id, and it may publish only
+#                              garments/v1/<id>/telemetry, /event and /status.
 #
 # The account svc.healthcheck gets a random password, kept in
 # $MOSQUITTO_CONFIG_DIR/healthcheck-password (mode 0600) for the health check;
@@ -36,6 +46,8 @@ config_dir=${MOSQUITTO_CONFIG_DIR:-/mosquitto/config}
 deploy_dir=${MOSQUITTO_DEPLOY_DIR:-$(dirname "$0")}
 ingest_user=svc.ingest
 health_user=svc.healthcheck
+# The device listeners' mount point (devices/registry/broker.py, MOUNT_POINT) and the protocol's topic root.
+device_topics=fleet/garments/v1
 
 fail() {
     echo "make-passwd.sh: $*" >&2
@@ -81,25 +93,39 @@ case $health_password in
     "" | *[!0-9a-f]*) health_password=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n') ;;
 esac
 
-passwd_tmp=$(mktemp "$config_dir/.static.passwd.XXXXXX")
-acl_tmp=$(mktemp "$config_dir/.static.acl.XXXXXX")
+services_passwd_tmp=$(mktemp "$config_dir/.static-services.passwd.XXXXXX")
+services_acl_tmp=$(mktemp "$config_dir/.static-services.acl.XXXXXX")
+devices_passwd_tmp=$(mktemp "$config_dir/.static-devices.passwd.XXXXXX")
+devices_acl_tmp=$(mktemp "$config_dir/.static-devices.acl.XXXXXX")
 health_tmp=$(mktemp "$config_dir/.healthcheck-password.XXXXXX")
-trap 'rm -f "$passwd_tmp" "$acl_tmp" "$health_tmp"' EXIT
+trap 'rm -f "$services_passwd_tmp" "$services_acl_tmp" "$devices_passwd_tmp" "$devices_acl_tmp" "$health_tmp"' EXIT
 
-mosquitto_passwd -b "$passwd_tmp" "$ingest_user" "$ingest_password"
-mosquitto_passwd -b "$passwd_tmp" "$health_user" "$health_password"
+mosquitto_passwd -b "$services_passwd_tmp" "$ingest_user" "$ingest_password"
+mosquitto_passwd -b "$services_passwd_tmp" "$health_user" "$health_password"
+cp "$deploy_dir/services.acl" "$services_acl_tmp"
+echo "# Written by make-passwd.sh: the demo garment MQTT_DEMO_DEVICE_ID, if set." >"$devices_acl_tmp"
 if [ -n "$device_id" ]; then
-    mosquitto_passwd -b "$passwd_tmp" "$device_id" "$device_password"
+    mosquitto_passwd -b "$devices_passwd_tmp" "$device_id" "$device_password"
+    # The block devices/registry/broker.py writes for a registered garment (tests/unit/test_deploy_files.py).
+    {
+        echo
+        echo "# garment $device_id: its telemetry, events and status"
+        echo "user $device_id"
+        for channel in telemetry event status; do
+            echo "topic write $device_topics/$device_id/$channel"
+        done
+    } >>"$devices_acl_tmp"
 fi
 printf '%s\n' "$health_password" >"$health_tmp"
-cp "$deploy_dir/acl" "$acl_tmp"
 
 install_file "$health_tmp" "$config_dir/healthcheck-password"
-install_file "$acl_tmp" "$config_dir/static.acl"
-install_file "$passwd_tmp" "$config_dir/static.passwd"
+install_file "$services_acl_tmp" "$config_dir/static-services.acl"
+install_file "$devices_acl_tmp" "$config_dir/static-devices.acl"
+install_file "$services_passwd_tmp" "$config_dir/static-services.passwd"
+install_file "$devices_passwd_tmp" "$config_dir/static-devices.passwd"
 trap - EXIT
 
-echo "make-passwd.sh: $config_dir/static.passwd has ${ingest_user}, ${health_user}${device_id:+ and $device_id}"
+echo "make-passwd.sh: $config_dir/static-services.passwd has ${ingest_user} and ${health_user}${device_id:+; static-devices.passwd has $device_id}"
 
 if [ "$#" -gt 0 ]; then
     exec "$@"

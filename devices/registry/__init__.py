@@ -8,6 +8,7 @@ Layout, following the data flow:
 - ``schemas``: pydantic models of what comes in and goes out (API, CLI, CSV share them).
 - ``service``: every operation, one transaction each, audited; raises :mod:`errors`.
 - ``api`` / ``web`` / ``cli`` / ``csvimport``: the interfaces over ``service``.
-- ``broker``: Mosquitto password and ACL files from the registry, reloaded with SIGHUP.
+- ``broker``: Mosquitto password and ACL files (device listeners, services listener) from the registry,
+  reloaded with SIGHUP; ``brokerconf``: ``mosquitto.conf`` for the deployment, the demo and the tests.
 - ``snapshot``: the compact device -> patient/clinic history the ingester caches.
 """

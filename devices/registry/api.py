@@ -422,11 +422,11 @@ def app_from_settings(settings: RegistrySettings | None = None) -> FastAPI:
 
 
 def _wire_broker(registry: Registry, settings: RegistrySettings) -> None:
-    if settings.broker_password_file is None or settings.broker_acl_file is None:
+    if settings.broker_dir is None:
         return
     from devices.registry.broker import BrokerSync
 
-    sync = BrokerSync(registry, settings.broker_password_file, settings.broker_acl_file, settings.broker_pid_file)
+    sync = BrokerSync(registry, settings.broker_dir, settings.broker_pid_file)
     registry.on_credentials_changed = sync
     sync()  # the files match the database from the start
 

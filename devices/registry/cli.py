@@ -133,16 +133,16 @@ class State:
 
 
 def _broker_hook(settings: RegistrySettings, registry: Registry) -> Callable[[], None] | None:
-    if settings.broker_password_file is None or settings.broker_acl_file is None:
+    if settings.broker_dir is None:
         return None
-    password_file, acl_file = settings.broker_password_file, settings.broker_acl_file
+    folder = settings.broker_dir
 
     def sync() -> None:
         # Runs after the commit: a failure here must not hide credentials that are shown only once.
         try:
             from devices.registry.broker import BrokerSync
 
-            BrokerSync(registry, password_file, acl_file, settings.broker_pid_file)()
+            BrokerSync(registry, folder, settings.broker_pid_file)()
         except (RegistryError, OSError, ImportError) as exc:
             click.echo(f"warning: the broker's files were not updated ({exc}); the change itself is stored", err=True)
 
@@ -867,21 +867,45 @@ def _import_credentials(credentials: list[s.Credentials], out: Path | None) -> N
 
 @devices.command("broker-sync")
 def broker_sync() -> None:
-    """Rewrite Mosquitto's password and ACL files from the registry and make the broker reload them.
+    """Rewrite Mosquitto's account files from the registry and make the broker reload them.
 
-    Uses COMPRESSION_REGISTRY_BROKER_PASSWORD_FILE, ..._ACL_FILE and (for the
-    SIGHUP) ..._PID_FILE. The API server and every credentials-changing
-    command do this by themselves; run it by hand after restoring a backup or
-    when a sync failed.
+    Writes devices.passwd, devices.acl, services.passwd and services.acl into
+    COMPRESSION_REGISTRY_BROKER_DIR and (with ..._PID_FILE) sends the broker
+    SIGHUP. The API server and every credentials-changing command do this by
+    themselves; run it by hand after restoring a backup or when a sync failed.
     """
     from devices.registry.broker import BrokerSync
 
     settings = _state().settings()
-    if settings.broker_password_file is None or settings.broker_acl_file is None:
-        raise CliError("set COMPRESSION_REGISTRY_BROKER_PASSWORD_FILE and COMPRESSION_REGISTRY_BROKER_ACL_FILE first")
-    BrokerSync(_registry(), settings.broker_password_file, settings.broker_acl_file, settings.broker_pid_file)()
+    if settings.broker_dir is None:
+        raise CliError("set COMPRESSION_REGISTRY_BROKER_DIR first")
+    BrokerSync(_registry(), settings.broker_dir, settings.broker_pid_file)()
     reload = f", broker PID in {settings.broker_pid_file} told to reload" if settings.broker_pid_file else ""
-    click.echo(f"wrote {settings.broker_password_file} and {settings.broker_acl_file}{reload}", err=True)
+    click.echo(f"wrote the broker's account files in {settings.broker_dir}{reload}", err=True)
+
+
+@devices.command("broker-config")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for mosquitto.conf and services.acl [default: deploy/mosquitto].")  # fmt: skip
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 if the files differ from the renderer's output.")
+def broker_config(out: Path | None, check: bool) -> None:
+    """Write the deployed broker's mosquitto.conf and the services' static ACL, or --check they are up to date.
+
+    Both are generated (devices/registry/brokerconf.py), like the account files the
+    registry writes; compression/localservers.py renders the same layout for the
+    demo and the tests.
+    """
+    from devices.registry import brokerconf
+
+    folder = out or brokerconf.DEPLOY_DIR
+    if check:
+        stale = brokerconf.stale(folder)
+        if stale:
+            raise CliError(f"out of date in {folder}: {', '.join(stale)} (compression devices broker-config)")
+        click.echo(f"{folder}: up to date")
+        return
+    for path in brokerconf.write(folder):
+        click.echo(f"wrote {path}")
 
 
 @devices.command()

@@ -18,6 +18,7 @@ from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from devices.protocol import CHANNELS, TOPIC_ROOT
 from devices.registry import schemas as s
 from devices.registry.classes import Band, ClassError, Finding, band_for, conflicts
 from devices.registry.errors import (
@@ -55,7 +56,6 @@ from devices.registry.secrets import (
     token_problem,
 )
 
-GARMENT_TOPIC: Final = "garments/v1/{}/#"
 SERVICE_ACCOUNT_RULE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{2,63}")
 SESSION_HOURS: Final = 12
 BOOTSTRAP_TOKEN_NAME: Final = "bootstrap-admin"
@@ -389,7 +389,7 @@ class Registry:
             self._audit(session, actor, "create", "gateway", data.gateway_id, data.model_dump())
         self._credentials_changed()
         return s.Credentials(username=data.gateway_id, password=password,
-                             may_publish=[GARMENT_TOPIC.format(data.gateway_id)])  # fmt: skip
+                             may_publish=may_publish("gateway", data.gateway_id))  # fmt: skip
 
     def list_gateways(self, actor: Actor) -> list[s.GatewayOut]:
         """Gateways and the garments each relays."""
@@ -426,7 +426,7 @@ class Registry:
             self._audit(session, actor, "create", "device", data.device_id, data.model_dump())
         self._credentials_changed()
         return s.Credentials(username=data.device_id, password=password,
-                             may_publish=[GARMENT_TOPIC.format(data.device_id)])  # fmt: skip
+                             may_publish=may_publish("device", data.device_id))  # fmt: skip
 
     def _usable_gateway(self, session: Session, actor: Actor, gateway_id: str, clinic_id: int) -> Gateway:
         gateway = self._gateway(session, actor, gateway_id)
@@ -517,7 +517,7 @@ class Registry:
             target.mqtt_password_hash = mosquitto_hash(password)
             self._audit(session, actor, "rotate_credentials", kind, name, {})
         self._credentials_changed()
-        return s.Credentials(username=name, password=password, may_publish=[GARMENT_TOPIC.format(name)])
+        return s.Credentials(username=name, password=password, may_publish=may_publish(kind, name))
 
     def create_service_account(self, actor: Actor, username: str, role: str = "ingester") -> s.Credentials:
         """An MQTT account for the ingester: read-only on every garment topic."""
@@ -917,6 +917,14 @@ class BrokerAccounts:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------------
+
+
+def may_publish(kind: str, name: str) -> list[str]:
+    """The topics the broker's ACL lets this account publish on (devices.registry.broker renders the same):
+    a garment its three topics; a gateway its own status (and, not listed here, its garments' topics)."""
+    if kind == "gateway":
+        return [f"{TOPIC_ROOT}/{name}/status"]
+    return [f"{TOPIC_ROOT}/{name}/{channel}" for channel in CHANNELS]
 
 
 def _same_clinic(actor: Actor, clinic_id: int, what: str) -> None:

@@ -31,13 +31,9 @@ class RegistrySettings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address the registry API and web page listen on.")
     port: int = Field(default=8070, ge=1, le=65535, description="Port the registry API and web page listen on.")
-    broker_password_file: Path | None = Field(
+    broker_dir: Path | None = Field(
         default=None,
-        description="Mosquitto password_file the registry rewrites whenever MQTT accounts change (unset: not maintained).",
-    )
-    broker_acl_file: Path | None = Field(
-        default=None,
-        description="Mosquitto acl_file the registry rewrites with the password file (each device and gateway's own topics).",
+        description="Folder where the registry rewrites Mosquitto's account files whenever MQTT accounts change: devices.passwd and devices.acl (garments and gateways, the device listeners), services.passwd and services.acl (service accounts, the services' listener). Unset: not maintained.",
     )
     broker_pid_file: Path | None = Field(
         default=None,

@@ -107,7 +107,7 @@ def names(request: pytest.FixtureRequest) -> Names:
     return Names(
         database=f"t_{slug}_{token}",
         topic_root=f"test-{token}/garments/v1",
-        client_id=f"ingest-{token}",
+        client_id=f"ingest.{token}",
         prefix=f"sock{token[:4]}",
     )
 

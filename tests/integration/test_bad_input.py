@@ -21,7 +21,7 @@ CORPUS_SIZE = 300
 
 def fresh_names() -> Names:
     token = uuid.uuid4().hex[:8]
-    return Names(f"t_bad_{token}", f"bad-{token}/garments/v1", f"ingest-bad-{token}", f"bad{token[:4]}")
+    return Names(f"t_bad_{token}", f"bad-{token}/garments/v1", f"ingest.bad-{token}", f"bad{token[:4]}")
 
 
 def to_outgoing(case: Case, root: str) -> Outgoing:

@@ -1,9 +1,14 @@
-"""The registry's password and ACL files on a real Mosquitto 2.0.11: who may publish where, and revocation.
+"""The registry's account files on a real Mosquitto 2.0.11: who may log in where, publish where, and revocation.
 
 Each test registers a clinic, garments A and B, a gateway G relaying garment C
 and an ingester service account in a real registry (SQLite file), with
 :class:`BrokerSync` as ``on_credentials_changed``, so every registry change
-rewrites the broker's files and SIGHUPs it. The clients are paho 2.x.
+rewrites the broker's four files and SIGHUPs it. The broker is the platform's
+(:func:`start_platform_broker`: the deployed listeners on loopback): garments and
+the gateway on the device listener (topics ``garments/v1/...``), the ingester's
+account on the services' listener (the same topics as ``fleet/garments/v1/...``).
+The clients are paho 2.x. The attacks with valid credentials (client-id takeover,
+share-group theft) are in ``test_broker_identity.py``.
 
 "Never delivered" is shown without sleeping: after the denied publish has its
 PUBACK, the same (or another) client publishes a marker it may publish; the
@@ -17,123 +22,31 @@ from __future__ import annotations
 import grp
 import os
 import stat
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.reasoncodes import ReasonCode
 
-from compression.localservers import BrokerAccess, Mosquitto, start_mosquitto
+from compression.localservers import Mosquitto, start_platform_broker
 from devices.registry import schemas as s
-from devices.registry.broker import BrokerSync, write_broker_files
+from devices.registry.broker import (
+    DEVICE_ACL,
+    DEVICE_PASSWD,
+    SERVICE_ACL,
+    SERVICE_PASSWD,
+    SERVICE_TOPIC_ROOT,
+    BrokerSync,
+)
 from devices.registry.db import make_engine, migrate, session_factory
-from devices.registry.service import SYSTEM, BrokerAccounts, Registry
+from devices.registry.service import SYSTEM, Registry
+from tests.integration.peers import NOT_AUTHORIZED, SUCCESS, WAIT_S, Peer, until
 
 pytestmark = pytest.mark.integration
-
-WAIT_S = 10.0
-SUCCESS = 0
-NO_MATCHING_SUBSCRIBERS = 16
-NOT_AUTHORIZED = 135
-
-
-def until(predicate: Callable[[], bool], timeout: float = WAIT_S) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` passes; its last value."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return predicate()
-        time.sleep(0.01)
-    return True
-
-
-@dataclass
-class Peer:
-    """One paho client on its loop thread, with everything the broker told it."""
-
-    client: mqtt.Client
-    connacks: list[ReasonCode] = field(default_factory=list)
-    acks: dict[int, ReasonCode] = field(default_factory=dict)
-    subacks: dict[int, list[ReasonCode]] = field(default_factory=dict)
-    messages: list[tuple[str, bytes]] = field(default_factory=list)
-    disconnects: list[tuple[mqtt.DisconnectFlags, ReasonCode]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @classmethod
-    def connect(cls, port: int, username: str | None, password: str | None, protocol: int = mqtt.MQTTv5) -> Peer:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{username or 'anonymous'}-{uuid.uuid4().hex[:6]}",
-                             protocol=MQTTProtocolVersion(protocol))  # fmt: skip
-        peer = cls(client)
-        if username is not None:
-            client.username_pw_set(username, password)
-        client.on_connect = peer._on_connect
-        client.on_publish = peer._on_publish
-        client.on_subscribe = peer._on_subscribe
-        client.on_message = peer._on_message
-        client.on_disconnect = peer._on_disconnect
-        client.connect("127.0.0.1", port)
-        client.loop_start()
-        assert until(lambda: bool(peer.connacks)), f"no CONNACK for {username}"
-        return peer
-
-    # paho calls these on its loop thread.
-    def _on_connect(self, _c: mqtt.Client, _u: object, _f: mqtt.ConnectFlags, rc: ReasonCode, _p: object) -> None:
-        with self.lock:
-            self.connacks.append(rc)
-
-    def _on_publish(self, _c: mqtt.Client, _u: object, mid: int, rc: ReasonCode, _p: object) -> None:
-        with self.lock:
-            self.acks[mid] = rc
-
-    def _on_subscribe(self, _c: mqtt.Client, _u: object, mid: int, rcs: list[ReasonCode], _p: object) -> None:
-        with self.lock:
-            self.subacks[mid] = rcs
-
-    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        with self.lock:
-            self.messages.append((msg.topic, bytes(msg.payload)))
-
-    def _on_disconnect(
-        self, _c: mqtt.Client, _u: object, flags: mqtt.DisconnectFlags, rc: ReasonCode, _p: object
-    ) -> None:
-        with self.lock:
-            self.disconnects.append((flags, rc))
-
-    @property
-    def connack(self) -> int:
-        """The first CONNACK's reason code."""
-        return int(self.connacks[0].value)
-
-    def publish(self, topic: str, payload: bytes) -> int:
-        """Publish at QoS 1 and return the PUBACK's reason code."""
-        info = self.client.publish(topic, payload, qos=1)
-        assert until(lambda: info.mid in self.acks), f"no PUBACK for {topic}"
-        return int(self.acks[info.mid].value)
-
-    def subscribe(self, topic_filter: str) -> list[int]:
-        """Subscribe at QoS 1 and return the SUBACK's reason codes."""
-        _rc, mid = self.client.subscribe(topic_filter, qos=1)
-        assert mid is not None
-        assert until(lambda: mid in self.subacks), f"no SUBACK for {topic_filter}"
-        return [int(rc.value) for rc in self.subacks[mid]]
-
-    def payloads(self) -> list[bytes]:
-        with self.lock:
-            return [payload for _topic, payload in self.messages]
-
-    def got(self, payload: bytes) -> bool:
-        return payload in self.payloads()
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 @dataclass
@@ -170,19 +83,30 @@ class World:
     def reader(self) -> str:
         return f"svc.ingest-{self.token}"
 
-    def peer(self, username: str | None, password: str | None = None, protocol: int = mqtt.MQTTv5) -> Peer:
-        """A client logged in as ``username`` (its registered password unless given)."""
+    def port_for(self, username: str | None) -> int:
+        """The services' listener for the ingester's account, the device listener for everyone else."""
+        assert self.broker.service_port is not None
+        return self.broker.service_port if username == self.reader else self.broker.port
+
+    def peer(
+        self, username: str | None, password: str | None = None, protocol: int = mqtt.MQTTv5, port: int | None = None,
+        client_id: str | None = None, clean_start: bool = True,
+    ) -> Peer:  # fmt: skip
+        """A client logged in as ``username`` (its registered password unless given) on its listener."""
         if username is not None and password is None:
             password = self.passwords[username]
-        peer = Peer.connect(self.broker.port, username, password, protocol)
+        peer = Peer.connect(port or self.port_for(username), username, password, protocol, client_id=client_id,
+                            clean_start=clean_start)  # fmt: skip
         self.peers.append(peer)
         return peer
 
-    def logged_in(self, username: str, protocol: int = mqtt.MQTTv5) -> Peer:
+    def logged_in(
+        self, username: str, protocol: int = mqtt.MQTTv5, client_id: str | None = None, clean_start: bool = True
+    ) -> Peer:
         """A client of a live account, retried until the broker has reloaded the files that hold it."""
         deadline = time.monotonic() + WAIT_S
         while True:
-            peer = self.peer(username, protocol=protocol)
+            peer = self.peer(username, protocol=protocol, client_id=client_id, clean_start=clean_start)
             if peer.connack == SUCCESS or time.monotonic() > deadline:
                 assert peer.connack == SUCCESS, f"{username} refused: {peer.connacks}"
                 return peer
@@ -190,14 +114,15 @@ class World:
             time.sleep(0.05)
 
     def readers(self) -> list[Peer]:
-        """The ingester's account twice: on ``garments/v1/#`` and on the shared-subscription form."""
+        """The ingester's account twice: on ``fleet/garments/v1/#`` and on the shared-subscription form."""
         plain, shared = self.logged_in(self.reader), self.logged_in(self.reader)
-        assert plain.subscribe("garments/v1/#") == [1]
-        assert shared.subscribe(f"$share/ingest-{self.token}/garments/v1/#") == [1]
+        assert plain.subscribe(f"{SERVICE_TOPIC_ROOT}/#") == [1]
+        assert shared.subscribe(f"$share/ingest-{self.token}/{SERVICE_TOPIC_ROOT}/#") == [1]
         return [plain, shared]
 
 
 def topic(device: str, channel: str = "telemetry") -> str:
+    """A topic as garments and gateways publish it."""
     return f"garments/v1/{device}/{channel}"
 
 
@@ -221,15 +146,11 @@ def world(servers_root: Path, tmp_path: Path) -> Iterator[World]:
     engine = make_engine(f"sqlite:///{tmp_path / 'registry.db'}")
     migrate(engine)
     registry = Registry(session_factory(engine))
-    # The broker starts on empty files (it refuses to start without them); the registry then rewrites its copies.
-    stage = servers_root / f"acl-stage-{token}"
-    stage.mkdir()
-    write_broker_files(BrokerAccounts((), (), ()), stage / "passwd", stage / "acl")
-    broker = start_mosquitto(servers_root, access=BrokerAccess(password_file=stage / "passwd", acl_file=stage / "acl"))
-    assert broker.access is not None and broker.access.password_file and broker.access.acl_file
+    # The broker starts on empty files (it refuses to start without them); the registry then rewrites them.
+    broker = start_platform_broker(servers_root)
     try:
         assert until(lambda: broker.pid_file.exists()), "mosquitto wrote no pid file"
-        sync = BrokerSync(registry, broker.access.password_file, broker.access.acl_file, broker.pid_file)
+        sync = BrokerSync(registry, broker.accounts_dir, broker.pid_file)
         registry.on_credentials_changed = sync
         w = World(broker, registry, sync, token)
         clinic = f"clinic-{token}"
@@ -251,18 +172,44 @@ def world(servers_root: Path, tmp_path: Path) -> Iterator[World]:
         engine.dispose()
 
 
+def names_in(passwd: Path) -> list[str]:
+    return sorted(line.split(":", 1)[0] for line in passwd.read_text().splitlines())
+
+
 def test_files_are_written_for_the_broker_user(world: World) -> None:
-    access = world.broker.access
-    assert access is not None and access.password_file and access.acl_file
-    names = [line.split(":", 1)[0] for line in access.password_file.read_text().splitlines()]
-    assert sorted(names) == sorted([world.a, world.b, world.c, world.g, world.reader])
+    folder = world.broker.accounts_dir
+    assert names_in(folder / DEVICE_PASSWD) == sorted([world.a, world.b, world.c, world.g])
+    assert names_in(folder / SERVICE_PASSWD) == [world.reader]
     broker_group = {g.gr_name: g.gr_gid for g in grp.getgrall()}.get("mosquitto")
-    for path in (access.password_file, access.acl_file):
+    for path in (folder / name for name in (DEVICE_PASSWD, DEVICE_ACL, SERVICE_PASSWD, SERVICE_ACL)):
         info = path.stat()
         assert stat.S_IMODE(info.st_mode) == 0o640
         if os.geteuid() == 0 and broker_group is not None:  # the broker dropped to user mosquitto and reads them
             assert (info.st_uid, info.st_gid) == (0, broker_group)
     world.logged_in(world.reader)  # so the broker could read them
+    world.logged_in(world.a)
+
+
+def test_each_listener_knows_only_its_own_accounts(world: World) -> None:
+    world.logged_in(world.a)  # the files are loaded
+    assert world.broker.service_port is not None
+    for protocol in (mqtt.MQTTv5, mqtt.MQTTv311):
+        # Device credentials are unknown to the services' listener, service credentials to the device listener.
+        for device in (world.a, world.g):
+            assert world.peer(device, protocol=protocol, port=world.broker.service_port).connack == NOT_AUTHORIZED
+        assert world.peer(world.reader, protocol=protocol, port=world.broker.port).connack == NOT_AUTHORIZED
+
+
+def test_a_device_keeps_its_persistent_session_under_its_own_id(world: World) -> None:
+    # Whatever client id it sends, a device's session is the one of its own id: it finds it again.
+    readers = world.readers()
+    first = world.logged_in(world.a, client_id=world.a, clean_start=False)
+    assert first.sessions_present == [False]
+    first.close()
+    again = world.logged_in(world.a, client_id="anything-else", clean_start=False)
+    assert again.sessions_present == [True], "the persistent session of the device's own id was not resumed"
+    assert again.publish(topic(world.a), b"A-again") == SUCCESS
+    assert_delivered(readers, b"A-again")
 
 
 def test_a_device_publishes_only_under_its_own_id(world: World) -> None:
@@ -317,12 +264,13 @@ def test_wrong_password_and_anonymous_are_refused_at_connect(world: World) -> No
 def test_the_reader_publishes_nowhere(world: World) -> None:
     readers = world.readers()
     plain = readers[0]
+    # On the services' listener (no mount point), as a device's topic and as the broker's.
     assert plain.publish(topic(world.a), b"R-as-A") == NOT_AUTHORIZED
-    # The pattern line applies to every user; the reader's deny line takes its own-name topics back.
-    assert plain.publish(topic(world.reader), b"R-own") == NOT_AUTHORIZED
+    assert plain.publish(f"fleet/{topic(world.a)}", b"R-as-A-mounted") == NOT_AUTHORIZED
+    assert plain.publish(f"fleet/{topic(world.reader)}", b"R-own") == NOT_AUTHORIZED
     assert plain.publish("elsewhere", b"R-elsewhere") == NOT_AUTHORIZED
     a = world.logged_in(world.a)
-    assert_not_delivered(readers, a, topic(world.a), b"R-as-A", b"R-own", b"R-elsewhere")
+    assert_not_delivered(readers, a, topic(world.a), b"R-as-A", b"R-as-A-mounted", b"R-own", b"R-elsewhere")
 
 
 def test_mqtt_311_denied_publish_is_acknowledged_but_not_delivered(world: World) -> None:
@@ -343,9 +291,7 @@ def test_revoking_a_device_cuts_it_off(world: World) -> None:
 
     world.registry.revoke(SYSTEM, "device", world.a)
     assert world.sync.syncs == 6
-    access = world.broker.access
-    assert access is not None and access.password_file
-    assert world.a not in access.password_file.read_text()
+    assert world.a not in (world.broker.accounts_dir / DEVICE_PASSWD).read_text()
 
     # At the reload Mosquitto 2.0.11 re-checks every connected client against the new password file and
     # closes A's connection, without a DISCONNECT packet (paho reports the lost connection).

@@ -113,6 +113,7 @@ class Broker:
     folder: Path
     port: int
     tls_port: int
+    service_port: int
     registry: Registry
     log: Path
 
@@ -124,12 +125,12 @@ class Broker:
         return self.log.read_text(errors="replace")
 
 
-def deployed_config(folder: Path, port: int, tls_port: int) -> str:
+def deployed_config(folder: Path, port: int, tls_port: int, service_port: int) -> str:
     """deploy/mosquitto/mosquitto.conf with only its paths and listeners moved to ``folder`` and loopback ports."""
     text = (DEPLOY / "mosquitto.conf").read_text(encoding="utf-8")
-    assert text.count("\nlistener 1883\n") == 1 and text.count("\nlistener 8883\n") == 1
-    text = text.replace("\nlistener 1883\n", f"\nlistener {port} 127.0.0.1\n")
-    text = text.replace("\nlistener 8883\n", f"\nlistener {tls_port} 127.0.0.1\n")
+    for deployed, local in ((1883, port), (8883, tls_port), (1884, service_port)):
+        assert text.count(f"\nlistener {deployed}\n") == 1
+        text = text.replace(f"\nlistener {deployed}\n", f"\nlistener {local} 127.0.0.1\n")
     text = text.replace("/mosquitto/config/", f"{folder}/config/").replace("/mosquitto/data/", f"{folder}/data/")
     assert "/mosquitto/" not in text
     return text
@@ -159,16 +160,16 @@ def broker(servers_root: Path) -> Iterator[Broker]:
         (folder / sub).mkdir(parents=True)
     done = make_certs(folder / "tls")
     assert done.returncode == 0, done.stderr
-    port, tls_port = free_port(), free_port()
+    port, tls_port, service_port = free_port(), free_port(), free_port()
     conf = folder / "mosquitto.conf"
-    conf.write_text(deployed_config(folder, port, tls_port), encoding="utf-8")
+    conf.write_text(deployed_config(folder, port, tls_port, service_port), encoding="utf-8")
     give_to_broker_user(folder, folder / "data")
 
     engine = make_engine(f"sqlite:///{folder / 'registry.db'}")
     migrate(engine)
     registry = Registry(session_factory(engine))
-    # As the registry service: both files into the shared folder, no pid file (another container's broker).
-    registry.on_credentials_changed = BrokerSync(registry, folder / "registry" / "passwd", folder / "registry" / "acl")
+    # As the registry service: the four files into the shared folder, no pid file (another container's broker).
+    registry.on_credentials_changed = BrokerSync(registry, folder / "registry")
     registry.create_clinic(SYSTEM, s.ClinicIn(code="watch-clinic", name="Watcher clinic", timezone="Europe/Berlin"))
 
     env = {
@@ -183,9 +184,9 @@ def broker(servers_root: Path) -> Iterator[Broker]:
     with log.open("wb") as out:
         process = subprocess.Popen([*shell(), str(ENTRYPOINT), MOSQUITTO_BIN, "-c", str(conf)], env=env,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    server = Broker(process, folder, port, tls_port, registry, log)
+    server = Broker(process, folder, port, tls_port, service_port, registry, log)
     try:
-        assert until(lambda: process.poll() is not None or connect_rc(port, "svc.ingest", INGEST_PASSWORD) == 0,
+        assert until(lambda: process.poll() is not None or connect_rc(service_port, "svc.ingest", INGEST_PASSWORD) == 0,
                      15), server.output()  # fmt: skip
         assert process.poll() is None, server.output()
         yield server
@@ -215,17 +216,17 @@ def test_a_registered_device_gets_in_within_seconds_and_a_revoked_one_is_refused
     took = time.monotonic() - started
     assert took < APPLIED_WITHIN_S
 
-    # The merged ACL applies: the ingester's static account reads what the new garment publishes.
+    # The merged ACL applies: the ingester's static account (services' listener) reads what the new garment publishes.
     received: list[str] = []
-    reader = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="watch-reader", protocol=mqtt.MQTTv5)
+    reader = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="watch.reader", protocol=mqtt.MQTTv5)
     reader.username_pw_set("svc.ingest", INGEST_PASSWORD)
     subscribed = threading.Event()
     reader.on_message = lambda _c, _u, msg: received.append(msg.topic)
     reader.on_subscribe = lambda *_a: subscribed.set()
-    reader.connect("127.0.0.1", broker.port)
+    reader.connect("127.0.0.1", broker.service_port)
     reader.loop_start()
     try:
-        reader.subscribe("garments/v1/+/telemetry", qos=1)
+        reader.subscribe("fleet/garments/v1/+/telemetry", qos=1)
         assert subscribed.wait(5)
         writer = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device, protocol=mqtt.MQTTv5)
         writer.username_pw_set(device, creds.password)
@@ -240,7 +241,7 @@ def test_a_registered_device_gets_in_within_seconds_and_a_revoked_one_is_refused
             writer.loop_stop()
         assert until(lambda: bool(received), 5)
         time.sleep(0.5)
-        assert received == [f"garments/v1/{device}/telemetry"], "the garment wrote outside its own topics"
+        assert received == [f"fleet/garments/v1/{device}/telemetry"], "the garment wrote outside its own topics"
     finally:
         reader.disconnect()
         reader.loop_stop()
@@ -249,14 +250,15 @@ def test_a_registered_device_gets_in_within_seconds_and_a_revoked_one_is_refused
     assert until(lambda: connect_rc(broker.port, device, creds.password) in (134, 135), APPLIED_WITHIN_S), \
         broker.output()  # fmt: skip
 
-    # Reloaded (SIGHUP), never restarted; the static accounts survived every merge.
+    # Reloaded (SIGHUP), never restarted; the static accounts survived every merge, on the services' listener only.
     assert broker.process.poll() is None
-    assert connect_rc(broker.port, "svc.ingest", INGEST_PASSWORD) == SUCCESS
+    assert connect_rc(broker.service_port, "svc.ingest", INGEST_PASSWORD) == SUCCESS
+    assert connect_rc(broker.port, "svc.ingest", INGEST_PASSWORD) in (134, 135)
     health = (broker.folder / "config" / "healthcheck-password").read_text().strip()
-    assert connect_rc(broker.port, "svc.healthcheck", health) == SUCCESS
+    assert connect_rc(broker.service_port, "svc.healthcheck", health) == SUCCESS
     output = broker.output()
     assert "sent SIGHUP to the broker" in output
-    for name in ("passwd", "acl"):
+    for name in ("devices.passwd", "devices.acl", "services.passwd", "services.acl"):
         mode = (broker.folder / "config" / name).stat().st_mode
         assert mode & 0o077 == 0, f"{name} is readable by others"
 
@@ -267,27 +269,33 @@ def test_the_registry_cannot_take_over_a_static_account(broker: Broker) -> None:
     device = broker.registry.create_device(SYSTEM, s.DeviceIn(device_id="sock-watch-02", clinic="watch-clinic",
                                                               kind="sock"))  # fmt: skip
     assert until(lambda: connect_rc(broker.port, "sock-watch-02", device.password) == SUCCESS, APPLIED_WITHIN_S)
-    assert connect_rc(broker.port, "svc.ingest", taken.password) in (134, 135)
-    assert connect_rc(broker.port, "svc.ingest", INGEST_PASSWORD) == SUCCESS
-    passwd = (broker.folder / "config" / "passwd").read_text()
+    assert connect_rc(broker.service_port, "svc.ingest", taken.password) in (134, 135)
+    assert connect_rc(broker.service_port, "svc.ingest", INGEST_PASSWORD) == SUCCESS
+    passwd = (broker.folder / "config" / "services.passwd").read_text()
     assert len(re.findall(r"^svc\.ingest:", passwd, re.M)) == 1
-    acl = (broker.folder / "config" / "acl").read_text()
+    acl = (broker.folder / "config" / "services.acl").read_text()
     assert acl.count("user svc.ingest\n") == 1, acl
+    # A registry account never reaches the other kind of listener's files.
+    assert "svc.ingest" not in (broker.folder / "config" / "devices.passwd").read_text()
+    assert "sock-watch-02" not in passwd
 
 
 def test_the_tls_listener_serves_the_certificate_made_by_make_certs(broker: Broker) -> None:
+    # The TLS listener is a device listener: a garment logs in there (the ingester's account does not).
+    creds = broker.registry.create_device(SYSTEM, s.DeviceIn(device_id="sock-watch-03", clinic="watch-clinic",
+                                                             kind="sock"))  # fmt: skip
+    device, password = creds.username, creds.password
     # localhost and 127.0.0.1 are among the SANs; the client checks the name and the chain.
-    assert connect_rc(broker.tls_port, "svc.ingest", INGEST_PASSWORD, broker.ca_file, host="localhost") == SUCCESS
-    assert connect_rc(broker.tls_port, "svc.ingest", INGEST_PASSWORD, broker.ca_file) == SUCCESS
-    assert connect_rc(broker.tls_port, "svc.ingest", "wrong", broker.ca_file) in (134, 135)
+    assert until(lambda: connect_rc(broker.tls_port, device, password, broker.ca_file, host="localhost") == SUCCESS,
+                 APPLIED_WITHIN_S), broker.output()  # fmt: skip
+    assert "sent SIGHUP" in broker.output(), "the garment got in without a reload?"
+    assert connect_rc(broker.tls_port, device, password, broker.ca_file) == SUCCESS
+    assert connect_rc(broker.tls_port, device, "wrong", broker.ca_file) in (134, 135)
+    assert connect_rc(broker.tls_port, "svc.ingest", INGEST_PASSWORD, broker.ca_file) in (134, 135)
     # Another CA's client refuses the server: the chain is really checked.
     other = broker.folder / "other-ca"
     assert make_certs(other, "elsewhere.example").returncode == 0
-    assert connect_rc(broker.tls_port, "svc.ingest", INGEST_PASSWORD, other / "broker" / "ca.crt") == -1
-    # A SIGHUP (the watcher's reload) leaves the TLS listener working.
-    broker.registry.create_device(SYSTEM, s.DeviceIn(device_id="sock-watch-03", clinic="watch-clinic", kind="sock"))
-    assert until(lambda: "sent SIGHUP" in broker.output(), APPLIED_WITHIN_S)
-    assert connect_rc(broker.tls_port, "svc.ingest", INGEST_PASSWORD, broker.ca_file, host="localhost") == SUCCESS
+    assert connect_rc(broker.tls_port, device, password, other / "broker" / "ca.crt") == -1
     installed = broker.folder / "config" / "certs" / "server.key"
     assert installed.stat().st_mode & 0o077 == 0
 
@@ -333,8 +341,7 @@ def test_the_demo_profile_seed_lets_the_simulated_gateways_publish(broker: Broke
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(broker.folder),
         "COMPRESSION_REGISTRY_DATABASE_URL": f"sqlite:///{broker.folder / 'seeded.db'}",
-        "COMPRESSION_REGISTRY_BROKER_PASSWORD_FILE": str(broker.folder / "registry" / "passwd"),
-        "COMPRESSION_REGISTRY_BROKER_ACL_FILE": str(broker.folder / "registry" / "acl"),
+        "COMPRESSION_REGISTRY_BROKER_DIR": str(broker.folder / "registry"),
     }
     fleet = ["--seed", "7", "--days", "1", "--connections", "2"]
     seed = [sys.executable, str(ROOT / "deploy" / "demo" / "seed_registry.py"), "--credentials-out", str(credentials),

@@ -83,7 +83,7 @@ def stored_counts(messages: Iterator[SimMessage], now_ms: int) -> tuple[int, int
 def new_names(tag: str) -> Names:
     token = uuid.uuid4().hex[:8]
     return Names(database=f"t_compliance_{tag}_{token}", topic_root=f"test-{token}/garments/v1",
-                 client_id=f"ingest-{token}", prefix=f"cmp{token[:4]}")  # fmt: skip
+                 client_id=f"ingest.{token}", prefix=f"cmp{token[:4]}")  # fmt: skip
 
 
 def registry_for(path: Path, fleet: Fleet, options: RunOptions) -> str:

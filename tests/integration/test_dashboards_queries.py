@@ -60,7 +60,7 @@ class Seeded:
 def seeded(mosquitto: Mosquitto, influx: InfluxDB, tmp_path_factory: pytest.TempPathFactory) -> Seeded:
     token = uuid.uuid4().hex[:8]
     names = Names(database=f"t_dashboards_{token}", topic_root=f"test-{token}/garments/v1",
-                  client_id=f"ingest-{token}", prefix=f"dsh{token[:4]}")  # fmt: skip
+                  client_id=f"ingest.{token}", prefix=f"dsh{token[:4]}")  # fmt: skip
     fleet = every_scenario(seed=1, days=DAYS, end=local_midnight(datetime.now(UTC), TZ))
     truth = fleet.ground_truth()
     options = RunOptions(mosquitto.url, connections=3, topic_root=names.topic_root, client_prefix=f"gw-{names.prefix}")

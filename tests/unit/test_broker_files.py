@@ -13,13 +13,20 @@ import pytest
 
 from devices.registry import schemas as s
 from devices.registry.broker import (
+    DEVICE_ACL,
+    DEVICE_PASSWD,
     FILE_MODE,
+    SERVICE_ACL,
+    SERVICE_PASSWD,
     BrokerSync,
     BrokerSyncError,
     read_pid,
     reload_broker,
-    render_acl_file,
-    render_password_file,
+    render_devices_acl,
+    render_devices_passwd,
+    render_files,
+    render_services_acl,
+    render_services_passwd,
     usable_accounts,
     write_broker_files,
 )
@@ -34,6 +41,7 @@ ACCOUNTS = BrokerAccounts(
     gateways=(("hub-2", H["hub-2"], ()), ("hub-1", H["hub-1"], ("sock-c", "sock-d"))),
     readers=(("svc.ingest", H["svc.ingest"]),),
 )
+FOUR = (DEVICE_PASSWD, DEVICE_ACL, SERVICE_PASSWD, SERVICE_ACL)
 
 
 def rules(acl: str) -> list[str]:
@@ -47,49 +55,61 @@ def block(acl: str, user: str) -> list[str]:
     return lines[start + 1 : end]
 
 
-def test_password_file_has_every_account_once_sorted() -> None:
-    text = render_password_file(ACCOUNTS)
-    lines = text.splitlines()
-    assert text.endswith("\n")
-    assert [line.split(":", 1)[0] for line in lines] == ["hub-1", "hub-2", "sock-a", "sock-b", "svc.ingest"]
-    for line in lines:
+def writes(name: str) -> list[str]:
+    return [f"topic write fleet/garments/v1/{name}/{channel}" for channel in ("telemetry", "event", "status")]
+
+
+def test_password_files_split_devices_and_services_each_account_once_sorted() -> None:
+    devices, services = render_devices_passwd(ACCOUNTS), render_services_passwd(ACCOUNTS)
+    assert devices.endswith("\n") and services.endswith("\n")
+    assert [line.split(":", 1)[0] for line in devices.splitlines()] == ["hub-1", "hub-2", "sock-a", "sock-b"]
+    assert [line.split(":", 1)[0] for line in services.splitlines()] == ["svc.ingest"]
+    for line in devices.splitlines() + services.splitlines():
         name, hashed = line.split(":", 1)
         assert hashed == H[name] and mosquitto_verify(f"pw-{name}", hashed)
 
 
-def test_empty_accounts_render_empty_files_mosquitto_accepts() -> None:
+def test_empty_accounts_render_files_mosquitto_accepts_and_that_let_nobody_act() -> None:
     empty = BrokerAccounts((), (), ())
-    assert render_password_file(empty) == ""
-    assert rules(render_acl_file(empty)) == ["pattern write garments/v1/%u/#"]
+    assert render_devices_passwd(empty) == render_services_passwd(empty) == ""
+    assert rules(render_devices_acl(empty)) == rules(render_services_acl([])) == []
 
 
-def test_acl_gives_own_topics_by_pattern_gateways_their_garments_and_readers_read_only() -> None:
-    acl = render_acl_file(ACCOUNTS)
+def test_device_acl_names_exact_topics_per_account_under_the_mount_point() -> None:
+    acl = render_devices_acl(ACCOUNTS)
     lines = rules(acl)
-    assert lines[0] == "pattern write garments/v1/%u/#", "the pattern comes before any user block"
-    assert [line for line in lines if line.startswith("pattern ")] == ["pattern write garments/v1/%u/#"]
-    first_user = next(i for i, line in enumerate(lines) if line.startswith("user "))
-    assert not any(line.startswith("topic ") for line in lines[:first_user]), "topics for anonymous clients"
-    assert block(acl, "hub-1") == ["topic write garments/v1/sock-c/#", "topic write garments/v1/sock-d/#"]
-    assert block(acl, "hub-2") == []
-    # The pattern applies to readers too: the deny line takes back their own-name topics.
-    assert block(acl, "svc.ingest") == ["topic read garments/v1/#", "topic deny garments/v1/svc.ingest/#"]
-    assert not any(line in (f"user {d}" for d in ("sock-a", "sock-b")) for line in lines), "devices need no block"
+    assert not [line for line in lines if line.startswith("pattern ")], "patterns would apply to every account"
+    assert lines[0].startswith("user "), "rules before the first user line would apply to anonymous clients"
+    assert block(acl, "sock-a") == writes("sock-a") and block(acl, "sock-b") == writes("sock-b")
+    # A gateway: its own status only (no telemetry or events under its id), and its garments' three topics.
+    assert block(acl, "hub-1") == ["topic write fleet/garments/v1/hub-1/status", *writes("sock-c"), *writes("sock-d")]
+    assert block(acl, "hub-2") == ["topic write fleet/garments/v1/hub-2/status"]
+    assert not [line for line in lines if line.startswith("topic read") or (line.startswith("topic ") and "#" in line)]
+    assert "svc.ingest" not in acl
 
 
-def test_acl_is_deterministic() -> None:
+def test_service_acl_reads_every_garments_three_topics_and_publishes_nothing() -> None:
+    acl = render_services_acl(["svc.ingest"], ["svc.healthcheck"])
+    assert block(acl, "svc.ingest") == [f"topic read fleet/garments/v1/+/{channel}"
+                                        for channel in ("telemetry", "event", "status")]  # fmt: skip
+    assert block(acl, "svc.healthcheck") == ["topic read $SYS/broker/version"]
+    assert not [line for line in rules(acl) if line.startswith("topic write") or line.startswith("pattern")]
+    assert render_files(ACCOUNTS)[SERVICE_ACL] == render_services_acl(["svc.ingest"])
+
+
+def test_renderings_are_deterministic() -> None:
     shuffled = BrokerAccounts(ACCOUNTS.devices[::-1], ACCOUNTS.gateways[::-1], ACCOUNTS.readers)
-    assert render_acl_file(shuffled) == render_acl_file(ACCOUNTS)
-    assert render_password_file(shuffled) == render_password_file(ACCOUNTS)
+    assert render_files(shuffled) == render_files(ACCOUNTS)
 
 
 @pytest.mark.parametrize("name", ["ingest team", "a:b", "x\nuser evil", "#", "a/b", "a+b", "%u", "", "é"])
 def test_unsafe_names_are_refused_by_the_renderers_and_left_out_by_usable_accounts(name: str) -> None:
     bad = BrokerAccounts(ACCOUNTS.devices, ACCOUNTS.gateways, (*ACCOUNTS.readers, (name, mosquitto_hash("x"))))
+    for render in (render_devices_passwd, render_devices_acl, render_services_passwd):
+        with pytest.raises(BrokerSyncError):
+            render(bad)
     with pytest.raises(BrokerSyncError):
-        render_password_file(bad)
-    with pytest.raises(BrokerSyncError):
-        render_acl_file(bad)
+        render_services_acl([name])
     kept, skipped = usable_accounts(bad)
     assert skipped == [name] and kept == ACCOUNTS
 
@@ -100,25 +120,26 @@ def test_usable_accounts_drops_unsafe_relayed_garments_and_bad_hashes() -> None:
     assert skipped == ["sock-a"]
     assert kept == BrokerAccounts((), (("hub-1", H["hub-1"], ("sock-c",)),), ())
     with pytest.raises(BrokerSyncError, match="not a mosquitto"):
-        render_password_file(BrokerAccounts((("sock-a", "plaintext"),), (), ()))
+        render_devices_passwd(BrokerAccounts((("sock-a", "plaintext"),), (), ()))
 
 
 def test_sha512_hashes_of_mosquitto_passwd_are_accepted() -> None:
     six = "$6$c2FsdHNhbHQ=$" + "A" * 86 + "=="
-    assert render_password_file(BrokerAccounts((("sock-a", six),), (), ())) == f"sock-a:{six}\n"
+    assert render_devices_passwd(BrokerAccounts((("sock-a", six),), (), ())) == f"sock-a:{six}\n"
 
 
 def test_write_broker_files_replaces_atomically_with_a_broker_readable_mode(tmp_path: Path) -> None:
-    passwd, acl = tmp_path / "passwd", tmp_path / "acl"
+    passwd = tmp_path / DEVICE_PASSWD
     passwd.write_text("old:stuff\n")
     before = passwd.stat().st_ino
-    write_broker_files(ACCOUNTS, passwd, acl)
-    assert passwd.read_text() == render_password_file(ACCOUNTS)
-    assert acl.read_text() == render_acl_file(ACCOUNTS)
+    files = write_broker_files(ACCOUNTS, tmp_path)
+    assert files.devices_passwd == passwd and files.services_acl == tmp_path / SERVICE_ACL
+    for name, text in render_files(ACCOUNTS).items():
+        assert (tmp_path / name).read_text() == text
     assert passwd.stat().st_ino != before, "replaced by rename, never rewritten in place"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["acl", "passwd"], "no temp file left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FOUR), "no temp file left behind"
     broker_group = {g.gr_name: g.gr_gid for g in grp.getgrall()}.get("mosquitto")
-    for path in (passwd, acl):
+    for path in (tmp_path / name for name in FOUR):
         info = path.stat()
         assert stat.S_IMODE(info.st_mode) == FILE_MODE == 0o640, "readable by owner and group, nobody else"
         if os.geteuid() == 0 and broker_group is not None:
@@ -127,7 +148,7 @@ def test_write_broker_files_replaces_atomically_with_a_broker_readable_mode(tmp_
 
 def test_write_into_a_missing_folder_is_a_registry_error(tmp_path: Path) -> None:
     with pytest.raises(BrokerSyncError, match="cannot write") as caught:
-        write_broker_files(ACCOUNTS, tmp_path / "nowhere" / "passwd", tmp_path / "acl")
+        write_broker_files(ACCOUNTS, tmp_path / "nowhere")
     assert isinstance(caught.value, RegistryError) and isinstance(caught.value.__cause__, OSError)
 
 
@@ -166,8 +187,8 @@ def registry_at(tmp_path: Path) -> Registry:
 
 def test_broker_sync_follows_the_registry(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     registry = registry_at(tmp_path)
-    passwd, acl = tmp_path / "passwd", tmp_path / "acl"
-    sync = BrokerSync(registry, passwd, acl)  # no pid file: files only
+    passwd, acl, services = tmp_path / DEVICE_PASSWD, tmp_path / DEVICE_ACL, tmp_path / SERVICE_PASSWD
+    sync = BrokerSync(registry, tmp_path)  # no pid file: files only
     registry.on_credentials_changed = sync
     registry.create_clinic(SYSTEM, s.ClinicIn(code="north", name="North", timezone="Europe/Berlin"))
     hub = registry.create_gateway(SYSTEM, s.GatewayIn(gateway_id="hub-1", clinic="north"))
@@ -176,19 +197,24 @@ def test_broker_sync_follows_the_registry(tmp_path: Path, caplog: pytest.LogCapt
     registry.create_service_account(SYSTEM, "svc.ingest")
     assert sync.syncs == 3
     lines = dict(line.split(":", 1) for line in passwd.read_text().splitlines())
-    assert set(lines) == {"hub-1", "sock-a", "svc.ingest"}
+    assert set(lines) == {"hub-1", "sock-a"}
+    assert [line.split(":", 1)[0] for line in services.read_text().splitlines()] == ["svc.ingest"]
     assert mosquitto_verify(hub.password, lines["hub-1"]) and mosquitto_verify(sock.password, lines["sock-a"])
-    assert block(acl.read_text(), "hub-1") == ["topic write garments/v1/sock-a/#"]
+    assert block(acl.read_text(), "hub-1") == ["topic write fleet/garments/v1/hub-1/status", *writes("sock-a")]
+    assert block(acl.read_text(), "sock-a") == writes("sock-a")
+    assert sock.may_publish == ["garments/v1/sock-a/telemetry", "garments/v1/sock-a/event", "garments/v1/sock-a/status"]
+    assert hub.may_publish == ["garments/v1/hub-1/status"]
 
     registry.revoke(SYSTEM, "device", "sock-a")
     assert sync.syncs == 4
     assert "sock-a" not in passwd.read_text()
-    assert block(acl.read_text(), "hub-1") == [], "a revoked garment is no longer relayed"
+    assert block(acl.read_text(), "hub-1") == ["topic write fleet/garments/v1/hub-1/status"], "no longer relayed"
+    assert "user sock-a" not in acl.read_text()
 
     # A name the files cannot hold never gets into the registry; the renderers guard the files anyway (above).
     with pytest.raises(InvalidError, match="service account names"):
         registry.create_service_account(SYSTEM, "ingest team")
-    assert sync.syncs == 4 and "ingest team" not in passwd.read_text()
+    assert sync.syncs == 4 and "ingest team" not in services.read_text()
     with caplog.at_level(logging.INFO, logger="devices.registry.broker"):
         sync()
     assert sync.syncs == 5 and "sync #5" in caplog.text
@@ -196,8 +222,7 @@ def test_broker_sync_follows_the_registry(tmp_path: Path, caplog: pytest.LogCapt
 
 def test_broker_sync_failure_says_the_change_is_saved(tmp_path: Path) -> None:
     registry = registry_at(tmp_path)
-    registry.on_credentials_changed = BrokerSync(registry, tmp_path / "passwd", tmp_path / "acl",
-                                                 tmp_path / "missing.pid")  # fmt: skip
+    registry.on_credentials_changed = BrokerSync(registry, tmp_path, tmp_path / "missing.pid")
     registry.create_clinic(SYSTEM, s.ClinicIn(code="north", name="North", timezone="Europe/Berlin"))
     with pytest.raises(BrokerSyncError, match="saved the change") as caught:
         registry.create_gateway(SYSTEM, s.GatewayIn(gateway_id="hub-1", clinic="north"))

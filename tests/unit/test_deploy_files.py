@@ -27,6 +27,9 @@ import pytest
 from pydantic import TypeAdapter
 
 from compression.localservers import mosquitto_config
+from devices.protocol import DEVICE_ID_PATTERN
+from devices.registry import brokerconf
+from devices.registry.broker import device_block
 from devices.registry.settings import RegistrySettings
 from ingest.settings import IngestSettings
 from monitor.settings import MonitorSettings
@@ -37,7 +40,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 MOSQUITTO_DIR = ROOT / "deploy" / "mosquitto"
 MOSQUITTO_CONF = MOSQUITTO_DIR / "mosquitto.conf"
-ACL_FILE = MOSQUITTO_DIR / "acl"
+SERVICES_ACL = MOSQUITTO_DIR / "services.acl"
 MAKE_PASSWD = MOSQUITTO_DIR / "make-passwd.sh"
 
 FIELDS = IngestSettings.model_fields
@@ -300,8 +303,8 @@ def test_compose_volumes_are_declared_and_shared_as_designed(compose: dict[str, 
     assert mounts["registry"]["broker-accounts"] == "/var/lib/compression/broker"
     assert "broker-accounts:/registry:ro" in services["mosquitto"]["volumes"]
     registry_env = services["registry"]["environment"]
-    assert registry_env["COMPRESSION_REGISTRY_BROKER_PASSWORD_FILE"] == "/var/lib/compression/broker/passwd"
-    assert registry_env["COMPRESSION_REGISTRY_BROKER_ACL_FILE"] == "/var/lib/compression/broker/acl"
+    assert registry_env["COMPRESSION_REGISTRY_BROKER_DIR"] == "/var/lib/compression/broker"
+    assert services["registry-seed"]["environment"]["COMPRESSION_REGISTRY_BROKER_DIR"] == "/var/lib/compression/broker"
     assert "COMPRESSION_REGISTRY_BROKER_PID_FILE" not in registry_env, "no signal crosses containers"
     # The registry's SQLite database: read by the ingester and the monitor, read-write (WAL needs its -shm file).
     database = "sqlite:////var/lib/compression/registry/registry.db"
@@ -398,7 +401,20 @@ def test_compose_gives_every_setting_to_the_ingester(compose: dict[str, Any]) ->
     assert sorted(set(SETTING_VARS) - set(environment)) == [], "settings that never reach the ingest container"
     assert sorted(k for k in environment if k not in SETTING_VARS) == []
     assert f"//{INGEST_ACCOUNT}:" in environment["COMPRESSION_MQTT_URL"]
+    # The services' listener, with the ingester's default topic root (the garments' topics under the mount point).
+    assert environment["COMPRESSION_MQTT_URL"].endswith(f"@mosquitto:{brokerconf.SERVICE_PORT}")
+    assert FIELDS["mqtt_topic_root"].default == "fleet/garments/v1" and not environment["COMPRESSION_MQTT_TOPIC_ROOT"]
     assert str(environment["COMPRESSION_METRICS_HOST"]) == "0.0.0.0"
+
+
+def test_compose_keeps_the_services_listener_inside_and_devices_on_theirs(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    published = [str(spec).rsplit(":", 1)[-1] for spec in services["mosquitto"]["ports"]]
+    assert published == [str(brokerconf.DEVICE_PORT), str(brokerconf.DEVICE_TLS_PORT)], "1884 must stay inside"
+    assert f"-p {brokerconf.SERVICE_PORT} -u svc.healthcheck" in services["mosquitto"]["healthcheck"]["test"][1]
+    for job in ("registry-seed", "simulator"):
+        command = " ".join(str(part) for part in services[job]["command"])
+        assert f"mqtt://mosquitto:{brokerconf.DEVICE_PORT}" in command, f"{job} logs in as gateways: device listener"
 
 
 def test_compose_variables_are_all_documented() -> None:
@@ -453,6 +469,27 @@ def duration_s(value: str) -> int:
     return int(value[:-1]) * units[value[-1]]
 
 
+def test_mosquitto_conf_is_the_renderers_output() -> None:
+    # deploy/mosquitto/mosquitto.conf and services.acl are generated: `compression devices broker-config`.
+    assert brokerconf.stale(MOSQUITTO_DIR) == [], "run: compression devices broker-config"
+    assert MOSQUITTO_CONF.read_text(encoding="utf-8") == brokerconf.render(brokerconf.deployed())
+
+
+def listeners(text: str) -> dict[str, dict[str, list[str]]]:
+    """Listener port -> its options (the lines after its ``listener`` line, up to the next one)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, _, value = line.strip().partition(" ")
+        if key == "listener":
+            current = out.setdefault(value, {})
+        elif current is not None:
+            current.setdefault(key, []).append(value)
+    return out
+
+
 def test_mosquitto_conf_keeps_what_it_acknowledged() -> None:
     options = mosquitto_options(MOSQUITTO_CONF.read_text(encoding="utf-8"))
     (queued,) = options["max_queued_messages"]
@@ -463,21 +500,34 @@ def test_mosquitto_conf_keeps_what_it_acknowledged() -> None:
     assert 0 < int(autosave) < 60, "a killed broker loses what arrived since the last save"
     assert options["persistence"] == ["true"]
     assert options["persistence_location"] == ["/mosquitto/data/"]
-    assert options["allow_anonymous"] == ["false"]
-    assert options["password_file"] == ["/mosquitto/config/passwd"]
-    assert options["acl_file"] == ["/mosquitto/config/acl"]
     (inflight,) = options["max_inflight_messages"]
     assert int(inflight) >= FIELDS["inflight_max"].default, "the 3.1.1 window must cover the ingester's"
     (expiration,) = options["persistent_client_expiration"]
     assert duration_s(expiration) > FIELDS["mqtt_session_expiry_s"].default
     assert options["log_dest"] == ["stdout"]
-    # Plain MQTT inside the compose network, TLS for garments outside (certificates by make-certs.sh).
-    assert options["listener"] == ["1883", "8883"]
-    assert options["cafile"] == ["/mosquitto/config/certs/ca.crt"]
-    assert options["certfile"] == ["/mosquitto/config/certs/server.crt"]
-    assert options["keyfile"] == ["/mosquitto/config/certs/server.key"]
-    assert options["tls_version"] == ["tlsv1.2"]
-    assert options["per_listener_settings"] == ["false"], "both listeners must enforce the same accounts and ACL"
+    assert options["listener"] == ["1883", "8883", "1884"]
+    assert options["per_listener_settings"] == ["true"], "each listener has its own accounts and ACL"
+
+
+def test_mosquitto_conf_ties_devices_to_their_ids_and_keeps_them_off_the_services_listener() -> None:
+    by_port = listeners(MOSQUITTO_CONF.read_text(encoding="utf-8"))
+    for port in ("1883", "8883"):  # garments and gateways, plain and TLS
+        device = by_port[port]
+        assert device["use_username_as_clientid"] == ["true"], "a device could take over another's session"
+        assert device["mount_point"] == ["fleet/"], "a device could join a shared subscription"
+        assert device["allow_anonymous"] == ["false"]
+        assert device["password_file"] == ["/mosquitto/config/devices.passwd"]
+        assert device["acl_file"] == ["/mosquitto/config/devices.acl"]
+    tls = by_port["8883"]
+    assert tls["cafile"] == ["/mosquitto/config/certs/ca.crt"]
+    assert tls["certfile"] == ["/mosquitto/config/certs/server.crt"]
+    assert tls["keyfile"] == ["/mosquitto/config/certs/server.key"]
+    assert tls["tls_version"] == ["tlsv1.2"]
+    service = by_port["1884"]
+    assert "mount_point" not in service, "the services need $share and the full topics"
+    assert service["allow_anonymous"] == ["false"]
+    assert service["password_file"] == ["/mosquitto/config/services.passwd"]
+    assert service["acl_file"] == ["/mosquitto/config/services.acl"]
 
 
 def test_mosquitto_conf_explains_every_line() -> None:
@@ -490,15 +540,26 @@ def test_mosquitto_conf_explains_every_line() -> None:
     assert lines.index("listener 1883") < tls < lines.index("cafile /mosquitto/config/certs/ca.crt")
 
 
-def test_local_broker_runs_the_deployed_queue_limits(tmp_path: Path) -> None:
+def test_local_brokers_run_the_deployed_settings(tmp_path: Path) -> None:
     deployed = mosquitto_options(MOSQUITTO_CONF.read_text(encoding="utf-8"))
-    local = mosquitto_options(mosquitto_config(tmp_path, 1883))
-    for key in ("max_queued_messages", "max_inflight_messages", "persistence"):
-        assert local[key] == deployed[key], key
+    local_open = mosquitto_options(mosquitto_config(tmp_path, 1883))
+    local_platform = brokerconf.render(brokerconf.local_platform(tmp_path, 1883, 1884))
+    for local in (local_open, mosquitto_options(local_platform)):
+        for key in ("max_queued_messages", "max_inflight_messages", "persistence", "max_packet_size",
+                    "per_listener_settings", "persistent_client_expiration"):  # fmt: skip
+            assert local[key] == deployed[key], key
+    # The platform's local broker: the deployed listeners' security settings, on loopback ports.
+    local_listeners = list(listeners(local_platform).values())
+    deployed_listeners = listeners(MOSQUITTO_CONF.read_text(encoding="utf-8"))
+    for local, port in zip(local_listeners, ("1883", "1884"), strict=True):
+        for key in ("mount_point", "use_username_as_clientid", "allow_anonymous"):
+            assert local.get(key) == deployed_listeners[port].get(key), (port, key)
+        for key in ("password_file", "acl_file"):
+            assert Path(local[key][0]).name == Path(deployed_listeners[port][key][0]).name, (port, key)
 
 
-def test_acl_lets_the_ingester_read_and_each_garment_write_only_its_own_topics() -> None:
-    lines = [line.strip() for line in ACL_FILE.read_text(encoding="utf-8").splitlines()]
+def test_static_services_acl_lets_the_ingester_read_and_nobody_write() -> None:
+    lines = [line.strip() for line in SERVICES_ACL.read_text(encoding="utf-8").splitlines()]
     rules = [line for line in lines if line and not line.startswith("#")]
     assert rules[0].startswith("user "), "rules before the first user line would apply to anonymous clients"
     start = rules.index(f"user {INGEST_ACCOUNT}")
@@ -506,12 +567,11 @@ def test_acl_lets_the_ingester_read_and_each_garment_write_only_its_own_topics()
     root = FIELDS["mqtt_topic_root"].default
     ingester = set(rules[start + 1 : end])
     assert ingester == {f"topic read {root}/+/{channel}" for channel in ("telemetry", "event", "status")}
-    patterns = [rule for rule in rules if rule.startswith("pattern ")]
-    assert patterns == [f"pattern write {root}/%u/#"]
-    device_id = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{2,63}")
+    assert not [rule for rule in rules if rule.startswith(("pattern ", "topic write", "topic readwrite"))]
+    device_id = re.compile(DEVICE_ID_PATTERN)
     for rule in rules:
         if rule.startswith("user "):
-            assert not device_id.fullmatch(rule.split()[1]), f"{rule}: a service account must not look like a device"
+            assert not device_id.search(rule.split()[1]), f"{rule}: a service account must not look like a device"
 
 
 def test_make_passwd_writes_the_accounts_and_refuses_bad_input(tmp_path: Path) -> None:
@@ -527,11 +587,16 @@ def test_make_passwd_writes_the_accounts_and_refuses_bad_input(tmp_path: Path) -
     done = run(MQTT_INGEST_PASSWORD="pw-1", MQTT_DEMO_DEVICE_ID="sock-0001", MQTT_DEMO_DEVICE_PASSWORD="x y")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("started"), "the command after the options was not run"
-    users = {line.split(":", 1)[0] for line in (config / "static.passwd").read_text().splitlines()}
-    assert users == {INGEST_ACCOUNT, "svc.healthcheck", "sock-0001"}
-    assert (config / "static.acl").read_text() == ACL_FILE.read_text()
+    services = {line.split(":", 1)[0] for line in (config / "static-services.passwd").read_text().splitlines()}
+    assert services == {INGEST_ACCOUNT, "svc.healthcheck"}
+    devices = {line.split(":", 1)[0] for line in (config / "static-devices.passwd").read_text().splitlines()}
+    assert devices == {"sock-0001"}, "the demo garment logs in on the device listeners only"
+    assert (config / "static-services.acl").read_text() == SERVICES_ACL.read_text()
+    # The demo garment's ACL block is the one the registry writes for a garment.
+    assert (config / "static-devices.acl").read_text().splitlines()[1:] == device_block("sock-0001")
     assert re.fullmatch(r"[0-9a-f]{48}\n", (config / "healthcheck-password").read_text())
-    for path in ("static.passwd", "static.acl", "healthcheck-password"):
+    for path in ("static-services.passwd", "static-services.acl", "static-devices.passwd", "static-devices.acl",
+                 "healthcheck-password"):  # fmt: skip
         assert (config / path).stat().st_mode & 0o077 == 0, f"{path} is readable by others"
 
     for bad in (

@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from devices.protocol import CHANNELS
 from devices.registry import schemas as s
 from devices.registry.api import API_PREFIX, create_app
 from devices.registry.db import make_engine, migrate, session_factory
@@ -505,7 +506,7 @@ def world_text(w: World, path: str, params: dict[str, Any] | None) -> str:
 
 def test_create_gateway_credentials_shown_once(world: World) -> None:
     creds = world.ok("POST", "/gateways", json={"gateway_id": "GW-A-02", "clinic": A, "description": "hub"}, status=201)
-    assert creds["username"] == "GW-A-02" and creds["may_publish"] == ["garments/v1/GW-A-02/#"]
+    assert creds["username"] == "GW-A-02" and creds["may_publish"] == ["garments/v1/GW-A-02/status"]
     assert len(creds["password"]) >= 32
     assert world.ok("GET", "/gateways/GW-A-02") == {"gateway_id": "GW-A-02", "clinic": A, "description": "hub",
                                                     "revoked": False, "devices": []}  # fmt: skip
@@ -556,7 +557,7 @@ def test_revoke_and_rotate_gateway(world: World) -> None:
 def test_create_device(world: World) -> None:
     sock = world.ok("POST", "/devices", json={"device_id": "SOCK-A-02", "clinic": A, "kind": "sock",
                                               "firmware": "1.2.0", "serial": "SN9"}, status=201)  # fmt: skip
-    assert sock["username"] == "SOCK-A-02" and sock["may_publish"] == ["garments/v1/SOCK-A-02/#"]
+    assert sock["username"] == "SOCK-A-02" and sock["may_publish"] == [f"garments/v1/SOCK-A-02/{c}" for c in CHANNELS]
     assert world.ok("GET", "/devices/SOCK-A-02") == {
         "device_id": "SOCK-A-02", "clinic": A, "kind": "sock", "zones": ["ankle", "calf"], "firmware": "1.2.0",
         "serial": "SN9", "gateway": None, "revoked": False, "patient": None}  # fmt: skip
@@ -645,7 +646,8 @@ def test_rotate_device_credentials(world: World) -> None:
     world.refused("POST", "/devices/SOCK-X-99/credentials", "admin", 404)
     before = world.dump()["devices"]
     creds = world.ok("POST", f"/devices/{SOCK_A}/credentials")
-    assert creds == {"username": SOCK_A, "password": creds["password"], "may_publish": [f"garments/v1/{SOCK_A}/#"]}
+    own = [f"garments/v1/{SOCK_A}/{c}" for c in CHANNELS]
+    assert creds == {"username": SOCK_A, "password": creds["password"], "may_publish": own}
     assert creds["password"] != world.passwords[SOCK_A]
     assert world.dump()["devices"] != before
     _assert_secret_never_shown(world, creds["password"])

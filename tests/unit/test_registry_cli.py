@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from compression.cli import cli
+from devices.protocol import CHANNELS
 from devices.registry.cli import devices
 from devices.registry.csvimport import KINDS
 from devices.registry.db import make_engine, session_factory
@@ -169,7 +170,7 @@ def test_gateways_and_devices_print_credentials_once(clinic: Run, registry: Regi
 
     creds = as_json(run("device", "add", "boot-0001", "--clinic", "bowvalley", "--kind", "boot", "--gateway",
                         "gw-0001", "--zones", "foot,calf", "--json"))  # fmt: skip
-    assert creds["username"] == "boot-0001" and creds["may_publish"] == ["garments/v1/boot-0001/#"]
+    assert creds["username"] == "boot-0001" and creds["may_publish"] == [f"garments/v1/boot-0001/{c}" for c in CHANNELS]
     assert mosquitto_verify(creds["password"], dict(registry.broker_accounts().devices)["boot-0001"])
     assert as_json(run("gateway", "list", "--json"))[0]["devices"] == ["boot-0001"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+from pydantic import ValidationError
 
 from compression.cli import cli, load_settings
 from ingest.settings import IngestSettings, SettingsError, parse_mqtt_url, redact_url
@@ -43,3 +44,14 @@ def test_help_documents_every_setting() -> None:
     for name in IngestSettings.model_fields:
         assert "--" + name.replace("_", "-") in result.output
         assert f"COMPRESSION_{name.upper()}" in result.output.replace("\n", "").replace(" ", "")
+
+
+def test_the_ingesters_client_id_can_never_be_a_device_id() -> None:
+    # Client ids are global to the broker, and a device's is its device id: one that could be a device id could be
+    # taken over by a garment registered under that name (issue 10, finding 1).
+    default = IngestSettings()
+    assert default.mqtt_client_id == "compression.ingest" and default.mqtt_topic_root == "fleet/garments/v1"
+    for taken in ("compression-ingest", "ingest-1", "sock-0001"):
+        with pytest.raises(ValidationError, match="could be a device id"):
+            IngestSettings(mqtt_client_id=taken)
+    assert IngestSettings(mqtt_client_id="ingest.replica-2").mqtt_client_id == "ingest.replica-2"
