@@ -6,6 +6,7 @@ service checks what needs the database (unknown ids, overlaps, contraindications
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -25,8 +26,17 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 Email = Annotated[str, StringConstraints(pattern=rf"^{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+$", max_length=254)]
 # Display text: no control, line/paragraph separator or bidi override characters (they end up in e-mail headers).
-_DISPLAY_TEXT = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]+$"
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=_DISPLAY_TEXT)]
+_NOT_DISPLAY_TEXT = re.compile("[\x01-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _display_text(value: str) -> str:
+    if _NOT_DISPLAY_TEXT.search(value):
+        raise ValueError("may not contain line breaks, tabs or other control characters, or direction overrides")
+    return value  # NUL is refused for every text by _Model
+
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+                 AfterValidator(_display_text)]  # fmt: skip
 GarmentKind = Literal["sock", "boot"]
 Role = Literal["admin", "physio", "ingester"]
 ZoneName = Literal["foot", "ankle", "calf", "knee", "thigh"]

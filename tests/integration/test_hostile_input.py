@@ -35,7 +35,7 @@ DAY_MS = 86_400_000
 
 def fresh_names(tag: str) -> Names:
     token = uuid.uuid4().hex[:8]
-    return Names(f"t_{tag}_{token}", f"{tag}-{token}/garments/v1", f"ingest-{tag}-{token}", f"{tag}{token[:4]}")
+    return Names(f"t_{tag}_{token}", f"{tag}-{token}/garments/v1", f"ingest.{tag}-{token}", f"{tag}{token[:4]}")
 
 
 def now_ms() -> int:

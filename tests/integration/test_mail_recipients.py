@@ -7,8 +7,8 @@ daily digest:
 - Ann's display name carries an address: ``Eve <attacker@evil.example>, Ann``;
 - Bob's display name carries a CR/LF and a header: ``Bob\\r\\nBcc: attacker@evil.example`` (written straight into
   the registry's table, like an old row its checks never saw);
-- Cat's e-mail address itself smuggles a second address: ``cat,attacker@evil.example`` (the registry's pattern lets
-  it through: one ``@``, no space).
+- Cat's e-mail address itself smuggles a second address: ``cat,attacker@evil.example`` (the registry refuses it
+  today; written straight into its table too, like a row from before that check).
 
 The attacker's address receives nothing, in no envelope and in no header; Ann and Bob receive their urgent e-mail
 and their digest; Cat's record is refused where it enters the monitor and shows as a registry problem (counted,
@@ -53,6 +53,8 @@ pytestmark = pytest.mark.integration
 
 ATTACKER = "attacker@evil.example"
 ANN, BOB, CAT = "ann@bow.example", "bob@bow.example", "cat,attacker@evil.example"
+# What the registry's checks let in; the rows are then changed behind their back (build()).
+ADMITTED = {CAT: "cat@bow.example"}
 NAMES = {ANN: f"Eve <{ATTACKER}>, Ann", BOB: f"Bob\r\nBcc: {ATTACKER}", CAT: "Cat"}
 PATIENTS = {"P-ANN": ANN, "P-BOB": BOB, "P-CAT": CAT}
 
@@ -64,12 +66,12 @@ def build(path: Path, timezone: str) -> str:
     reg = Registry(session_factory(engine))
     reg.create_clinic(SYSTEM, s.ClinicIn(code="bow", name="Bow Valley", timezone=timezone))
     for email in NAMES:
-        reg.create_physio(SYSTEM, s.PhysioIn(clinic="bow", name="placeholder", email=email))
+        reg.create_physio(SYSTEM, s.PhysioIn(clinic="bow", name="placeholder", email=ADMITTED.get(email, email)))
     since = datetime.now(UTC) - timedelta(days=40)
     today = datetime.now(UTC).astimezone(ZoneInfo(timezone)).date()
     for code, physio in PATIENTS.items():
         device = "dev-" + code.lower()
-        reg.create_patient(SYSTEM, s.PatientIn(clinic="bow", code=code, physio=physio))
+        reg.create_patient(SYSTEM, s.PatientIn(clinic="bow", code=code, physio=ADMITTED.get(physio, physio)))
         reg.create_device(SYSTEM, s.DeviceIn(device_id=device, clinic="bow", kind="boot"))
         reg.assign(SYSTEM, s.AssignmentIn(device_id=device, patient=code, valid_from=since))
         reg.prescribe(SYSTEM, s.PrescriptionIn(patient=code, garment_kind="boot", valid_from=today - timedelta(days=30),
@@ -78,6 +80,8 @@ def build(path: Path, timezone: str) -> str:
     engine.dispose()
     # The names as a registry user (or an old row) left them, whatever the registry's checks say today.
     with contextlib.closing(sqlite3.connect(path)) as db, db:
+        for hostile, admitted in ADMITTED.items():
+            db.execute("UPDATE physios SET email = ? WHERE email = ?", (hostile, admitted))
         for email, name in NAMES.items():
             db.execute("UPDATE physios SET name = ? WHERE email = ?", (name, email))
     return url
