@@ -30,7 +30,7 @@ from devices.registry.db import make_engine, migrate, session_factory
 from devices.registry.errors import ForbiddenError, RegistryError, ThrottledError
 from devices.registry.guards import BearerFirst, SecurityHeaders
 from devices.registry.logins import LoginGuard
-from devices.registry.service import UNKNOWN_ADDRESS, Actor, Registry
+from devices.registry.service import BOOTSTRAP_INGESTER_TOKEN_NAME, UNKNOWN_ADDRESS, Actor, Registry
 from devices.registry.settings import RegistrySettings
 
 API_PREFIX = "/api/v1"
@@ -417,6 +417,8 @@ def app_from_settings(settings: RegistrySettings | None = None) -> FastAPI:
     registry = Registry(session_factory(engine))
     if settings.bootstrap_admin_token:
         registry.ensure_admin_token(settings.bootstrap_admin_token)
+    if settings.bootstrap_ingester_token:
+        registry.ensure_token(settings.bootstrap_ingester_token, "ingester", BOOTSTRAP_INGESTER_TOKEN_NAME)
     _wire_broker(registry, settings)
     return create_app(registry, settings)
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -59,6 +59,7 @@ from devices.registry.secrets import (
 SERVICE_ACCOUNT_RULE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{2,63}")
 SESSION_HOURS: Final = 12
 BOOTSTRAP_TOKEN_NAME: Final = "bootstrap-admin"
+BOOTSTRAP_INGESTER_TOKEN_NAME: Final = "bootstrap-ingester"
 WEB_SESSION: Final = "web-session"  # the name of every web session's token row
 ANONYMOUS: Final = "anonymous"
 UNKNOWN_ADDRESS: Final = "unknown"
@@ -760,18 +761,22 @@ class Registry:
         return self.create_token(SYSTEM, s.TokenIn(name=name, role="admin")).token or ""
 
     def ensure_admin_token(self, token: str, name: str = BOOTSTRAP_TOKEN_NAME) -> None:
-        """Make ``token`` the bootstrap admin token (automated set-ups: compose, the demo).
+        """Make ``token`` the bootstrap admin token (automated set-ups: compose, the demo); see :meth:`ensure_token`."""
+        self.ensure_token(token, "admin", name)
 
-        It replaces the previous one: every other live admin token named ``name``
-        is revoked, so changing the environment's token retires the old value.
+    def ensure_token(self, token: str, role: Literal["admin", "ingester"], name: str) -> None:
+        """Make ``token`` the bootstrap token ``name`` of ``role`` (set by the environment in automated set-ups).
+
+        It replaces the previous one: every other live token of that name and
+        role is revoked, so changing the environment's token retires the old value.
         """
         problem = token_problem(token)
         if problem is not None:
-            raise InvalidError(f"the bootstrap admin token {problem}; {TOKEN_ADVICE}")
+            raise InvalidError(f"the bootstrap {role} token {problem}; {TOKEN_ADVICE}")
         digest = token_hash(token)
         with self._factory() as session, session.begin():
             live = session.scalars(select(ApiToken).where(
-                ApiToken.name == name, ApiToken.role == "admin", ApiToken.physio_id.is_(None),
+                ApiToken.name == name, ApiToken.role == role, ApiToken.physio_id.is_(None),
                 ApiToken.revoked_at.is_(None))).all()  # fmt: skip
             for old in live:
                 if old.token_hash != digest:
@@ -780,9 +785,9 @@ class Registry:
             if any(old.token_hash == digest for old in live):
                 return
             if session.scalars(select(ApiToken).where(ApiToken.token_hash == digest)).first() is not None:
-                raise ConflictError("the bootstrap admin token is already in use as another (or a revoked) token")
-            session.add(ApiToken(name=name, role="admin", token_hash=digest))
-            self._audit(session, SYSTEM, "create", "token", name, {"role": "admin", "bootstrap": True})
+                raise ConflictError(f"the bootstrap {role} token is already in use as another (or a revoked) token")
+            session.add(ApiToken(name=name, role=role, token_hash=digest))
+            self._audit(session, SYSTEM, "create", "token", name, {"role": role, "bootstrap": True})
 
     def authenticate(self, token: str) -> Actor:
         """The actor a token (API token or web session) stands for; :class:`ForbiddenError` when it is not valid."""

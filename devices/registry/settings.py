@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from devices.registry.db import DEFAULT_URL
@@ -43,6 +43,10 @@ class RegistrySettings(BaseSettings):
         default=None,
         description="If set, this token is the bootstrap admin token (automated set-ups): at start-up it replaces the previous bootstrap token, which stops working. At least 32 random bytes (openssl rand -hex 32); placeholders and short or patterned values are refused at start.",
     )
+    bootstrap_ingester_token: str | None = Field(
+        default=None,
+        description="If set, this token is the bootstrap ingester token: it may read only the enrichment snapshot (patient codes and clinics, never names or notes), which is all the ingester needs (COMPRESSION_REGISTRY_TOKEN of the ingester). At start-up it replaces the previous bootstrap ingester token. At least 32 random bytes (openssl rand -hex 32).",
+    )
     public_url: str = Field(
         default="http://127.0.0.1:8070",
         description="Base URL people use to reach the registry's web page (used in links). With https:// the session cookie is always Secure and HSTS is sent, whatever the hop from the TLS proxy.",
@@ -72,12 +76,12 @@ class RegistrySettings(BaseSettings):
         description="Longest lock after wrong passwords, in seconds.",
     )
 
-    @field_validator("bootstrap_admin_token")
+    @field_validator("bootstrap_admin_token", "bootstrap_ingester_token")
     @classmethod
-    def _random_enough(cls, token: str | None) -> str | None:
+    def _random_enough(cls, token: str | None, info: ValidationInfo) -> str | None:
         problem = token_problem(token) if token else None
         if problem is not None:
-            raise ValueError(f"COMPRESSION_REGISTRY_BOOTSTRAP_ADMIN_TOKEN {problem}; {TOKEN_ADVICE}")
+            raise ValueError(f"COMPRESSION_REGISTRY_{str(info.field_name).upper()} {problem}; {TOKEN_ADVICE}")
         return token
 
     @property

@@ -59,6 +59,7 @@ REQUIRED_SECRETS = (
     "INFLUXDB_GRAFANA_PASSWORD",
     "GRAFANA_ADMIN_PASSWORD",
     "REGISTRY_ADMIN_TOKEN",
+    "REGISTRY_INGEST_TOKEN",
 )
 INGEST_ACCOUNT = "svc.ingest"
 # The long-running services (health check, restart unless-stopped) and the demo profile's jobs.
@@ -306,13 +307,18 @@ def test_compose_volumes_are_declared_and_shared_as_designed(compose: dict[str, 
     assert registry_env["COMPRESSION_REGISTRY_BROKER_DIR"] == "/var/lib/compression/broker"
     assert services["registry-seed"]["environment"]["COMPRESSION_REGISTRY_BROKER_DIR"] == "/var/lib/compression/broker"
     assert "COMPRESSION_REGISTRY_BROKER_PID_FILE" not in registry_env, "no signal crosses containers"
-    # The registry's SQLite database: read by the ingester and the monitor, read-write (WAL needs its -shm file).
+    # The registry's SQLite database: read by the monitor, read-write (WAL needs its -shm file). The ingester never
+    # sees it (names, clinical notes): it reads the enrichment snapshot over the API with the ingester token.
     database = "sqlite:////var/lib/compression/registry/registry.db"
     assert registry_env["COMPRESSION_REGISTRY_DATABASE_URL"] == database
-    assert services["ingest"]["environment"]["COMPRESSION_REGISTRY_URL"] == database
+    ingest_env = services["ingest"]["environment"]
+    assert ingest_env["COMPRESSION_REGISTRY_URL"] == "http://registry:8070"
+    assert ingest_env["COMPRESSION_REGISTRY_TOKEN"].startswith("${REGISTRY_INGEST_TOKEN:?")
+    assert registry_env["COMPRESSION_REGISTRY_BOOTSTRAP_INGESTER_TOKEN"].startswith("${REGISTRY_INGEST_TOKEN:?")
     assert services["monitor"]["environment"]["COMPRESSION_MONITOR_REGISTRY_DATABASE_URL"] == database
-    for name in ("registry", "ingest", "monitor", "registry-seed"):
+    for name in ("registry", "monitor", "registry-seed"):
         assert "registry-data:/var/lib/compression/registry" in services[name]["volumes"], name
+    assert not any("registry-data" in str(spec) for spec in services["ingest"]["volumes"])
     # Grafana: provisioning and dashboards at the paths the provisioning files name.
     grafana = services["grafana"]["volumes"]
     assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana

@@ -358,3 +358,29 @@ def test_a_physio_record_cannot_carry_a_second_recipient_or_a_header(world: Worl
 def test_plain_names_and_addresses_stay_accepted(world: World) -> None:
     body = {"clinic": A, "name": "Zoë Ünal-O'Brien", "email": "zoe.unal+physio@clinic-a.example.org"}
     assert world.ok("POST", "/physios", json=body, status=201)
+
+
+def test_the_bootstrap_ingester_token_reads_the_snapshot_only_and_a_new_one_replaces_it(tmp_path: Path) -> None:
+    """Compose's ingester reads the registry over the API with REGISTRY_INGEST_TOKEN, not its database file."""
+    from fastapi.testclient import TestClient
+
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+
+    def settings(ingester: str) -> RegistrySettings:
+        return RegistrySettings(database_url=url, bootstrap_admin_token=NEW_TOKEN, bootstrap_ingester_token=ingester)
+
+    with TestClient(app_from_settings(settings(OLD_TOKEN))) as first:
+        as_ingester = {"Authorization": f"Bearer {OLD_TOKEN}"}
+        assert first.get("/api/v1/enrichment/snapshot", headers=as_ingester).status_code == 200
+        assert first.get("/api/v1/patients", headers=as_ingester).status_code == 403
+    rotated = "Zr8mW2xK5pQ9tV1bN4cH7jL0sF3gD6yA2eU8iO5uP1w"
+    with TestClient(app_from_settings(settings(rotated))) as second:
+        assert (
+            second.get("/api/v1/enrichment/snapshot", headers={"Authorization": f"Bearer {OLD_TOKEN}"}).status_code
+            == 401
+        )
+        assert (
+            second.get("/api/v1/enrichment/snapshot", headers={"Authorization": f"Bearer {rotated}"}).status_code == 200
+        )
+    with pytest.raises(ValidationError, match="BOOTSTRAP_INGESTER_TOKEN"):
+        RegistrySettings(database_url=url, bootstrap_ingester_token="ingester-token-please")
