@@ -11,12 +11,14 @@ demo: bootstrap
 test: bootstrap
 	.venv/bin/ruff check .
 	.venv/bin/mypy
+	.venv/bin/lint-imports
 	.venv/bin/python -m pytest
 
 lint: bootstrap
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
+	.venv/bin/lint-imports
 
 bench: bootstrap
 	.venv/bin/python bench/ingest_bench.py

@@ -36,6 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from devices.mqtturl import SettingsError, parse_mqtt_url
 from devices.outbox import DEFAULT_MAX_MESSAGES, MemoryOutbox, Outbox, SqliteOutbox
 from devices.protocol import (
     MAX_PAYLOAD_BYTES,
@@ -48,7 +49,6 @@ from devices.protocol import (
     encode,
     topic_for,
 )
-from ingest.settings import SettingsError, parse_mqtt_url
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devices.mqtturl import parse_mqtt_url
 from devices.protocol import Sample, Telemetry, encode, topic_for
-from ingest.settings import parse_mqtt_url
 
 
 @dataclass(frozen=True, slots=True)
