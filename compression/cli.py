@@ -26,7 +26,7 @@ from ingest.settings import IngestSettings, SettingsError
 from monitor.settings import MonitorSettings
 from simulators.publisher import LoadSpec, Publisher, PublishReport, generate, publish_spread
 from simulators.run import RunOptions, RunReport, run_fleet
-from simulators.scenarios import DEFAULT_TZ, SCENARIOS, build_fleet, list_scenarios
+from simulators.scenarios import ALL_SCENARIOS, DEFAULT_TZ, build_fleet, list_scenarios
 from simulators.scenarios import every_scenario as every_scenario_fleet
 
 F = typing.TypeVar("F", bound=Callable[..., Any])
@@ -153,7 +153,7 @@ def _parse_mix(text: str | None) -> dict[str, float] | None:
     mix: dict[str, float] = {}
     for part in text.split(","):
         name, _, weight = part.partition("=")
-        if name.strip() not in SCENARIOS:
+        if name.strip() not in ALL_SCENARIOS:
             raise click.BadParameter(f"unknown scenario {name.strip()!r} (see --list-scenarios)", param_hint="--mix")
         try:
             mix[name.strip()] = float(weight or 1)
@@ -220,7 +220,7 @@ def simulate(list_only: bool, mqtt_url: str, socks: int, boots: int, scenarios: 
     if load:
         _simulate_load(mqtt_url, devices, messages, samples, rate, seed, connections)
         return
-    unknown = [n for n in scenarios if n not in SCENARIOS]
+    unknown = [n for n in scenarios if n not in ALL_SCENARIOS]
     if unknown:
         raise click.BadParameter(f"unknown scenario(s) {unknown} (see --list-scenarios)", param_hint="--scenario")
     end = datetime.now(UTC) + timedelta(hours=live_hours or 0)

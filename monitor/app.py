@@ -51,7 +51,7 @@ from monitor.compliance import (
     safety_flags,
     windowed,
 )
-from monitor.evaluate import Live, MailData, Outcome, evaluate
+from monitor.evaluate import Ending, Live, MailData, Outcome, evaluate
 from monitor.mail import (
     FLAG_TITLE,
     ChartSeries,
@@ -98,9 +98,10 @@ class ChartMailData(MailData):
     """Episode e-mail data with the patient's last 14 days for the chart, from the evaluation's results."""
 
     def __init__(self, results: Mapping[str, Sequence[DayResult]]) -> None:
-        self.results = results
+        super().__init__(results)
 
-    def episode(self, ctx: PatientContext, episode: Episode, kind: str) -> dict[str, Any]:
+    def episode(self, ctx: PatientContext, episode: Episode, kind: str,
+                ending: Ending | None = None) -> dict[str, Any]:  # fmt: skip
         """An :class:`EpisodeMail` as JSON-ready data (composed when it is sent)."""
         zone = ZoneInfo(ctx.timezone)
         start = datetime(episode.start_day.year, episode.start_day.month, episode.start_day.day, tzinfo=zone)
@@ -113,8 +114,41 @@ class ChartMailData(MailData):
             summary=_summary(ctx, episode, self.results.get(ctx.patient, ())),
             chart=chart_series(ctx, self.results.get(ctx.patient, ())),
             thread_key=f"opened:{episode.id}" if kind == "resolved" else None,
+            ended_reason=ending.reason if ending else None,
+            evidence=_evidence(ctx, episode.flag, ending, self.results.get(ctx.patient, ())) if ending else (),
         )  # fmt: skip
         return {"mail": msgspec.to_builtins(mail)}
+
+
+def _evidence(ctx: PatientContext, flag: str, ending: Ending, results: Sequence[DayResult]) -> tuple[str, ...]:
+    """What shows the episode over, in words: the detail of the ending, then each day that showed it gone."""
+    by_day = {r.stats.day: r.stats for r in results}
+    lines = [ending.detail] if ending.detail else []
+    lines += [_day_evidence(ctx, flag, by_day[d]) for d in ending.cleared_by if d in by_day]
+    return tuple(lines)
+
+
+def _day_evidence(ctx: PatientContext, flag: str, s: DayStats) -> str:
+    """One day's figures that bear on ``flag`` (the day showed it gone)."""
+    base = flag.partition(":")[0]
+    if base == "silent":
+        return f"{s.day}: readings received again ({s.points} stored)"
+    if isinstance(ctx.rx, SockRx):
+        worn = f"{s.day}: worn {s.wear_s / 3600:.1f} h"
+        if base == "under_use":
+            return f"{worn} of {ctx.rx.wear_hours_per_day:g} h"
+        if base == "too_tight":
+            return f"{worn}, {s.above_range_s / 60:.0f} min above {ctx.rx.high_mmhg:g} mmHg"
+        if base == "too_loose":
+            return f"{worn}, {s.below_range_s / 60:.0f} min below {ctx.rx.low_mmhg:g} mmHg"
+        if base == "rolled_down":
+            return f"{worn}, {s.reversed_gradient_s / 60:.0f} min with calf above ankle"
+        return f"{worn}, weekly ankle median not below {ctx.rx.low_mmhg:g} mmHg"
+    if isinstance(ctx.rx, BootRx):
+        lengths = ", ".join(f"{d / 60:.0f} min" for d in s.session_durations_s) or "none"
+        peak = f", peak {s.peak_mmhg:.0f} mmHg" if s.peak_mmhg is not None else ""
+        return f"{s.day}: {s.sessions_started} session(s) (lengths {lengths}){peak}"
+    return f"{s.day}: data received"
 
 
 def chart_series(ctx: PatientContext, results: Sequence[DayResult]) -> ChartSeries | None:

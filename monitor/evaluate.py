@@ -19,8 +19,9 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from monitor.episodes import Decision, Run, closed_unrecorded, flags_seen, reconcile, runs
-from monitor.model import LOW_BATTERY, SAFETY, SEVERITY, SILENT, DayResult, PatientContext
+from monitor.compliance import day_flags
+from monitor.episodes import Decision, Mark, Run, closed_unrecorded, flags_seen, reconcile, runs
+from monitor.model import LOW_BATTERY, SAFETY, SEVERITY, SILENT, DayResult, PatientContext, describe_change
 from monitor.state import DayFlags, Episode, State
 
 log = logging.getLogger(__name__)
@@ -88,12 +89,13 @@ def evaluate(
             days = list(results.get(ctx.patient, ()))
             now = live.get(ctx.patient)
             out.day_changes += _store_days(session, ctx, days, new_days)
-            series: list[tuple[date, tuple[str, ...] | None]] = [(r.stats.day, r.flags) for r in days if r.flags]
+            series = [Mark(r.stats.day, r.flags, r.judged) for r in days if r.flags]
             if now is not None:
                 today_flags = now.flags()
                 if hold_silence and today_flags:
                     today_flags = tuple(f for f in today_flags if f != SILENT) or None
-                series.append((now.today, today_flags))
+                # Today is incomplete: what it shows extends a run, what it lacks ends none.
+                series.append(Mark(now.today, today_flags, frozenset(today_flags or ())))
             today = now.today if now else _last_day(days)
             _episodes(session, state, ctx, episodes.get(ctx.patient, []), series, today, resolve_after,
                       bool(hold_silence), out, mail_data)  # fmt: skip
@@ -102,15 +104,65 @@ def evaluate(
     return out
 
 
-class MailData:
-    """Builds the data an episode e-mail is composed from (kept in the outbox row); the app supplies charts."""
+# Why an episode ended (``Episode.note`` starts with one of these; the resolving e-mail says it in words).
+ENDED_BY_DATA = "data"  # days with data showed the flag gone
+ENDED_BY_LATE_DATA = "late_data"  # data that arrived late erased the run
+ENDED_BY_PRESCRIPTION = "prescription"  # the days since are judged against a changed prescription
 
-    def episode(self, ctx: PatientContext, episode: Episode, kind: str) -> dict[str, Any]:
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """Why and on what evidence an episode resolved: the reason and the days that showed it gone."""
+
+    reason: str
+    cleared_by: tuple[date, ...] = ()
+    detail: str = ""
+
+
+class MailData:
+    """Builds the data an episode e-mail is composed from (kept in the outbox row); the app supplies charts.
+
+    ``results`` are the evaluation's days per patient (what shows an episode over is read from them).
+    """
+
+    def __init__(self, results: Mapping[str, Sequence[DayResult]] | None = None) -> None:
+        self.results: Mapping[str, Sequence[DayResult]] = results or {}
+
+    def episode(self, ctx: PatientContext, episode: Episode, kind: str,
+                ending: Ending | None = None) -> dict[str, Any]:  # fmt: skip
         """Everything the e-mail about ``episode`` needs; only the pseudonymous code identifies the patient."""
         return {"kind": kind, "patient": ctx.patient, "clinic": ctx.clinic, "flag": episode.flag,
                 "severity": episode.severity, "start_day": episode.start_day.isoformat(),
                 "end_day": episode.end_day.isoformat() if episode.end_day else None,
-                "physio_name": ctx.physio_name, "physio_email": ctx.physio_email, "note": episode.note}  # fmt: skip
+                "physio_name": ctx.physio_name, "physio_email": ctx.physio_email, "note": episode.note,
+                "reason": ending.reason if ending else None}  # fmt: skip
+
+    def ending(self, ctx: PatientContext, flag: str, run: Run | None) -> Ending:
+        """Why a run that was open has ended: late data erased it, or days with data showed the flag gone."""
+        if run is None:
+            return Ending(ENDED_BY_LATE_DATA, (), "data that arrived late shows the flag did not hold")
+        changed = prescription_ending(ctx, flag, run, self.results.get(ctx.patient, ()))
+        if changed:
+            return Ending(ENDED_BY_PRESCRIPTION, run.cleared_by, changed)
+        return Ending(ENDED_BY_DATA, run.cleared_by)
+
+
+def prescription_ending(ctx: PatientContext, flag: str, run: Run, days: Sequence[DayResult]) -> str:
+    """Why ``run`` ended, when a change of prescription ended it: the days that showed it gone are judged against
+    a newer version, and under the version of its last flagged day they would still carry the flag (the client
+    did not do better). Empty otherwise."""
+    before = ctx.version_on(run.last)
+    stats = {r.stats.day: r.stats for r in days}
+    cleared = [stats[d] for d in run.cleared_by if d in stats]
+    after = [ctx.version_on(d.day) for d in cleared]
+    if before is None or not cleared or all(v is None or v.id == before.id for v in after):
+        return ""
+    old = ctx.pinned(before)
+    if not all(flag in (day_flags(old, d) or ()) for d in cleared):
+        return ""
+    new = next(v for v in after if v is not None and v.id != before.id)
+    return (f"the prescription changed on {new.valid_from}: {describe_change(before.rx, new.rx)}; under the "
+            f"previous prescription the days since would still show it")  # fmt: skip
 
 
 def _silence_storm(
@@ -157,7 +209,7 @@ def _store_days(session: Session, ctx: PatientContext, days: Sequence[DayResult]
 
 def _episodes(
     session: Session, state: State, ctx: PatientContext, stored: list[Episode],
-    series: list[tuple[date, tuple[str, ...] | None]], today: date, resolve_after: int, hold_silence: bool,
+    series: list[Mark], today: date, resolve_after: int, hold_silence: bool,
     out: Outcome, mail_data: MailData,
 ) -> None:  # fmt: skip
     flags = flags_seen(series) | {e.flag for e in stored if e.open_key is not None}
@@ -199,18 +251,18 @@ def _apply(
         current.end_day = decision.end or current.last_day
         current.open_key = None
         current.resolved_at = datetime.now(UTC)
-        if decision.run is None:
-            current.note = "resolved: data that arrived late shows the flag did not hold"
+        ending = mail_data.ending(ctx, flag, decision.run)
+        current.note = f"{ending.reason}: {ending.detail}" if ending.detail else ending.reason
         if current.notified:
-            _notify(session, state, ctx, current, "resolved", mail_data)
+            _notify(session, state, ctx, current, "resolved", mail_data, ending)
         out.resolved.append((ctx.patient, flag))
 
 
 def _notify(session: Session, state: State, ctx: PatientContext, episode: Episode, kind: str,
-            mail_data: MailData) -> bool:  # fmt: skip
+            mail_data: MailData, ending: Ending | None = None) -> bool:  # fmt: skip
     if not ctx.physio_email:
         log.warning("episode %s of %s %s: no physio to tell (%s)", episode.flag, ctx.patient, kind,
                     "; ".join(ctx.problems) or "none registered")  # fmt: skip
         return False
     return state.enqueue(session, f"{kind}:{episode.id}", kind, ctx.physio_email,
-                         mail_data.episode(ctx, episode, kind)) or True  # fmt: skip
+                         mail_data.episode(ctx, episode, kind, ending)) or True  # fmt: skip

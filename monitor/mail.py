@@ -151,7 +151,9 @@ class EpisodeMail:
     ``dedupe_key`` is the outbox's unique key of this e-mail (the Message-ID derives from it); ``thread_key`` the
     key of the opening e-mail, given on a resolving one so mail clients show both as one thread.
     ``started_at``/``ended_at`` are aware datetimes, shown in the clinic's ``timezone``. ``summary`` holds short
-    lines of evidence (e.g. ``"2025-11-08: 95 min with calf above ankle"``).
+    lines of evidence (e.g. ``"2025-11-08: 95 min with calf above ankle"``). A resolving e-mail says why the
+    episode ended (``ended_reason``: ``data``, ``late_data`` or ``prescription``) and what shows it
+    (``evidence``: the days whose data showed the flag gone, or the change of prescription).
     """
 
     dedupe_key: str
@@ -168,6 +170,8 @@ class EpisodeMail:
     summary: tuple[str, ...] = ()
     chart: ChartSeries | None = None
     thread_key: str | None = None
+    ended_reason: str | None = None
+    evidence: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,9 +263,29 @@ def _duration(start: datetime, end: datetime) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
+# Why an episode ended (monitor.evaluate's ENDED_BY_*), in a physio's words.
+ENDED_BY_PRESCRIPTION: Final = "prescription"
+_ENDED_WORDS: Final[dict[str, str]] = {
+    "data": "resolved",
+    "late_data": "resolved (late data)",
+    ENDED_BY_PRESCRIPTION: "ended by a change of prescription, not by a change in wear",
+}
+_EVIDENCE_HEAD: Final[dict[str, str]] = {
+    "data": "What shows it resolved (the days since, judged on their data):",
+    "late_data": "Why it resolved:",
+    ENDED_BY_PRESCRIPTION: "Why it ended:",
+}
+
+
+def _ended_words(reason: str | None) -> str:
+    return _ENDED_WORDS.get(reason or "", "resolved")
+
+
 def episode_subject(mail: EpisodeMail) -> str:
     """``[URGENT] Boot over-pressure: PT-57EEBB (demo-clinic)``, ``[Resolved] Rolled down: PT-96965D (...)``."""
-    tag = "Resolved" if mail.kind == "resolved" else SEVERITY_WORD.get(mail.severity, mail.severity)
+    tag = SEVERITY_WORD.get(mail.severity, mail.severity)
+    if mail.kind == "resolved":
+        tag = "Prescription changed" if mail.ended_reason == ENDED_BY_PRESCRIPTION else "Resolved"
     return f"[{tag}] {flag_title(mail.flag)}: {mail.patient} ({mail.clinic})"
 
 
@@ -343,10 +367,11 @@ def compose_episode(mail: EpisodeMail, *, sender: str, dashboard_url: str, now: 
     link = dashboard_link(dashboard_url, mail.patient)
     opened = mail.kind == "opened"
     severity = SEVERITY_WORD.get(mail.severity, mail.severity)
-    headline = f"{title}: {'opened' if opened else 'resolved'}" + (f" ({severity})" if opened else "")
+    headline = f"{title}: " + (f"opened ({severity})" if opened else _ended_words(mail.ended_reason))
     when = [("Started", _local(mail.started_at, mail.timezone))]
     if mail.ended_at is not None:
-        when.append(("Resolved", _local(mail.ended_at, mail.timezone)))
+        ended = "Ended" if mail.ended_reason == ENDED_BY_PRESCRIPTION else "Resolved"
+        when.append((ended, _local(mail.ended_at, mail.timezone)))
         when.append(("Lasted", _duration(mail.started_at, mail.ended_at)))
     if opened and mail.flag in SAFETY:
         why = "This is a safety flag: it is e-mailed as soon as it is seen, also during the current day."
@@ -359,6 +384,9 @@ def compose_episode(mail: EpisodeMail, *, sender: str, dashboard_url: str, now: 
     text = [greeting, "", headline, "", f"Patient:  {mail.patient} (clinic {mail.clinic})"]
     text += [f"{k + ':':<9} {v}" for k, v in when]
     text += ["", *textwrap.wrap(f"What it means: {explanation}.", 76), *textwrap.wrap(why, 76)]
+    if mail.evidence:
+        text += ["", _EVIDENCE_HEAD.get(mail.ended_reason or "", "What shows it resolved:")]
+        text += [f"- {line}" for line in mail.evidence]
     if mail.summary:
         text += ["", "Details:"] + [f"- {line}" for line in mail.summary]
     if mail.chart is not None:
@@ -377,8 +405,12 @@ def compose_episode(mail: EpisodeMail, *, sender: str, dashboard_url: str, now: 
     rows = "".join(f"<tr><td style='padding:2px 12px 2px 0;color:#555'>{e(k)}</td><td>{e(v)}</td></tr>"
                    for k, v in [("Patient", f"{mail.patient} (clinic {mail.clinic})"), *when])  # fmt: skip
     details = ""
+    if mail.evidence:
+        head = _EVIDENCE_HEAD.get(mail.ended_reason or "", "What shows it resolved:")
+        details += f"<p style='margin-bottom:4px'><b>{e(head)}</b></p><ul style='margin-top:0'>" + "".join(
+            f"<li>{e(line)}</li>" for line in mail.evidence) + "</ul>"  # fmt: skip
     if mail.summary:
-        details = "<p style='margin-bottom:4px'>Details:</p><ul style='margin-top:0'>" + "".join(
+        details += "<p style='margin-bottom:4px'>Details:</p><ul style='margin-top:0'>" + "".join(
             f"<li>{e(line)}</li>" for line in mail.summary) + "</ul>"  # fmt: skip
     body = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{e(episode_subject(mail))}</title></head>

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Final, Literal
 
@@ -64,6 +64,39 @@ class BootRx:
     zones: tuple[str, ...]
 
 
+def describe_change(before: SockRx | BootRx, after: SockRx | BootRx) -> str:
+    """What changed between two prescriptions, in a physio's words (``wear target 8 h -> 4 h``)."""
+    if isinstance(before, SockRx) and isinstance(after, SockRx):
+        pairs = [("wear target", f"{before.wear_hours_per_day:g} h", f"{after.wear_hours_per_day:g} h"),
+                 ("wear days a week", f"{before.wear_days_per_week}", f"{after.wear_days_per_week}"),
+                 ("ankle band", f"{before.low_mmhg:g}-{before.high_mmhg:g} mmHg",
+                  f"{after.low_mmhg:g}-{after.high_mmhg:g} mmHg"),
+                 ("time out of band allowed", f"{before.tolerance_s / 60:g} min", f"{after.tolerance_s / 60:g} min")]
+    elif isinstance(before, BootRx) and isinstance(after, BootRx):
+        pairs = [("sessions a week", f"{before.sessions_per_week}", f"{after.sessions_per_week}"),
+                 ("session length", f"{before.session_min_s / 60:g}-{before.session_max_s / 60:g} min",
+                  f"{after.session_min_s / 60:g}-{after.session_max_s / 60:g} min"),
+                 ("maximum chamber pressure", f"{before.max_chamber_mmhg:g} mmHg", f"{after.max_chamber_mmhg:g} mmHg")]
+    else:
+        return "another kind of garment"
+    changed = [f"{name} {old} -> {new}" for name, old, new in pairs if old != new]
+    return ", ".join(changed) or "no change to the targets"
+
+
+@dataclass(frozen=True, slots=True)
+class RxVersion:
+    """One version of a patient's prescription: what applied from ``valid_from`` to ``valid_to`` (inclusive)."""
+
+    id: int
+    valid_from: date
+    valid_to: date | None
+    rx: SockRx | BootRx
+
+    def covers(self, day: date) -> bool:
+        """Was this version in force on ``day``?"""
+        return self.valid_from <= day and (self.valid_to is None or day <= self.valid_to)
+
+
 @dataclass(frozen=True, slots=True)
 class PatientContext:
     """One monitored patient: pseudonymous code, clinic and its time zone, physio, prescription, devices.
@@ -83,6 +116,24 @@ class PatientContext:
     devices: tuple[str, ...] = ()
     max_silence_hours: float = 24.0
     problems: tuple[str, ...] = ()
+    # Every version of the prescription of this kind, oldest first; each day is judged against its own.
+    # Empty (hand-made contexts): ``rx`` applies to every day.
+    versions: tuple[RxVersion, ...] = ()
+
+    def version_on(self, day: date) -> RxVersion | None:
+        """The prescription version in force on ``day`` (``None``: none, or no versions known)."""
+        return next((v for v in self.versions if v.covers(day)), None)
+
+    def rx_on(self, day: date) -> SockRx | BootRx | None:
+        """The prescription a day is judged against: its version's, ``None`` before the first or in a gap."""
+        if not self.versions:
+            return self.rx
+        version = self.version_on(day)
+        return version.rx if version is not None else None
+
+    def pinned(self, version: RxVersion) -> PatientContext:
+        """This patient as if ``version`` applied to every day (what a day would have been under it)."""
+        return replace(self, rx=version.rx, versions=())
 
 
 @dataclass(slots=True)
@@ -123,8 +174,13 @@ class DayStats:
 
 @dataclass(frozen=True, slots=True)
 class DayResult:
-    """One patient's evaluated day: its statistics and its sorted flags (``None`` for an incomplete day)."""
+    """One patient's evaluated day: its statistics and its sorted flags (``None`` for an incomplete day).
+
+    ``judged``: the flags this day's data can judge, i.e. extend or end a run of (``None``: all of them);
+    see ``monitor.episodes``: a silent day judges only ``silent``.
+    """
 
     patient: str
     stats: DayStats
     flags: tuple[str, ...] | None
+    judged: frozenset[str] | None = None

@@ -10,12 +10,13 @@ logged and reported to the clinic, never a crash.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
 
 from devices.registry import schemas as s
 from devices.registry.service import SYSTEM, Registry
-from monitor.model import BootRx, PatientContext, SockRx
+from monitor.model import BootRx, PatientContext, RxVersion, SockRx
 
 
 def load_contexts(registry: Registry, now: datetime | None = None) -> list[PatientContext]:
@@ -36,9 +37,23 @@ def load_contexts(registry: Registry, now: datetime | None = None) -> list[Patie
         tz = clinics[patient.clinic].timezone
         today = now.astimezone(ZoneInfo(tz)).date()
         physio = physios.get(patient.physio) if patient.physio else None
-        contexts.append(_context(patient, tz, physio, _current(prescriptions[patient.code], today),
-                                 tuple(sorted(holding[patient.code]))))  # fmt: skip
+        ctx = _context(patient, tz, physio, _current(prescriptions[patient.code], today),
+                       tuple(sorted(holding[patient.code])))  # fmt: skip
+        contexts.append(replace(ctx, versions=_versions(prescriptions[patient.code], ctx.kind)))
     return contexts
+
+
+def _versions(rxs: list[s.PrescriptionOut], kind: str | None) -> tuple[RxVersion, ...]:
+    """Every usable version of the patient's prescription of ``kind``, oldest first (unusable ones are gaps)."""
+    out = []
+    for rx in sorted(rxs, key=lambda r: r.valid_from):
+        if rx.garment_kind != kind:
+            continue
+        try:
+            out.append(RxVersion(rx.id, rx.valid_from, rx.valid_to, _sock(rx) if kind == "sock" else _boot(rx)))
+        except ValueError:
+            continue  # reported for the current version in problems; an old broken one leaves its days unjudged
+    return tuple(out)
 
 
 def _current(rxs: list[s.PrescriptionOut], today: date) -> list[s.PrescriptionOut]:

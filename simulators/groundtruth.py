@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import statistics
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Final, Literal
@@ -257,16 +257,38 @@ def _r(value: float) -> float:
     return round(value, 3)
 
 
-def evaluate_days(stored: Stored, period: Period, rx: SockPrescription | BootPrescription) -> list[dict[str, Any]]:
-    """The per-day truth: wear, the values the flags are computed from, and the flags."""
+Rx = SockPrescription | BootPrescription
+
+
+def version_index(changes: Sequence[tuple[int, Rx]], i: int) -> int:
+    """Which prescription version applies on day ``i``: 0 the first, k after the k-th change."""
+    return sum(1 for first, _ in changes if first <= i)
+
+
+def _day_detail(rx: Rx, days: list[DaySlice], i: int) -> dict[str, Any]:
+    return _sock_day(rx, days, i) if isinstance(rx, SockPrescription) else _boot_day(rx, days, i)
+
+
+def evaluate_days(stored: Stored, period: Period, rx: Rx,
+                  changes: Sequence[tuple[int, Rx]] = ()) -> list[dict[str, Any]]:  # fmt: skip
+    """The per-day truth: wear, the values the flags are computed from, and the flags.
+
+    Each day is judged against the prescription version in force that day (``rx``, then each of ``changes``
+    from its day index on); a day under a newer version also says what it would have been under the previous
+    one (``flags_under_previous``: what tells an episode ended by the change from one the client ended).
+    """
     days = slice_days(stored, period)
+    versions = [rx, *(new for _, new in changes)]
     out = []
     for i, day in enumerate(days):
-        detail = _sock_day(rx, days, i) if isinstance(rx, SockPrescription) else _boot_day(rx, days, i)
+        version = version_index(changes, i)
+        detail = _day_detail(versions[version], days, i)
         flags: list[str] = detail.pop("_flags")
+        previous = _day_detail(versions[version - 1], days, i).pop("_flags") if version else None
         if day.points == 0:
             flags = ["silent"]
-        out.append({
+            previous = ["silent"] if version else None
+        entry = {
             "date": day.day.isoformat(),
             "start_ms": day.start_ms,
             "end_ms": day.end_ms,
@@ -277,15 +299,115 @@ def evaluate_days(stored: Stored, period: Period, rx: SockPrescription | BootPre
             "wear_s": _r(day.wear_s),
             "wear_minutes": _r(day.wear_s / 60.0),
             **detail,
+            "points": day.points,
+            "prescription_version": version,
             "flags": (sorted(flags) or ["compliant"]) if day.complete else None,
-        })  # fmt: skip
+        }  # fmt: skip
+        if previous is not None and day.complete:
+            entry["flags_under_previous"] = sorted(previous) or ["compliant"]
+        entry["judged"] = judged(stored.kind, entry) if day.complete else None
+        out.append(entry)
     return out
 
 
 def flags_as_of(
-    items: list[Item], kind: Kind, period: Period, rx: SockPrescription | BootPrescription, as_of_ms: int
+    items: list[Item], kind: Kind, period: Period, rx: Rx, as_of_ms: int, changes: Sequence[tuple[int, Rx]] = ()
 ) -> dict[str, list[str]]:
     """Flags of the days complete at ``as_of_ms`` from only what was sent before it (live reception)."""
     early = [item for item in items if item.publish_at_ms < as_of_ms]
-    days = evaluate_days(store(early, kind, "live", period), period, rx)
+    days = evaluate_days(store(early, kind, "live", period), period, rx, changes)
     return {d["date"]: d["flags"] for d in days if d["end_ms"] <= as_of_ms and d["flags"] is not None}
+
+
+# --- episodes and e-mails (docs/ground-truth.md, "Episodes") --------------------------------------------------------
+
+RESOLVE_AFTER_DAYS: Final = 2  # days in a row showing a flag gone before its episode resolves
+SAFETY_FLAGS: Final = frozenset({"boot_overpressure"})  # resolve after one day showing them gone
+WEAR_FLAGS: Final = frozenset({"too_tight", "too_loose", "rolled_down", "worn_out"})
+SESSION_FLAGS: Final = frozenset({"boot_short_sessions", "boot_long_sessions"})
+
+
+def judged(kind: Kind, day: dict[str, Any]) -> list[str]:
+    """The flags a complete day's data can judge (extend or end a run of); a leg suffix follows its base flag.
+
+    No stored point: only ``silent``. Sock: ``silent``, ``under_use``, and the pressure flags only with worn
+    samples (of that leg). Boot: ``silent``, ``boot_missed_sessions``, session lengths only with a session
+    that ended that day, over-pressure only with samples.
+    """
+    if day["points"] == 0:
+        return ["silent"]
+    found = {"silent"}
+    if kind == "sock":
+        found.add("under_use")
+        for leg, stats in (day.get("legs") or {"": day}).items():
+            if stats["worn_samples"] > 0:
+                found |= {f"{flag}:{leg}" if leg else flag for flag in WEAR_FLAGS}
+    else:
+        found.add("boot_missed_sessions")
+        if day["sessions"]:
+            found |= SESSION_FLAGS
+        if day["samples"] > 0:
+            found.add("boot_overpressure")
+    return sorted(found)
+
+
+def _base(flag: str) -> str:
+    return flag.partition(":")[0]
+
+
+def episodes(days: list[dict[str, Any]], resolve_after: int = RESOLVE_AFTER_DAYS) -> list[dict[str, Any]]:
+    """Each flag's runs over the complete days, oldest first: a run ends after ``resolve_after`` judged days in a
+    row without the flag (one for safety flags); days that cannot judge a flag neither extend nor end its run.
+
+    ``end`` is the first day that showed the flag gone (``None``: still open at the end of the period),
+    ``cleared_by`` the days that did, ``ended_by`` why: ``data`` or ``prescription`` (the days that showed it
+    gone were judged against a newer prescription version, under which alone the flag no longer held).
+    """
+    complete = [d for d in days if d["complete"]]
+    flags = sorted({f for d in complete for f in d["flags"] if f != "compliant"})
+    out = []
+    for flag in flags:
+        out += _runs(complete, flag, 1 if _base(flag) in SAFETY_FLAGS else resolve_after)
+    return sorted(out, key=lambda e: (e["start"], e["flag"]))
+
+
+def _runs(days: list[dict[str, Any]], flag: str, resolve_after: int) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    start: str | None = None
+    last: dict[str, Any] | None = None
+    clear: list[dict[str, Any]] = []
+    for day in days:
+        if flag not in day["judged"]:
+            continue
+        if flag in day["flags"]:
+            start, last, clear = start or day["date"], day, []
+            continue
+        if start is None or last is None:
+            continue
+        clear.append(day)
+        if len(clear) >= resolve_after:
+            found.append(_episode(flag, start, last, clear))
+            start, last, clear = None, None, []
+    if start is not None and last is not None:
+        found.append({"flag": flag, "start": start, "last": last["date"], "end": None, "cleared_by": [],
+                      "ended_by": None})  # fmt: skip
+    return found
+
+
+def _episode(flag: str, start: str, last: dict[str, Any], clear: list[dict[str, Any]]) -> dict[str, Any]:
+    changed = any(d.get("prescription_version") != last.get("prescription_version") for d in clear)
+    by_rx = changed and all(flag in d.get("flags_under_previous", ()) for d in clear)
+    return {"flag": flag, "start": start, "last": last["date"], "end": clear[0]["date"],
+            "cleared_by": [d["date"] for d in clear], "ended_by": "prescription" if by_rx else "data"}  # fmt: skip
+
+
+def emails(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The episode e-mails of a monitor evaluating after each day of the period from the first on: one when an
+    episode opens, one when it ends (``reason``: ``data`` or ``prescription``). Sorted by day, kind, flag."""
+    out = []
+    for e in found:
+        out.append({"kind": "opened", "flag": e["flag"], "start": e["start"], "day": e["start"]})
+        if e["end"] is not None:
+            out.append({"kind": "resolved", "flag": e["flag"], "start": e["start"], "day": e["end"],
+                        "reason": e["ended_by"]})  # fmt: skip
+    return sorted(out, key=lambda m: (m["day"], m["kind"], m["flag"]))

@@ -89,7 +89,17 @@ def _patient_and_garment(
                                                      gateway=gateway))  # fmt: skip
     out.devices[device.device_id] = creds.password
     registry.assign(actor, s.AssignmentIn(device_id=device.device_id, patient=device.patient, valid_from=since))
-    registry.prescribe(actor, prescription_for(device.patient, rx, since.date()))
+    # Prescribed from the period's first day: the days before are not the patient's to judge.
+    version = registry.prescribe(actor, prescription_for(device.patient, rx, fleet.period.days[0]))
+    for first, changed in plan.changes:  # the physio's later changes: new versions from their day
+        effective = fleet.period.days[first]
+        fields = prescription_for(device.patient, changed, effective).model_dump(include=_VERSIONED)
+        version = registry.update_prescription(actor, version.id,
+                                               s.PrescriptionUpdate(effective_from=effective, **fields))  # fmt: skip
+
+
+_VERSIONED: Final = {"class_system", "class_name", "zones", "wear_hours_per_day", "wear_days_per_week",
+                     "sessions_per_week", "session_min_minutes", "session_max_minutes", "max_chamber_mmhg"}  # fmt: skip
 
 
 def prescription_for(patient: str, rx: SockPrescription | BootPrescription, valid_from: date) -> s.PrescriptionIn:

@@ -17,7 +17,7 @@ import heapq
 import json
 import random
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -35,7 +35,18 @@ from simulators.garments import (
     plan_sessions,
     sock_items,
 )
-from simulators.groundtruth import FORMAT, MODES, Mode, Stored, evaluate_days, flags_as_of, rules, store
+from simulators.groundtruth import (
+    FORMAT,
+    MODES,
+    Mode,
+    Stored,
+    emails,
+    episodes,
+    evaluate_days,
+    flags_as_of,
+    rules,
+    store,
+)
 from simulators.physiology import (
     DAY_MS,
     Battery,
@@ -142,6 +153,32 @@ def _silent(rng: random.Random, period: Period) -> Plan:
                  charge_until_ms=stop)  # fmt: skip
 
 
+def _rolled_then_silent(rng: random.Random, period: Period) -> Plan:
+    # Rolled down every day, then at 14:00 six days before the end the garment stops sending for good.
+    days = _complete_days(period)
+    stop = local_wall_ms(days[max(0, len(days) - 6)], 14 * 60, period.tz)
+    plan = _sock(rng, period, rolled=lambda: rng.uniform(60, 150))
+    return replace(plan, stop_ms=stop)
+
+
+def _stops_sending(rng: random.Random, period: Period) -> Plan:
+    # Worn as prescribed, then from local noon five days before the end nothing arrives (holidays, a lost charger).
+    days = _complete_days(period)
+    return replace(_sock(rng, period), stop_ms=local_wall_ms(days[max(0, len(days) - 5)], 12 * 60, period.tz))
+
+
+def _rx_lowered(rng: random.Random, period: Period) -> Plan:
+    # Worn 4.5-5.5 h of 8 h; a week in, the physio lowers the target to 4 h (the client changes nothing).
+    plan = _sock(rng, period, hours=(4.5, 5.5))
+    return replace(plan, changes=((7, replace(plan.prescription, wear_hours_per_day=4.0)),))
+
+
+def _rx_raised(rng: random.Random, period: Period) -> Plan:
+    # Worn 8.75-10.5 h of 8 h; on day 9 the physio raises the target to 10 h: under-use from then on only.
+    plan = _sock(rng, period)
+    return replace(plan, changes=((9, replace(plan.prescription, wear_hours_per_day=10.0)),))
+
+
 def _offline_backfill(rng: random.Random, period: Period) -> Plan:
     days = _complete_days(period)
     start = local_wall_ms(days[max(0, len(days) - 4)], 12 * 60, period.tz)
@@ -232,6 +269,21 @@ SCENARIOS: Final[dict[str, Scenario]] = {
                  _boot_missed),
     )
 }  # fmt: skip
+# Situations the first library did not cover (issue 11); graded by tests/integration/test_clinical_graded.py.
+CLINICAL_SCENARIOS: Final[dict[str, Scenario]] = {
+    s.name: s
+    for s in (
+        Scenario("rolled_then_silent", "sock", "rolled down every day, then nothing from 14:00 six days before "
+                 "the end (a problem followed by silence)", _rolled_then_silent),
+        Scenario("stops_sending", "sock", "worn as prescribed, then nothing from noon five days before the end",
+                 _stops_sending),
+        Scenario("rx_lowered", "sock", "worn 4.5-5.5 h of 8 h; from day 7 the prescription asks 4 h (a new "
+                 "version): the under-use episode ends by the change, not by the client", _rx_lowered),
+        Scenario("rx_raised", "sock", "worn 8.75-10.5 h of 8 h; from day 9 the prescription asks 10 h: "
+                 "under-use only on days judged against the new version", _rx_raised),
+    )
+}  # fmt: skip
+ALL_SCENARIOS: Final[dict[str, Scenario]] = {**SCENARIOS, **CLINICAL_SCENARIOS}
 
 DEFAULT_MIX: Final[dict[str, float]] = {
     "compliant": 4, "under_use": 1, "worn_out": 1, "too_tight": 1, "rolled_down": 1, "silent": 1,
@@ -369,7 +421,11 @@ class Fleet:
             "scenario": device.scenario.name,
             "timezone": self.period.tz.key,
             "prescription": _prescription(plan),
-            "days": evaluate_days(stored, self.period, plan.prescription),
+            "prescriptions": [{"from": self.period.days[first].isoformat(), **_prescription_of(rx)}
+                              for first, rx in ((0, plan.prescription), *plan.changes)],
+            "days": (days := evaluate_days(stored, self.period, plan.prescription, plan.changes)),
+            "episodes": (found := episodes(days)),
+            "emails": emails(found),
             "rejections": dict(sorted(stored.rejections.items())),
             "transport": self._transport(device, plan, items, stored),
         }
@@ -390,7 +446,7 @@ class Fleet:
                               "late_messages": sum(1 for i in items if i.publish_at_ms >= offline.end_ms
                                                    and _made_at(i) < offline.end_ms),
                               "flags_before_upload": flags_as_of(items, "sock", self.period, plan.prescription,
-                                                                 offline.end_ms)}  # fmt: skip
+                                                                 offline.end_ms, plan.changes)}  # fmt: skip
         if transport.skew_ms:
             out["clock_skew"] = {"skew_ms": transport.skew_ms, "skewed_until_ms": transport.skew_until_ms}
         if stored.bad_payloads:
@@ -406,7 +462,10 @@ def _made_at(item: Item) -> int:
 
 
 def _prescription(plan: Plan) -> dict[str, Any]:
-    rx = plan.prescription
+    return _prescription_of(plan.prescription)
+
+
+def _prescription_of(rx: SockPrescription | BootPrescription) -> dict[str, Any]:
     if isinstance(rx, SockPrescription):
         band = rx.pressure_class
         return {"garment_kind": "sock", "garment": rx.garment, "class": rx.compression_class,
@@ -463,13 +522,13 @@ def build_fleet(
     if end is None:
         raise ValueError("end is required: the scenarios never read the clock")
     weights = dict(mix if mix is not None else DEFAULT_MIX)
-    unknown = (set(weights) | set(scenarios or ())) - set(SCENARIOS)
+    unknown = (set(weights) | set(scenarios or ())) - set(ALL_SCENARIOS)
     if unknown:
         raise ValueError(f"unknown scenarios: {sorted(unknown)}")
     rng = random.Random(f"fleet/{seed}")
     if scenarios is None:
-        sock_names = allocate(socks, {n: w for n, w in weights.items() if SCENARIOS[n].kind == "sock"})
-        boot_names = allocate(boots, {n: w for n, w in weights.items() if SCENARIOS[n].kind == "boot"})
+        sock_names = allocate(socks, {n: w for n, w in weights.items() if ALL_SCENARIOS[n].kind == "sock"})
+        boot_names = allocate(boots, {n: w for n, w in weights.items() if ALL_SCENARIOS[n].kind == "boot"})
         if len(sock_names) < socks or len(boot_names) < boots:
             raise ValueError("the mix has no scenario for one of the requested kinds")
         rng.shuffle(sock_names)
@@ -483,7 +542,7 @@ def _devices(names: list[str], rng: random.Random, seed: int) -> tuple[Device, .
     codes: set[str] = set()
     devices = []
     for rank, name in enumerate(names):
-        scenario = SCENARIOS[name]
+        scenario = ALL_SCENARIOS[name]
         numbers[scenario.kind] += 1
         device_id = f"{scenario.kind}-{numbers[scenario.kind]:04d}"
         code = _patient_code(rng, codes)
@@ -514,4 +573,4 @@ def build_scenario(
 
 def list_scenarios() -> list[tuple[str, str, str]]:
     """(name, kind, one-line description) of every scenario, for ``--list-scenarios``."""
-    return [(s.name, s.kind, s.description) for s in SCENARIOS.values()]
+    return [(s.name, s.kind, s.description) for s in ALL_SCENARIOS.values()]

@@ -714,12 +714,17 @@ def prescription_show(prescription_id: int, as_json: bool) -> None:
 @model_options(s.PrescriptionUpdate)
 @click.option("--open-ended", is_flag=True, help="Remove the end date (valid_to).")
 def prescription_update(prescription_id: int, open_ended: bool, **values: Any) -> None:
-    """Change prescription PRESCRIPTION_ID (only the options given); checked again like a new one."""
+    """Change prescription PRESCRIPTION_ID (only the options given); checked again like a new one.
+
+    A change of what is prescribed becomes a new version from --effective-from (default today); the old
+    version ends the day before, so past days keep the prescription they were judged against.
+    """
     given = _rx_values(values) | ({"valid_to": None} if open_ended else {})
-    if not given:
+    if not set(given) - {"effective_from"}:
         raise click.UsageError("nothing to change: give at least one option (see --help)")
     out = _registry().update_prescription(_actor(), prescription_id, s.PrescriptionUpdate.model_validate(given))
-    click.echo(f"prescription {out.id} for {out.patient}: {_rx_summary(out)}")
+    version = f" (new version from {out.valid_from}; #{out.supersedes} ends the day before)" if out.supersedes else ""
+    click.echo(f"prescription {out.id} for {out.patient}: {_rx_summary(out)}{version}")
 
 
 @devices.group()

@@ -21,6 +21,8 @@ ClinicCode = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{1,63
 Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$", max_length=254)]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 GarmentKind = Literal["sock", "boot"]
+# Where a garment is worn, and which legs a prescription is for: a boot pair or a two-leg garment is "both".
+Leg = Literal["left", "right", "both"]
 Role = Literal["admin", "physio", "ingester"]
 ZoneName = Literal["foot", "ankle", "calf", "knee", "thigh"]
 SOCK_ZONES: tuple[str, ...] = ("ankle", "calf", "thigh")
@@ -190,6 +192,7 @@ class AssignmentIn(Model):
     patient: Identifier
     valid_from: Instant | None = Field(default=None, description="Default: now.")
     valid_to: Instant | None = None
+    leg: Leg | None = Field(default=None, description="Worn on the left or right leg, or both (a boot pair).")
 
 
 class AssignmentEnd(Model):
@@ -202,6 +205,7 @@ class AssignmentOut(Out):
     patient: str
     valid_from: datetime
     valid_to: datetime | None
+    leg: str | None = None
 
 
 class PrescriptionIn(Model):
@@ -222,6 +226,7 @@ class PrescriptionIn(Model):
     max_chamber_mmhg: float | None = Field(default=None, gt=0, le=200)
     out_of_range_tolerance_minutes: float = Field(default=30.0, ge=0, le=1440)
     max_silence_hours: float = Field(default=24.0, gt=0, le=24 * 14)
+    legs: Leg | None = Field(default=None, description="The legs the garment is prescribed for.")
     override_reason: str | None = Field(
         default=None, min_length=10, max_length=2000,
         description="Prescribe despite a contraindication: the physio's recorded reason.",
@@ -235,8 +240,13 @@ class PrescriptionIn(Model):
 
 
 class PrescriptionUpdate(Model):
-    """Fields a physio changes on an existing prescription (the rest stays)."""
+    """Fields a physio changes on an existing prescription (the rest stays).
 
+    A change of what is prescribed makes a new version effective from ``effective_from`` (default: today in
+    the clinic) and ends this one the day before; only ``valid_to`` alone ends this version in place.
+    """
+
+    effective_from: date | None = Field(default=None, description="First day the change applies; default today.")
     valid_to: date | None = None
     class_system: ClassSystem | None = None
     class_name: str | None = Field(default=None, max_length=16)
@@ -251,6 +261,7 @@ class PrescriptionUpdate(Model):
     max_chamber_mmhg: float | None = Field(default=None, gt=0, le=200)
     out_of_range_tolerance_minutes: float | None = Field(default=None, ge=0, le=1440)
     max_silence_hours: float | None = Field(default=None, gt=0, le=24 * 14)
+    legs: Leg | None = None
     override_reason: str | None = Field(default=None, min_length=10, max_length=2000)
 
 
@@ -275,6 +286,8 @@ class PrescriptionOut(Out):
     max_silence_hours: float
     override_by: str | None
     override_reason: str | None
+    legs: str | None = None
+    supersedes: int | None = Field(default=None, description="The version this one replaced, if any.")
 
 
 class ContraindicationIn(Model):

@@ -13,6 +13,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, TypeVar
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -475,11 +476,13 @@ class Registry:
             if data.valid_to is not None and data.valid_to <= start:
                 raise InvalidError("valid_to must be after valid_from")
             _no_overlap(session, device, start, data.valid_to)
-            assignment = Assignment(device=device, patient=patient, valid_from=start, valid_to=data.valid_to)
+            assignment = Assignment(device=device, patient=patient, valid_from=start, valid_to=data.valid_to,
+                                    leg=data.leg)  # fmt: skip
             session.add(assignment)
             session.flush()
             self._audit(session, actor, "create", "assignment", f"{data.device_id}->{data.patient}",
-                        {"id": assignment.id, "valid_from": start, "valid_to": data.valid_to})  # fmt: skip
+                        {"id": assignment.id, "valid_from": start, "valid_to": data.valid_to,
+                         "leg": data.leg})  # fmt: skip
             return _assignment_out(assignment)
 
     def end_assignment(self, actor: Actor, assignment_id: int, data: s.AssignmentEnd) -> s.AssignmentOut:
@@ -533,17 +536,57 @@ class Registry:
             return _prescription_out(rx)
 
     def update_prescription(self, actor: Actor, rx_id: int, data: s.PrescriptionUpdate) -> s.PrescriptionOut:
-        """Change a prescription (e.g. the daily wear target); checked again like a new one."""
+        """Change a prescription (e.g. the daily wear target): a new version from ``effective_from``.
+
+        The version ``rx_id`` is never rewritten for days it already applied to: it ends the day before the
+        change and the returned new version (``supersedes`` = ``rx_id``) starts on it. A version that has not
+        started yet is changed in place, and so is a change of ``valid_to`` alone (ending the prescription).
+        Checked again like a new prescription.
+        """
         with self._tx(actor, write=True) as session:
             rx = self._one(session, select(Prescription).where(Prescription.id == rx_id), f"prescription {rx_id}")
             _same_clinic(actor, rx.patient.clinic_id)
-            changes = data.model_dump(exclude_unset=True, exclude={"override_reason"})
-            before = {key: getattr(rx, key) for key in changes}
-            _apply_prescription(rx, changes)
-            self._check_prescription(session, actor, rx, data.override_reason)
-            self._audit(session, actor, "update", "prescription", f"{rx.patient.code}#{rx.id}",
-                        {"before": before, "after": changes, "override_reason": data.override_reason})  # fmt: skip
-            return _prescription_out(rx)
+            changes = data.model_dump(exclude_unset=True, exclude={"override_reason", "effective_from"})
+            effective = data.effective_from or clinic_today(rx.patient.clinic.timezone)
+            if set(changes) <= {"valid_to"} or effective <= rx.valid_from:
+                return self._edit_version(session, actor, rx, changes, effective, data.override_reason)
+            return self._new_version(session, actor, rx, changes, effective, data.override_reason)
+
+    def _edit_version(self, session: Session, actor: Actor, rx: Prescription, changes: dict[str, Any],
+                      effective: date, override: str | None) -> s.PrescriptionOut:  # fmt: skip
+        content = set(changes) - {"valid_to"}
+        if content and rx.valid_from < clinic_today(rx.patient.clinic.timezone):
+            raise InvalidError(f"prescription #{rx.id} applies since {rx.valid_from}: a change takes effect "
+                               "after that day (effective_from), so the days already judged keep their "
+                               "prescription")  # fmt: skip
+        before = {key: getattr(rx, key) for key in changes}
+        _apply_prescription(rx, changes)
+        self._check_prescription(session, actor, rx, override)
+        self._audit(session, actor, "update", "prescription", f"{rx.patient.code}#{rx.id}",
+                    {"before": before, "after": changes, "override_reason": override})  # fmt: skip
+        return _prescription_out(rx)
+
+    def _new_version(self, session: Session, actor: Actor, rx: Prescription, changes: dict[str, Any],
+                     effective: date, override: str | None) -> s.PrescriptionOut:  # fmt: skip
+        if rx.valid_to is not None and effective > rx.valid_to:
+            raise InvalidError(f"prescription #{rx.id} ended on {rx.valid_to}; effective_from {effective} is after")
+        before = {key: getattr(rx, key) for key in changes}
+        new = Prescription(patient=rx.patient, garment_kind=rx.garment_kind, valid_from=effective,
+                           valid_to=rx.valid_to, zones=list(rx.zones), supersedes_id=rx.id,
+                           override_physio_id=rx.override_physio_id, override_reason=rx.override_reason)  # fmt: skip
+        for key in (*_RX_FIELDS, "legs"):
+            if key != "valid_to":
+                setattr(new, key, getattr(rx, key))
+        _apply_prescription(new, changes)
+        rx.valid_to = effective - timedelta(days=1)
+        session.flush()
+        self._check_prescription(session, actor, new, override)
+        session.add(new)
+        session.flush()
+        self._audit(session, actor, "update", "prescription", f"{rx.patient.code}#{new.id}",
+                    {"supersedes": rx.id, "effective_from": effective, "before": before, "after": changes,
+                     "override_reason": override})  # fmt: skip
+        return _prescription_out(new)
 
     def _check_prescription(self, session: Session, actor: Actor, rx: Prescription, override: str | None) -> None:
         band = _validate_prescription(rx)
@@ -840,7 +883,7 @@ def _no_overlap(session: Session, device: Device, start: datetime, end: datetime
 _RX_FIELDS: Final = (
     "valid_to", "class_system", "class_name", "ankle_min_mmhg", "ankle_max_mmhg", "zones", "wear_hours_per_day",
     "wear_days_per_week", "sessions_per_week", "session_min_minutes", "session_max_minutes", "max_chamber_mmhg",
-    "out_of_range_tolerance_minutes", "max_silence_hours",
+    "out_of_range_tolerance_minutes", "max_silence_hours", "legs",
 )  # fmt: skip
 
 
@@ -908,18 +951,25 @@ def _patient_out(patient: Patient) -> s.PatientOut:
 
 def _assignment_out(assignment: Assignment) -> s.AssignmentOut:
     return s.AssignmentOut(id=assignment.id, device_id=assignment.device.device_id, patient=assignment.patient.code,
-                           valid_from=assignment.valid_from, valid_to=assignment.valid_to)  # fmt: skip
+                           valid_from=assignment.valid_from, valid_to=assignment.valid_to,
+                           leg=assignment.leg)  # fmt: skip
 
 
 def _prescription_out(rx: Prescription) -> s.PrescriptionOut:
     data = {key: getattr(rx, key) for key in s.PrescriptionOut.model_fields if hasattr(rx, key)}
-    data.update(patient=rx.patient.code, override_by=rx.override_physio.email if rx.override_physio else None)
+    data.update(patient=rx.patient.code, override_by=rx.override_physio.email if rx.override_physio else None,
+                supersedes=rx.supersedes_id)  # fmt: skip
     return s.PrescriptionOut.model_validate(data)
 
 
 def _contraindication_out(row: Contraindication, patient: str) -> s.ContraindicationOut:
     return s.ContraindicationOut(id=row.id, patient=patient, kind=row.kind, abpi=row.abpi, noted_on=row.noted_on,
                                  resolved_on=row.resolved_on, note=row.note)  # fmt: skip
+
+
+def clinic_today(timezone: str) -> date:
+    """Today's date in the clinic's time zone (a prescription change takes effect from a clinic day)."""
+    return datetime.now(ZoneInfo(timezone)).date()
 
 
 def today_utc() -> date:

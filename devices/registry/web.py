@@ -233,6 +233,9 @@ def _changes_text(changes: Mapping[str, object]) -> str:
     before, after = changes.get("before"), changes.get("after")
     if isinstance(before, dict) and isinstance(after, dict):
         parts = [f"{LABELS.get(k, k)}: {_plain(before.get(k))} → {_plain(v)}" for k, v in after.items()]
+        if changes.get("supersedes"):
+            parts.append(f"new version from {_plain(changes.get('effective_from'))}, replacing "
+                         f"#{_plain(changes['supersedes'])}")  # fmt: skip
         if changes.get("override_reason"):
             parts.append(f"override: {changes['override_reason']}")
         return "; ".join(parts) or "no fields"
@@ -452,7 +455,9 @@ def _router(templates: Jinja2Templates) -> APIRouter:
         sent: dict[str, Any] = {key: str(form.get(key) or "").strip() for key in fields}
         sent["zones"] = [z for z in form.getlist("zones") if isinstance(z, str)]
         reason = str(form.get("override_reason") or "").strip()
-        state = FormState(values={**sent, "override_reason": reason}, needs_override=bool(reason))
+        effective = str(form.get("effective_from") or "").strip() or None
+        state = FormState(values={**sent, "override_reason": reason, "effective_from": effective or ""},
+                          needs_override=bool(reason))  # fmt: skip
         back = f"{UI}/patients/{quote(rx.patient)}"
 
         missing = [LABELS[key] for key in fields if sent[key] == ""]
@@ -473,7 +478,8 @@ def _router(templates: Jinja2Templates) -> APIRouter:
         if reason:
             changed["override_reason"] = reason
         try:
-            registry.update_prescription(actor, rx_id, s.PrescriptionUpdate.model_validate(changed))
+            saved = registry.update_prescription(actor, rx_id, s.PrescriptionUpdate.model_validate(
+                changed | ({"effective_from": effective} if effective else {})))  # fmt: skip
         except ValidationError as exc:  # the override reason's length
             state.errors = [_validation_message(error) for error in exc.errors(include_url=False)]
             return _patient_page(request, session, rx.patient, {rx_id: state}, 422)
@@ -483,7 +489,10 @@ def _router(templates: Jinja2Templates) -> APIRouter:
             return _patient_page(request, session, rx.patient, {rx_id: state}, exc.status)
         what = ", ".join(f"{LABELS[k].split(' (')[0].lower()} {_plain(v)}" for k, v in changed.items()
                          if k != "override_reason")  # fmt: skip
-        return _redirect(back, request, f"Prescription #{rx_id} saved: {what}.")
+        if saved.supersedes is None:
+            return _redirect(back, request, f"Prescription #{rx_id} saved: {what}.")
+        return _redirect(back, request, f"Prescription #{saved.id} saved: {what}, from {saved.valid_from}. "
+                                        f"#{rx_id} stays as it was for the days before.")  # fmt: skip
 
     return router
 

@@ -27,7 +27,9 @@ def results(code: str, pattern: str) -> list[DayResult]:
     for i, c in enumerate(pattern):
         flags = ("silent",) if c == "s" else ("under_use",) if c == "x" else ("compliant",)
         last = i == len(pattern) - 1
-        out.append(DayResult(code, DayStats(D0 + timedelta(days=i), 0, 0, not last), None if last else flags))
+        judged = frozenset({"silent"}) if c == "s" else None  # a silent day judges nothing but silence
+        out.append(DayResult(code, DayStats(D0 + timedelta(days=i), 0, 0, not last), None if last else flags,
+                             judged))  # fmt: skip
     return out
 
 
@@ -90,3 +92,17 @@ def test_no_physio_means_no_email_but_the_episode_is_kept(state: State) -> None:
     assert mails(state) == []
     with state.transaction() as session:
         assert [e.open_key for e in session.scalars(select(Episode))] == ["P1:under_use"]
+
+
+def test_a_problem_followed_by_silence_is_not_resolved(state: State) -> None:
+    run(state, {"P1": "..xx?"})
+    run(state, {"P1": "..xxsss?"})  # the garment stops sending: silence opens, under-use stays open
+    assert mails(state) == ["opened:P1:silent", "opened:P1:under_use"]
+    run(state, {"P1": "..xxsss..?"})  # readings again, two days on target: both end, shown by data
+    assert mails(state) == ["opened:P1:silent", "opened:P1:under_use", "resolved:P1:silent",
+                            "resolved:P1:under_use"]  # fmt: skip
+    with state.transaction() as session:
+        ended = {e.flag: (e.end_day, e.note) for e in session.scalars(select(Episode))}
+        data = [o.data for o in session.scalars(select(Outbox)) if o.kind == "resolved"]
+    assert ended["under_use"] == (D0 + timedelta(7), "data") and ended["silent"] == (D0 + timedelta(7), "data")
+    assert {d["reason"] for d in data} == {"data"}

@@ -655,7 +655,7 @@ def test_assign_and_end(world: World) -> None:
     created = world.ok("POST", "/assignments", "physio_a", status=201, json={
         "device_id": SOCK_A, "patient": PA, "valid_from": "2025-01-01T09:00:00+01:00"})  # fmt: skip
     assert created == {"id": created["id"], "device_id": SOCK_A, "patient": PA,
-                       "valid_from": "2025-01-01T08:00:00Z", "valid_to": None}  # fmt: skip
+                       "valid_from": "2025-01-01T08:00:00Z", "valid_to": None, "leg": None}  # fmt: skip
     assert world.audit_count() == before + 1
     clash = {"device_id": SOCK_A, "patient": PA, "valid_from": "2025-06-01T00:00:00Z"}
     world.refused("POST", "/assignments", "admin", 409, json=clash, match="end that first")
@@ -730,7 +730,7 @@ def test_prescribe_sock_and_boot(world: World) -> None:
         "zones": ["ankle", "calf"], "wear_hours_per_day": 10.0, "wear_days_per_week": 7, "sessions_per_week": None,
         "session_min_minutes": None, "session_max_minutes": None, "max_chamber_mmhg": None,
         "out_of_range_tolerance_minutes": 30.0, "max_silence_hours": 24.0, "override_by": None,
-        "override_reason": None}  # fmt: skip
+        "override_reason": None, "legs": None, "supersedes": None}  # fmt: skip
     assert world.audit_count() == before + 1
     boot = world.ok("POST", "/prescriptions", json=_boot(), status=201)  # a boot beside a sock is fine
     assert (boot["garment_kind"], boot["zones"], boot["max_chamber_mmhg"], boot["class_system"]) == (
@@ -852,18 +852,29 @@ def test_list_and_get_prescriptions(world: World) -> None:
 
 def test_update_prescription(world: World) -> None:
     rx = world.ok("POST", "/prescriptions", json=_sock(), status=201)
+    # A change of what is prescribed is a new version from its effective date: the old one is never rewritten.
     updated = world.ok("PATCH", f"/prescriptions/{rx['id']}", "physio_a",
-                       json={"wear_hours_per_day": 12, "valid_to": "2025-12-31", "class_name": "1"})  # fmt: skip
-    assert updated == rx | {"wear_hours_per_day": 12.0, "valid_to": "2025-12-31", "class_name": "1",
-                            "ankle_min_mmhg": 18.0, "ankle_max_mmhg": 21.0}  # fmt: skip
+                       json={"wear_hours_per_day": 12, "valid_to": "2025-12-31", "class_name": "1",
+                             "effective_from": "2025-06-01"})  # fmt: skip
+    assert updated == rx | {"id": updated["id"], "wear_hours_per_day": 12.0, "valid_from": "2025-06-01",
+                            "valid_to": "2025-12-31", "class_name": "1", "ankle_min_mmhg": 18.0,
+                            "ankle_max_mmhg": 21.0, "supersedes": rx["id"]}  # fmt: skip
+    assert world.ok("GET", f"/prescriptions/{rx['id']}") == rx | {"valid_to": "2025-05-31"}
     entry = world.ok("GET", f"/patients/{PA}/audit", params={"limit": 1})[0]
-    assert entry["changes"]["before"] == {"wear_hours_per_day": 10.0, "valid_to": None, "class_name": "2"}
+    assert entry["changes"]["supersedes"] == rx["id"] and entry["changes"]["effective_from"] == "2025-06-01"
+    world.refused("PATCH", f"/prescriptions/{rx['id']}", "admin", 422, match="ended on 2025-05-31",
+                  json={"wear_hours_per_day": 9, "effective_from": "2025-07-01"})  # fmt: skip
+    world.refused("PATCH", f"/prescriptions/{rx['id']}", "admin", 422, match="days already judged",
+                  json={"wear_hours_per_day": 9, "effective_from": "2025-02-01"})  # fmt: skip
+    rx = updated
     path = f"/prescriptions/{rx['id']}"
     world.refused("PATCH", path, "admin", 422, json={"valid_to": "2025-01-01"}, match="before valid_from")
-    world.refused("PATCH", path, "admin", 422, json={"class_system": "uk", "class_name": "4"}, match="UK has")
-    world.refused("PATCH", path, "admin", 422, json={"zones": ["foot"]}, match="sock zones")
+    july = {"effective_from": "2025-07-01"}
+    world.refused("PATCH", path, "admin", 422, json={"class_system": "uk", "class_name": "4"} | july,
+                  match="UK has")  # fmt: skip
+    world.refused("PATCH", path, "admin", 422, json={"zones": ["foot"]} | july, match="sock zones")
     world.refused("PATCH", path, "admin", 422, json={"garment_kind": "boot"}, match="extra")
-    world.refused("PATCH", path, "admin", 422, json={"class_system": "explicit", "ankle_min_mmhg": None},
+    world.refused("PATCH", path, "admin", 422, json={"class_system": "explicit", "ankle_min_mmhg": None} | july,
                   match="explicit class needs")  # fmt: skip
     world.refused("PATCH", path, "physio_b", 404, json={"wear_hours_per_day": 1})
     world.refused("PATCH", path, "ingester", 403, json={"wear_hours_per_day": 1})

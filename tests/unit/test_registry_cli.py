@@ -99,7 +99,7 @@ def test_every_command_explains_itself(run: Run) -> None:
 
 
 def test_migrate_and_clinics(run: Run) -> None:
-    assert "schema at revision 0001" in run("migrate").stdout
+    assert "schema at revision 0002_clinical" in run("migrate").stdout
     assert run("migrate").exit_code == 0
     run("clinic", "add", "bowvalley", "--name", "Bow Valley", "--timezone", "America/Edmonton")
     table = run("clinic", "list").stdout.splitlines()
@@ -215,13 +215,20 @@ def test_prescriptions_and_contraindications(clinic: Run) -> None:
     assert "already has a sock prescription" in fails(
         run, "prescribe", "--patient", "BV-0001", "--garment-kind", "sock", "--valid-from", "2026-12-01",
         "--class-system", "us", "--class-name", "1", "--wear-hours-per-day", "8")  # fmt: skip
-    run("prescription", "update", "1", "--wear-hours-per-day", "12", "--valid-to", "2026-12-31")
-    shown = as_json(run("prescription", "show", "1", "--json"))
-    assert (shown["wear_hours_per_day"], shown["valid_to"]) == (12.0, "2026-12-31")
-    run("prescription", "update", "1", "--open-ended")
-    assert as_json(run("prescription", "show", "1", "--json"))["valid_to"] is None
-    assert len(as_json(run("prescription", "list", "--patient", "BV-0001", "--json"))) == 2
-    assert "ankle_min_mmhg" in run("prescription", "show", "2").stdout
+    # A change is a new version from its effective date; the old one ends the day before, unchanged.
+    out = run("prescription", "update", "1", "--wear-hours-per-day", "12", "--valid-to", "2026-12-31",
+              "--effective-from", "2026-11-20")  # fmt: skip
+    assert out.stdout.endswith("(new version from 2026-11-20; #1 ends the day before)\n")
+    (new_id,) = [r["id"] for r in as_json(run("prescription", "list", "--patient", "BV-0001", "--json"))
+                 if r["supersedes"] == 1]  # fmt: skip
+    shown = as_json(run("prescription", "show", str(new_id), "--json"))
+    assert (shown["wear_hours_per_day"], shown["valid_from"], shown["valid_to"]) == (12.0, "2026-11-20", "2026-12-31")
+    old = as_json(run("prescription", "show", "1", "--json"))
+    assert (old["wear_hours_per_day"], old["valid_to"]) == (10.0, "2026-11-19")
+    run("prescription", "update", str(new_id), "--open-ended")  # ending (or not) is not a new version
+    assert as_json(run("prescription", "show", str(new_id), "--json"))["valid_to"] is None
+    assert len(as_json(run("prescription", "list", "--patient", "BV-0001", "--json"))) == 3
+    assert "ankle_min_mmhg" in run("prescription", "show", "1").stdout
 
     run("contraindication", "add", "BV-0002", "--kind", "abpi", "--abpi", "0.5", "--noted-on", "2026-10-01")
     refused = fails(run, "prescribe", "--patient", "BV-0002", "--garment-kind", "sock", "--class-system", "uk",

@@ -1,0 +1,205 @@
+"""Issue 11's situations graded end to end: real broker, ingester, InfluxDB, monitor and SMTP server.
+
+One 14-day backfill of the clinical scenarios (``simulators.scenarios.CLINICAL_SCENARIOS``) is published
+through Mosquitto and the ingester (tagging from a registry file), then:
+
+- every patient-day's flags, what it can judge, and its wear (per patient and per leg) are compared with the
+  ground truth;
+- the monitor is stepped through the period as if it had run live, evaluating after each local day (the
+  registry changes a physio makes during the period are made at their day), and every e-mail it sends is
+  compared with the ground truth's ``emails``: the same openings and resolutions, with the same reasons, and
+  nothing else (no "[Resolved]" after a silence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from compression.localservers import InfluxDB, Mosquitto
+from devices.registry.db import make_engine, migrate, session_factory
+from devices.registry.service import Registry
+from monitor.app import Monitor
+from monitor.compliance import day_stats, flags_for
+from monitor.model import DayResult, PatientContext
+from monitor.registry import load_contexts
+from monitor.settings import MonitorSettings
+from monitor.state import Outbox, State
+from simulators.registration import register_fleet
+from simulators.run import RunOptions, gateway_plan
+from simulators.scenarios import CLINICAL_SCENARIOS, Fleet, build_fleet
+from tests.integration.conftest import Names, running, settings_for
+from tests.integration.test_compliance_graded import Part, local_midnight, publish
+from tests.smtp import SmtpTestServer
+
+pytestmark = pytest.mark.integration
+
+TZ = "America/Edmonton"
+DAYS = 14
+# Not in the ground truth: the live-only low-battery notice (today's battery, not a day's flag).
+LIVE_ONLY = {"low_battery"}
+
+
+@dataclass
+class Graded:
+    fleet: Fleet
+    truth: dict[str, Any]
+    database: str
+    registry_url: str
+    influx_url: str
+    tmp: Path
+
+
+def new_names() -> Names:
+    token = uuid.uuid4().hex[:8]
+    return Names(database=f"t_clinical_{token}", topic_root=f"test-{token}/garments/v1", client_id=f"ingest-{token}",
+                 prefix=f"cln{token[:4]}")  # fmt: skip
+
+
+def contexts_of(url: str, now: datetime) -> list[PatientContext]:
+    engine = make_engine(url)
+    try:
+        return load_contexts(Registry(session_factory(engine)), now)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def graded(mosquitto: Mosquitto, influx: InfluxDB, tmp_path_factory: pytest.TempPathFactory) -> Graded:
+    """The clinical scenarios over the 14 complete local days before today, stored through the pipeline."""
+    names = new_names()
+    end = local_midnight(datetime.now(UTC), TZ)
+    fleet = build_fleet(seed=11, days=DAYS, end=end, scenarios=list(CLINICAL_SCENARIOS))
+    truth = fleet.ground_truth()
+    options = RunOptions(mosquitto.url, connections=2, topic_root=names.topic_root, client_prefix=f"gw-{names.prefix}")
+    tmp = tmp_path_factory.mktemp("clinical")
+    url = f"sqlite:///{tmp / 'registry.db'}"
+    engine = make_engine(url)
+    migrate(engine)
+    register_fleet(Registry(session_factory(engine)), fleet, gateway_plan(fleet, options))
+    engine.dispose()
+
+    async def go() -> None:
+        async with running(settings_for(mosquitto, influx, names, registry_url=url)):
+            await publish(Part(fleet, lambda m: True), options, influx, names.database, int(time.time() * 1000),
+                          (0, 0))  # fmt: skip
+
+    asyncio.run(go())
+    return Graded(fleet, truth, names.database, url, influx.url, tmp)
+
+
+def by_patient(truth: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {p["patient"]: p for p in truth["patients"]}
+
+
+async def results_now(g: Graded) -> dict[str, list[DayResult]]:
+    contexts = contexts_of(g.registry_url, datetime.now(UTC))
+    stats = await day_stats(g.influx_url, g.database, contexts, DAYS)
+    return {c.patient: flags_for(c, stats[c.patient]) for c in contexts}
+
+
+async def test_days_flags_and_wear_match_the_ground_truth(graded: Graded) -> None:
+    results = await results_now(graded)
+    matched, worst = 0, 0.0
+    for code, patient in by_patient(graded.truth).items():
+        got = {r.stats.day.isoformat(): r for r in results[code]}
+        for day in patient["days"]:
+            if not day["complete"]:
+                continue
+            r = got[day["date"]]
+            where = (patient["scenario"], day["date"])
+            assert list(r.flags or ()) == day["flags"], where
+            assert sorted(r.judged or ()) == day["judged"], where
+            worst = max(worst, abs(r.stats.wear_s - day["wear_s"]))
+            matched += 1
+    assert worst < 0.01
+    print(f"clinical: {matched} patient-days graded, flags and judged flags exact, largest wear difference "
+          f"{worst:.4f} s")  # fmt: skip
+
+
+def monitor_settings(g: Graded, smtp: SmtpTestServer, state: Path) -> MonitorSettings:
+    return MonitorSettings(influx_url=g.influx_url, influx_database=g.database, registry_database_url=g.registry_url,
+                           state_database_url=f"sqlite:///{state}", days_back=DAYS + 2, smtp_host="127.0.0.1",
+                           smtp_port=smtp.port, smtp_tls="off", write_flags=False, log_format="console")  # fmt: skip
+
+
+def sent_episodes(state: Path) -> list[dict[str, Any]]:
+    """Every episode e-mail the monitor queued, as the ground truth lists them."""
+    st = State(f"sqlite:///{state}")
+    try:
+        with st.transaction() as session:
+            rows = [(o.kind, o.data["mail"]) for o in session.scalars(select(Outbox)) if o.kind != "digest"]
+    finally:
+        st.close()
+    out = []
+    for kind, mail in rows:
+        if mail["flag"] in LIVE_ONLY:
+            continue
+        start = datetime.fromisoformat(mail["started_at"]).date().isoformat()
+        entry = {"patient": mail["patient"], "kind": kind, "flag": mail["flag"], "start": start}
+        if kind == "resolved":
+            entry |= {"day": datetime.fromisoformat(mail["ended_at"]).date().isoformat(),
+                      "reason": mail["ended_reason"]}  # fmt: skip
+        else:
+            entry["day"] = start
+        out.append(entry)
+    return sorted(out, key=lambda m: (m["patient"], m["day"], m["kind"], m["flag"]))
+
+
+def expected_emails(truth: dict[str, Any]) -> list[dict[str, Any]]:
+    out = [{"patient": p["patient"], **m} for p in truth["patients"] for m in p["emails"]]
+    return sorted(out, key=lambda m: (m["patient"], m["day"], m["kind"], m["flag"]))
+
+
+async def step_monitor(g: Graded, smtp: SmtpTestServer, state: Path,
+                       on_day: Callable[[date], None] = lambda d: None) -> Monitor:  # fmt: skip
+    """The monitor evaluating after each local day of the period, as if it had run live."""
+    mon = Monitor(monitor_settings(g, smtp, state))
+    for day in g.truth["patients"][0]["days"]:
+        if not day["complete"]:
+            continue
+        on_day(date.fromisoformat(day["date"]))
+        assert await mon.evaluate_once(now_ms=day["end_ms"] + 1)
+        await mon.send_due()
+    return mon
+
+
+async def test_the_monitor_sends_exactly_the_ground_truths_emails(graded: Graded) -> None:
+    state = graded.tmp / "monitor-stepped.db"
+    with SmtpTestServer() as smtp:
+        await step_monitor(graded, smtp, state)
+        received = smtp.received()
+    got = sent_episodes(state)
+    want = expected_emails(graded.truth)
+    assert got == want
+    subjects = [str(m.message["Subject"]) for m in received]
+    assert len([s for s in subjects if not s.startswith("Daily digest")]) >= len(want)
+    # A problem followed by silence is not resolved: no such e-mail was sent.
+    (rolled,) = [p for p in graded.truth["patients"] if p["scenario"] == "rolled_then_silent"]
+    assert not [s for s in subjects if s.startswith("[Resolved]") and rolled["patient"] in s]
+    assert any(s.startswith("[Warning] Rolled down") and rolled["patient"] in s for s in subjects)
+    assert any(s.startswith("[Warning] No data from the garment") and rolled["patient"] in s for s in subjects)
+    # Lowering the target ends the under-use episode in those words; raising it alerts only from the change on.
+    (lowered,) = [p for p in graded.truth["patients"] if p["scenario"] == "rx_lowered"]
+    (mail,) = [m for m in received if str(m.message["Subject"]).startswith("[Prescription changed] Under-use")]
+    assert lowered["patient"] in str(mail.message["Subject"])
+    body = mail.message.get_body(("plain",))
+    assert body is not None
+    text = body.get_content()
+    assert "ended by a change of prescription, not by a change in wear" in text
+    assert f"the prescription changed on {lowered['prescriptions'][1]['from']}: wear target 8 h -> 4 h" in text
+    (raised,) = [p for p in graded.truth["patients"] if p["scenario"] == "rx_raised"]
+    opened = [m for m in got if m["patient"] == raised["patient"]]
+    assert [(m["kind"], m["flag"], m["start"]) for m in opened] == [
+        ("opened", "under_use", raised["prescriptions"][1]["from"])]  # fmt: skip
+    print(f"clinical: {len(got)} episode e-mails, exactly the ground truth's: "
+          f"{sorted((m['kind'], m['flag']) for m in got)}")  # fmt: skip
