@@ -64,7 +64,7 @@ from monitor.mail import (
     compose_episode,
     next_attempt,
 )
-from monitor.model import BootRx, DayResult, DayStats, PatientContext, SockRx
+from monitor.model import BootRx, DayResult, DayStats, LegStats, PatientContext, SockRx, split_flag
 from monitor.registry import load_contexts
 from monitor.settings import MonitorSettings
 from monitor.state import DayFlags, Episode, Outbox, State
@@ -129,21 +129,24 @@ def _evidence(ctx: PatientContext, flag: str, ending: Ending, results: Sequence[
 
 
 def _day_evidence(ctx: PatientContext, flag: str, s: DayStats) -> str:
-    """One day's figures that bear on ``flag`` (the day showed it gone)."""
-    base = flag.partition(":")[0]
+    """One day's figures that bear on ``flag`` (the day showed it gone); a leg's flag, that leg's figures."""
+    base, leg_name = split_flag(flag)
+    rx = ctx.rx_on(s.day)
     if base == "silent":
         return f"{s.day}: readings received again ({s.points} stored)"
-    if isinstance(ctx.rx, SockRx):
-        worn = f"{s.day}: worn {s.wear_s / 3600:.1f} h"
+    if isinstance(rx, SockRx):
         if base == "under_use":
-            return f"{worn} of {ctx.rx.wear_hours_per_day:g} h"
+            return f"{s.day}: worn {s.wear_s / 3600:.1f} h of {rx.wear_hours_per_day:g} h"
+        leg = s.legs.get(leg_name) if leg_name else None
+        figures: DayStats | LegStats = leg or s
+        worn = f"{s.day}: {leg_name + ' leg ' if leg else ''}worn {figures.wear_s / 3600:.1f} h"
         if base == "too_tight":
-            return f"{worn}, {s.above_range_s / 60:.0f} min above {ctx.rx.high_mmhg:g} mmHg"
+            return f"{worn}, {figures.above_range_s / 60:.0f} min above {rx.high_mmhg:g} mmHg"
         if base == "too_loose":
-            return f"{worn}, {s.below_range_s / 60:.0f} min below {ctx.rx.low_mmhg:g} mmHg"
+            return f"{worn}, {figures.below_range_s / 60:.0f} min below {rx.low_mmhg:g} mmHg"
         if base == "rolled_down":
-            return f"{worn}, {s.reversed_gradient_s / 60:.0f} min with calf above ankle"
-        return f"{worn}, weekly ankle median not below {ctx.rx.low_mmhg:g} mmHg"
+            return f"{worn}, {figures.reversed_gradient_s / 60:.0f} min with calf above ankle"
+        return f"{worn}, weekly ankle median not below {rx.low_mmhg:g} mmHg"
     if isinstance(ctx.rx, BootRx):
         lengths = ", ".join(f"{d / 60:.0f} min" for d in s.session_durations_s) or "none"
         peak = f", peak {s.peak_mmhg:.0f} mmHg" if s.peak_mmhg is not None else ""
@@ -172,11 +175,16 @@ def _summary(ctx: PatientContext, episode: Episode, results: Sequence[DayResult]
         if r.stats.day < episode.start_day or (episode.end_day and r.stats.day >= episode.end_day):
             continue
         s = r.stats
-        if isinstance(ctx.rx, SockRx):
+        rx = ctx.rx_on(s.day)  # each day against its own prescription version
+        if isinstance(rx, SockRx):
             ankle = f", ankle median {s.ankle_median_mmhg:.1f} mmHg" if s.ankle_median_mmhg else ""
-            lines.append(f"{s.day}: worn {s.wear_s / 3600:.1f} h of {ctx.rx.wear_hours_per_day:g} h{ankle}")
-        elif isinstance(ctx.rx, BootRx):
-            peak = f", peak {s.peak_mmhg:.0f} mmHg (max {ctx.rx.max_chamber_mmhg:g})" if s.peak_mmhg else ""
+            if len(s.legs) > 1:  # a stocking on each leg: each leg's time and median
+                ankle = "".join(f"; {name} leg {leg.wear_s / 3600:.1f} h" + (
+                    f", ankle median {leg.ankle_median_mmhg:.1f} mmHg" if leg.ankle_median_mmhg else "")
+                    for name, leg in sorted(s.legs.items()))  # fmt: skip
+            lines.append(f"{s.day}: worn {s.wear_s / 3600:.1f} h of {rx.wear_hours_per_day:g} h{ankle}")
+        elif isinstance(rx, BootRx):
+            peak = f", peak {s.peak_mmhg:.0f} mmHg (max {rx.max_chamber_mmhg:g})" if s.peak_mmhg else ""
             lines.append(f"{s.day}: {s.sessions_started} session(s){peak}")
     return tuple(lines[-7:])
 

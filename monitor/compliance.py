@@ -48,6 +48,7 @@ from monitor.model import (
     BootRx,
     DayResult,
     DayStats,
+    LegStats,
     PatientContext,
     SockRx,
 )
@@ -166,13 +167,13 @@ def plan_zone(timezone: str, contexts: Sequence[PatientContext], days: list[tupl
     everyone = [c.patient for c in contexts]
     socks = [c for c in contexts if c.kind == "sock"]
     boots = [c.patient for c in contexts if c.kind == "boot"]
-    zone.add(q.daily_samples(everyone, timezone, start, end), "samples")
+    zone.add(q.daily_samples(everyone, timezone, start, end, per_device=True), "samples")
     zone.add(q.daily_events(everyone, timezone, start, end), "events")
     zone.add(q.daily_statuses(everyone, timezone, start, end), "statuses")
-    zone.add(q.daily_worn(everyone, timezone, start, end, medians), "worn")
+    zone.add(q.daily_worn(everyone, timezone, start, end, medians, per_device=True), "worn")
     if socks:
         codes = [c.patient for c in socks]
-        zone.add(q.daily_reversed(codes, timezone, start, end), "reversed")
+        zone.add(q.daily_reversed(codes, timezone, start, end, per_device=True), "reversed")
         # Each day against its own prescription version's band: patients grouped by band and by the stretch of
         # days that band applied (usually the whole range: one statement per band, as before).
         bands: dict[tuple[float, float, int, int], list[str]] = defaultdict(list)
@@ -180,15 +181,15 @@ def plan_zone(timezone: str, contexts: Sequence[PatientContext], days: list[tupl
             for low, high, span_start, span_end in band_spans(c, days):
                 bands[(low, high, max(span_start, start), min(span_end, end))].append(c.patient)
         for (low, high, span_start, span_end), members in sorted(bands.items()):
-            zone.add(q.daily_above(members, high, timezone, span_start, span_end), "above")
-            zone.add(q.daily_below(members, low, timezone, span_start, span_end), "below")
-            zone.add(q.daily_not_below(members, low, timezone, span_start, span_end), "not_below")
+            zone.add(q.daily_above(members, high, timezone, span_start, span_end, per_device=True), "above")
+            zone.add(q.daily_below(members, low, timezone, span_start, span_end, per_device=True), "below")
+            zone.add(q.daily_not_below(members, low, timezone, span_start, span_end, per_device=True), "not_below")
         # The exact weekly median for display: the window ending with the last complete day.
         complete = [d for d in days if d[2] <= now_ms]
         if complete and medians:
             last = complete[-1]
             window_start = days[max(0, days.index(last) - WINDOW_DAYS + 1)][1]
-            zone.add(q.ankle_median(codes, window_start, last[2]), "median_7d")
+            zone.add(q.ankle_median(codes, window_start, last[2], per_device=True), "median_7d")
     if boots:
         zone.add(q.daily_peak(boots, timezone, start, end), "peak")
         zone.add(q.session_ends(boots, start, end), "ends")
@@ -216,8 +217,11 @@ def _rows(series: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
             yield {**tags, **dict(zip(s["columns"], values, strict=True))}
 
 
+_LEG_READERS: Final = frozenset({"samples", "worn", "reversed", "above", "below", "not_below"})
+
+
 def _apply(zone: _Zone, reader: str, series: list[dict[str, Any]], stats: dict[str, dict[date, DayStats]],
-           kinds: Mapping[str, str | None]) -> None:  # fmt: skip
+           contexts: Mapping[str, PatientContext]) -> None:  # fmt: skip
     by_start = {start: day for day, start, _ in zone.days}
     bounds = [(start, end, day) for day, start, end in zone.days]
 
@@ -234,11 +238,10 @@ def _apply(zone: _Zone, reader: str, series: list[dict[str, Any]], stats: dict[s
         if patient not in stats or day is None or day not in stats[patient]:
             continue
         s = stats[patient][day]
-        if reader == "samples":
-            s.samples = int(row["samples"] or 0)
-            s.wear_s = float(row["wear_s"] or 0.0)
-            s.points += s.samples
-            s.battery_min_pct = None if row["battery_min_pct"] is None else float(row["battery_min_pct"])
+        if reader in _LEG_READERS:
+            device = str(row.get("device") or "")
+            leg = s.legs.setdefault(contexts[patient].leg_of(device, s.start_ms, s.end_ms), LegStats())
+            _apply_leg(reader, row, s, leg, device)
         elif reader == "events":
             n = int(row["events"] or 0)
             s.points += n
@@ -246,21 +249,6 @@ def _apply(zone: _Zone, reader: str, series: list[dict[str, Any]], stats: dict[s
                 s.sessions_started += n
         elif reader == "statuses":
             s.points += int(row["statuses"] or 0)
-        elif reader == "worn":
-            s.worn_samples = int(row["worn_samples"] or 0)
-            if kinds.get(patient) == "sock":
-                s.ankle_samples = int(row["ankle_samples"] or 0)
-                s.ankle_median_mmhg = _float(row.get("ankle_median_mmhg"))
-        elif reader == "reversed":
-            s.reversed_gradient_s = float(row["reversed_gradient_s"] or 0.0)
-        elif reader == "above":
-            s.above_range_s = float(row["above_range_s"] or 0.0)
-        elif reader == "below":
-            s.below_range_s = float(row["below_range_s"] or 0.0)
-            s.below_samples = int(row["below_samples"] or 0)
-            s.below_max_mmhg = _float(row["below_max_mmhg"])
-        elif reader == "not_below":
-            s.not_below_min_mmhg = _float(row["not_below_min_mmhg"])
         elif reader == "peak":
             values = [float(v) for k, v in row.items() if k in ZONES and v is not None]
             s.peak_mmhg = max(values) if values else None
@@ -268,11 +256,89 @@ def _apply(zone: _Zone, reader: str, series: list[dict[str, Any]], stats: dict[s
             s.session_durations_s.append(float(row["duration_s"]))
 
 
-def _median_7d(series: list[dict[str, Any]], stats: dict[str, dict[date, DayStats]], last: date) -> None:
+def _apply_leg(reader: str, row: Mapping[str, Any], s: DayStats, leg: LegStats, device: str) -> None:
+    """One garment's row of a day: into its leg's figures and the patient's totals (sums; wear becomes the union
+    of the garments' worn time later, when more than one was worn)."""
+    if reader == "samples":
+        n, worn_s = int(row["samples"] or 0), float(row["wear_s"] or 0.0)
+        leg.samples, leg.wear_s = leg.samples + n, leg.wear_s + worn_s
+        s.samples, s.points = s.samples + n, s.points + n
+        s.wear_s, s.wear_sum_s = s.wear_s + worn_s, s.wear_sum_s + worn_s
+        battery = _float(row["battery_min_pct"])
+        s.battery_min_pct = _lowest(s.battery_min_pct, battery)
+    elif reader == "worn":
+        n, ankles = int(row["worn_samples"] or 0), int(row["ankle_samples"] or 0)
+        leg.worn_samples, leg.ankle_samples = leg.worn_samples + n, leg.ankle_samples + ankles
+        s.worn_samples, s.ankle_samples = s.worn_samples + n, s.ankle_samples + ankles
+        leg.ankle_median_mmhg = _float(row.get("ankle_median_mmhg"))
+        if n:
+            s.worn_devices.add(device)
+    elif reader == "reversed":
+        value = float(row["reversed_gradient_s"] or 0.0)
+        leg.reversed_gradient_s, s.reversed_gradient_s = leg.reversed_gradient_s + value, s.reversed_gradient_s + value
+    elif reader == "above":
+        value = float(row["above_range_s"] or 0.0)
+        leg.above_range_s, s.above_range_s = leg.above_range_s + value, s.above_range_s + value
+    elif reader == "below":
+        value, n = float(row["below_range_s"] or 0.0), int(row["below_samples"] or 0)
+        high = _float(row["below_max_mmhg"])
+        leg.below_range_s, leg.below_samples = leg.below_range_s + value, leg.below_samples + n
+        s.below_range_s, s.below_samples = s.below_range_s + value, s.below_samples + n
+        leg.below_max_mmhg, s.below_max_mmhg = _highest(leg.below_max_mmhg, high), _highest(s.below_max_mmhg, high)
+    elif reader == "not_below":
+        low = _float(row["not_below_min_mmhg"])
+        leg.not_below_min_mmhg = _lowest(leg.not_below_min_mmhg, low)
+        s.not_below_min_mmhg = _lowest(s.not_below_min_mmhg, low)
+
+
+def _lowest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _highest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def union_seconds(spans: Iterable[tuple[int, float]]) -> float:
+    """Seconds covered by the union of ``[t, t + worn_s)`` (``t`` epoch ms): the time in any garment, never a sum."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted((float(t), float(t) + worn * 1000.0) for t, worn in spans if worn > 0):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total / 1000.0
+
+
+async def _unions(reader: InfluxReader, database: str, stats: Mapping[str, Mapping[date, DayStats]]) -> None:
+    """Each patient-day with more than one garment worn: wear becomes the union of their worn spans, read exactly
+    (one statement per such patient over the range of those days)."""
+    wanted = {code: [d for d in days.values() if len(d.worn_devices) > 1] for code, days in stats.items()}
+    wanted = {code: days for code, days in wanted.items() if days}
+    codes = sorted(wanted)
+    statements = [q.worn_spans(c, min(d.start_ms for d in wanted[c]), max(d.end_ms for d in wanted[c])) for c in codes]
+    for code, series in zip(codes, await reader.run(database, statements) if statements else [], strict=True):
+        spans = [(int(row["time"]), float(row["worn_s"] or 0.0)) for row in _rows(series)]
+        for day in wanted[code]:
+            day.wear_s = union_seconds((t, w) for t, w in spans if day.start_ms <= t < day.end_ms)
+
+
+def _median_7d(series: list[dict[str, Any]], stats: dict[str, dict[date, DayStats]], last: date,
+               contexts: Mapping[str, PatientContext]) -> None:  # fmt: skip
     for row in _rows(series):
         patient = row.get("patient")
         if patient in stats and last in stats[patient]:
-            stats[patient][last].ankle_median_7d_mmhg = _float(row["ankle_median_mmhg"])
+            s = stats[patient][last]
+            leg = s.legs.setdefault(contexts[patient].leg_of(str(row.get("device") or ""), s.start_ms, s.end_ms),
+                                    LegStats())  # fmt: skip
+            leg.ankle_median_7d_mmhg = _float(row["ankle_median_mmhg"])
+
+
+def _one_leg_medians(days: Iterable[DayStats]) -> None:
+    """The patient's medians are their garment's when they wear one (with two, the medians are per leg)."""
+    for s in days:
+        if len(s.legs) == 1:
+            (leg,) = s.legs.values()
+            s.ankle_median_mmhg, s.ankle_median_7d_mmhg = leg.ankle_median_mmhg, leg.ankle_median_7d_mmhg
 
 
 def _float(value: Any) -> float | None:
@@ -346,7 +412,7 @@ async def raw_day_stats(
     position = 0
     for zone in zones:
         members = by_zone[zone.timezone]
-        kinds = {c.patient: c.kind for c in members}
+        by_code = {c.patient: c for c in members}
         stats = {c.patient: {day: DayStats(day, start, end, end <= now_ms) for day, start, end in zone.days}
                  for c in members}  # fmt: skip
         complete = [d for d, _, end in zone.days if end <= now_ms]
@@ -354,18 +420,20 @@ async def raw_day_stats(
             series = answers[position]
             position += 1
             if reader_name == "median_7d":
-                _median_7d(series, stats, complete[-1])
+                _median_7d(series, stats, complete[-1], by_code)
             else:
-                _apply(zone, reader_name, series, stats, kinds)
+                _apply(zone, reader_name, series, stats, by_code)
+        await _unions(reader, database, stats)
         for ctx in members:
             out[ctx.patient] = [stats[ctx.patient][d] for d, _, _ in zone.days]
+            _one_leg_medians(out[ctx.patient])
     return out
 
 
 # --- windows (pure) --------------------------------------------------------------------------------------------------
 
 
-def weekly_median_below(days: Sequence[DayStats], low_mmhg: float) -> bool | None:
+def weekly_median_below(days: Sequence[DayStats | LegStats], low_mmhg: float) -> bool | None:
     """Is the median ankle pressure of all worn samples of ``days`` strictly below ``low_mmhg``? ``None``: no sample.
 
     Composed exactly from the daily counts (the median itself is not
@@ -406,6 +474,8 @@ def with_windows(ctx: PatientContext, days: list[DayStats]) -> list[DayStats]:
         rx = ctx.rx_on(day.day)  # the window is judged against the day's own prescription version
         if isinstance(rx, SockRx):
             changes["ankle_7d_below_low"] = weekly_median_below(window, rx.low_mmhg)
+            changes["legs"] = {name: replace(leg, ankle_7d_below_low=weekly_median_below(
+                [d.legs[name] for d in window if name in d.legs], rx.low_mmhg)) for name, leg in day.legs.items()}
             target = rx.wear_hours_per_day * 3600
             changes["target_days_in_window"] = sum(1 for d in days[lo : i + 1] if d.wear_s >= target)
             changes["target_days_required_in_window"] = -(-rx.wear_days_per_week * held // 7)
@@ -437,14 +507,8 @@ def day_flags(ctx: PatientContext, day: DayStats) -> tuple[str, ...] | None:
         if day.wear_s < target and (rx.wear_days_per_week >= 7
                                     or day.target_days_in_window < day.target_days_required_in_window):  # fmt: skip
             flags.append(UNDER_USE)
-        if day.ankle_7d_below_low is True:
-            flags.append(WORN_OUT)
-        if day.above_range_s > rx.tolerance_s:
-            flags.append(TOO_TIGHT)
-        if day.below_range_s > rx.tolerance_s:
-            flags.append(TOO_LOOSE)
-        if day.reversed_gradient_s > SUSTAINED_S:
-            flags.append(ROLLED_DOWN)
+        for name, leg in sorted(day.legs.items()) if day.legs else [("", day)]:
+            flags += leg_flags(rx, leg, name)
     elif isinstance(rx, BootRx):
         flags.extend(safety_flags(ctx, day))
         if any(s < rx.session_min_s for s in day.session_durations_s):
@@ -456,6 +520,20 @@ def day_flags(ctx: PatientContext, day: DayStats) -> tuple[str, ...] | None:
     else:
         return None
     return tuple(sorted(flags)) or (COMPLIANT,)
+
+
+def leg_flags(rx: SockRx, leg: DayStats | LegStats, name: str = "") -> list[str]:
+    """Pressure, gradient and wear-out of one leg's garment, named ``flag:leg`` when the leg is recorded."""
+    found = []
+    if leg.ankle_7d_below_low is True:
+        found.append(WORN_OUT)
+    if leg.above_range_s > rx.tolerance_s:
+        found.append(TOO_TIGHT)
+    if leg.below_range_s > rx.tolerance_s:
+        found.append(TOO_LOOSE)
+    if leg.reversed_gradient_s > SUSTAINED_S:
+        found.append(ROLLED_DOWN)
+    return [f"{flag}:{name}" if name else flag for flag in found]
 
 
 def safety_flags(ctx: PatientContext, day: DayStats) -> tuple[str, ...]:
@@ -495,8 +573,9 @@ def judged_flags(ctx: PatientContext, day: DayStats) -> frozenset[str]:
     found = {SILENT}
     if isinstance(rx, SockRx):
         found.add(UNDER_USE)
-        if day.worn_samples > 0:
-            found |= WEAR_FLAGS
+        for name, leg in day.legs.items() if day.legs else [("", day)]:
+            if leg.worn_samples > 0:
+                found |= {f"{flag}:{name}" if name else flag for flag in WEAR_FLAGS}
     elif isinstance(rx, BootRx):
         found.add(BOOT_MISSED_SESSIONS)
         if day.session_durations_s:

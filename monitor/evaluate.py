@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from monitor.compliance import day_flags
 from monitor.episodes import Decision, Mark, Run, closed_unrecorded, flags_seen, reconcile, runs
-from monitor.model import LOW_BATTERY, SAFETY, SEVERITY, SILENT, DayResult, PatientContext, describe_change
+from monitor.model import LOW_BATTERY, SAFETY, SILENT, DayResult, PatientContext, describe_change, severity_of
 from monitor.state import DayFlags, Episode, State
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def _episodes(
 
 
 def _episode(ctx: PatientContext, run: Run, open_: bool) -> Episode:
-    return Episode(patient=ctx.patient, clinic=ctx.clinic, flag=run.flag, severity=SEVERITY.get(run.flag, "info"),
+    return Episode(patient=ctx.patient, clinic=ctx.clinic, flag=run.flag, severity=severity_of(run.flag),
                    start_day=run.start, last_day=run.last, end_day=None if open_ else run.end,
                    open_key=f"{ctx.patient}:{run.flag}" if open_ else None,
                    resolved_at=None if open_ else datetime.now(UTC))  # fmt: skip

@@ -51,12 +51,13 @@ from monitor.model import (
     BOOT_SHORT_SESSIONS,
     ROLLED_DOWN,
     SAFETY,
-    SEVERITY,
     SILENT,
     TOO_TIGHT,
     UNDER_USE,
     WORN_OUT,
     Severity,
+    severity_of,
+    split_flag,
 )
 
 if TYPE_CHECKING:
@@ -103,13 +104,18 @@ DASHBOARD_PATH: Final = "/d/compression-patient/patient"
 
 
 def flag_title(flag: str) -> str:
-    """The flag's short name in words (``rolled_down`` -> ``Rolled down``); unknown flags are de-underscored."""
-    return FLAG_TITLE.get(flag) or flag.replace("_", " ").capitalize()
+    """The flag's short name in words (``rolled_down`` -> ``Rolled down``, ``rolled_down:right`` -> ``Rolled down
+    (right leg)``); unknown flags are de-underscored."""
+    base, leg = split_flag(flag)
+    title = FLAG_TITLE.get(base) or base.replace("_", " ").capitalize()
+    return f"{title} ({leg} leg)" if leg in ("left", "right") else f"{title} ({leg} legs)" if leg else title
 
 
 def flag_explanation(flag: str) -> str:
     """What the flag means, in a sentence a physio understands."""
-    return FLAG_EXPLANATION.get(flag) or flag_title(flag).lower()
+    base, leg = split_flag(flag)
+    words = FLAG_EXPLANATION.get(base) or flag_title(base).lower()
+    return f"{words} (the stocking on the {leg} leg)" if leg in ("left", "right") else words
 
 
 def dashboard_link(dashboard_url: str, patient: str) -> str:
@@ -206,7 +212,7 @@ class DigestRow:
     @property
     def worst_severity(self) -> Severity | None:
         """The highest severity among the open flags."""
-        severities = [SEVERITY.get(f, "warning") for f in (*self.open_flags, *self.opened)]
+        severities = [severity_of(f) for f in (*self.open_flags, *self.opened)]
         return min(severities, key=_SEVERITY_RANK.__getitem__, default=None)
 
     def changes(self) -> list[str]:

@@ -41,6 +41,17 @@ SEVERITY: Final[dict[str, Severity]] = {
 SAFETY: Final = frozenset({BOOT_OVERPRESSURE})
 
 
+def split_flag(flag: str) -> tuple[str, str]:
+    """``rolled_down:right`` -> ``("rolled_down", "right")``; a flag of the patient has no leg (``""``)."""
+    base, _, leg = flag.partition(":")
+    return base, leg
+
+
+def severity_of(flag: str) -> Severity:
+    """A flag's severity (a leg's flag has its base flag's)."""
+    return SEVERITY.get(split_flag(flag)[0], "info")
+
+
 @dataclass(frozen=True, slots=True)
 class SockRx:
     """A sock/stocking prescription as the monitor needs it."""
@@ -97,6 +108,19 @@ class RxVersion:
         return self.valid_from <= day and (self.valid_to is None or day <= self.valid_to)
 
 
+LEGS: Final = ("left", "right", "both")
+
+
+@dataclass(frozen=True, slots=True)
+class Garment:
+    """One assignment of a garment to the patient: device, the leg it is worn on ("" not recorded), when."""
+
+    device: str
+    leg: str
+    from_ms: int
+    to_ms: int | None
+
+
 @dataclass(frozen=True, slots=True)
 class PatientContext:
     """One monitored patient: pseudonymous code, clinic and its time zone, physio, prescription, devices.
@@ -119,6 +143,13 @@ class PatientContext:
     # Every version of the prescription of this kind, oldest first; each day is judged against its own.
     # Empty (hand-made contexts): ``rx`` applies to every day.
     versions: tuple[RxVersion, ...] = ()
+    garments: tuple[Garment, ...] = ()  # every assignment of a garment to the patient, oldest first
+
+    def leg_of(self, device: str, start_ms: int, end_ms: int) -> str:
+        """The leg ``device`` was worn on in ``[start_ms, end_ms)`` ("" when not recorded or not known)."""
+        held = [g for g in self.garments if g.device == device and g.from_ms < end_ms
+                and (g.to_ms is None or g.to_ms > start_ms)]  # fmt: skip
+        return held[-1].leg if held else ""
 
     def version_on(self, day: date) -> RxVersion | None:
         """The prescription version in force on ``day`` (``None``: none, or no versions known)."""
@@ -134,6 +165,26 @@ class PatientContext:
     def pinned(self, version: RxVersion) -> PatientContext:
         """This patient as if ``version`` applied to every day (what a day would have been under it)."""
         return replace(self, rx=version.rx, versions=())
+
+
+@dataclass(slots=True)
+class LegStats:
+    """One leg's share of a day (socks): its garment's wear, pressure against the band, gradient, the weekly median
+    test. The leg is "" when the registry does not record it (one garment: the patient's figures)."""
+
+    samples: int = 0
+    worn_samples: int = 0
+    wear_s: float = 0.0
+    ankle_samples: int = 0
+    above_range_s: float = 0.0
+    below_range_s: float = 0.0
+    reversed_gradient_s: float = 0.0
+    below_samples: int = 0
+    below_max_mmhg: float | None = None
+    not_below_min_mmhg: float | None = None
+    ankle_median_mmhg: float | None = None
+    ankle_median_7d_mmhg: float | None = None
+    ankle_7d_below_low: bool | None = None
 
 
 @dataclass(slots=True)
@@ -170,6 +221,10 @@ class DayStats:
     sessions_in_window: int = 0
     sessions_required_in_window: int = 0
     battery_min_pct: float | None = None
+    # socks, per leg ("left", "right", "both"; "" not recorded); wear_s above is the union of the legs' worn time
+    legs: dict[str, LegStats] = field(default_factory=dict)
+    wear_sum_s: float = 0.0  # the garments' worn seconds added up (more than wear_s when two were worn at once)
+    worn_devices: set[str] = field(default_factory=set)  # garments with worn samples that day
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 from devices.registry import schemas as s
 from devices.registry.service import SYSTEM, Registry
-from monitor.model import BootRx, PatientContext, RxVersion, SockRx
+from monitor.model import BootRx, Garment, PatientContext, RxVersion, SockRx
 
 
 def load_contexts(registry: Registry, now: datetime | None = None) -> list[PatientContext]:
@@ -28,10 +28,13 @@ def load_contexts(registry: Registry, now: datetime | None = None) -> list[Patie
     for rx in registry.list_prescriptions(SYSTEM):
         prescriptions[rx.patient].append(rx)
     holding: dict[str, list[str]] = defaultdict(list)
+    garments: dict[str, list[Garment]] = defaultdict(list)
     now_ms = int(now.timestamp() * 1000)
-    for entry in registry.snapshot(SYSTEM).assignments:
-        if entry.from_ms <= now_ms and (entry.to_ms is None or now_ms < entry.to_ms):
-            holding[entry.patient].append(entry.device_id)
+    for a in registry.list_assignments(SYSTEM):
+        start, end = _ms(a.valid_from), _ms(a.valid_to) if a.valid_to else None
+        garments[a.patient].append(Garment(a.device_id, a.leg or "", start, end))
+        if start <= now_ms and (end is None or now_ms < end):
+            holding[a.patient].append(a.device_id)
     contexts = []
     for patient in registry.list_patients(SYSTEM):
         tz = clinics[patient.clinic].timezone
@@ -39,8 +42,13 @@ def load_contexts(registry: Registry, now: datetime | None = None) -> list[Patie
         physio = physios.get(patient.physio) if patient.physio else None
         ctx = _context(patient, tz, physio, _current(prescriptions[patient.code], today),
                        tuple(sorted(holding[patient.code])))  # fmt: skip
-        contexts.append(replace(ctx, versions=_versions(prescriptions[patient.code], ctx.kind)))
+        contexts.append(replace(ctx, versions=_versions(prescriptions[patient.code], ctx.kind),
+                                garments=tuple(garments[patient.code])))  # fmt: skip
     return contexts
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
 
 
 def _versions(rxs: list[s.PrescriptionOut], kind: str | None) -> tuple[RxVersion, ...]:

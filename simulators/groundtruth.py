@@ -411,3 +411,69 @@ def emails(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"kind": "resolved", "flag": e["flag"], "start": e["start"], "day": e["end"],
                         "reason": e["ended_by"]})  # fmt: skip
     return sorted(out, key=lambda m: (m["day"], m["kind"], m["flag"]))
+
+
+# --- several garments: a stocking on each leg (docs/ground-truth.md, "Legs") -----------------------------------------
+
+LEG_FLAGS: Final = ("too_tight", "too_loose", "rolled_down", "worn_out")  # pressure, gradient and wear-out: per leg
+
+
+def union_seconds(spans: Iterable[tuple[int, float]]) -> float:
+    """Seconds covered by the union of ``[t, t + worn_s)`` (``t`` in epoch ms): time in any garment, never a sum."""
+    total, end = 0.0, float("-inf")
+    for start, length in sorted((float(t), float(t) + s * 1000.0) for t, s in spans if s > 0):
+        if length > end:
+            total += length - max(start, end)
+            end = length
+    return total / 1000.0
+
+
+def _union_of(slices: list[DaySlice]) -> float:
+    spans = [(s.t, w) for day in slices for s, w in zip(day.samples, day.worn_s, strict=True) if s.worn]
+    return union_seconds(spans)
+
+
+def _leg_detail(rx: SockPrescription, days: list[DaySlice], i: int) -> tuple[dict[str, Any], list[str]]:
+    detail = _sock_day(rx, days, i)
+    flags = [f for f in detail.pop("_flags") if f in LEG_FLAGS]
+    day = days[i]
+    head = {"samples": len(day.samples), "worn_samples": sum(1 for s in day.samples if s.worn),
+            "wear_s": _r(day.wear_s), "wear_minutes": _r(day.wear_s / 60.0)}  # fmt: skip
+    return head | detail, flags
+
+
+def evaluate_legs(legs: list[tuple[str, Stored]], period: Period, rx: SockPrescription,
+                  changes: Sequence[tuple[int, SockPrescription]] = ()) -> list[dict[str, Any]]:  # fmt: skip
+    """The per-day truth of a patient wearing a stocking on each leg (``legs``: leg name, its stored data).
+
+    Wear is the time in any garment: the union of the legs' worn spans when more than one leg has worn
+    samples that day (else the one leg's sum). Pressure, gradient and wear-out are judged per leg and their
+    flags carry the leg (``rolled_down:right``); under-use and silence are the patient's.
+    """
+    sliced = [(leg, slice_days(stored, period)) for leg, stored in legs]
+    versions = [rx, *(new for _, new in changes)]
+    out = []
+    for i, day in enumerate(period.days):
+        version = version_index(changes, i)
+        today = [days[i] for _, days in sliced]
+        worn_legs = [d for d in today if any(s.worn for s in d.samples)]
+        wear = _union_of(worn_legs) if len(worn_legs) > 1 else sum(d.wear_s for d in today)
+        per_leg = {}
+        flags = []
+        for leg, days in sliced:
+            per_leg[leg], leg_flags = _leg_detail(versions[version], days, i)
+            flags += [f"{flag}:{leg}" for flag in leg_flags]
+        if wear < versions[version].wear_hours_per_day * 3600:
+            flags.append("under_use")
+        points = sum(d.points for d in today)
+        entry = {
+            "date": day.isoformat(), "start_ms": today[0].start_ms, "end_ms": today[0].end_ms,
+            "hours": (today[0].end_ms - today[0].start_ms) / 3_600_000, "complete": today[0].complete,
+            "samples": sum(len(d.samples) for d in today), "worn_samples": sum(len(d.worn_ankles()) for d in today),
+            "wear_s": _r(wear), "wear_minutes": _r(wear / 60.0), "wear_sum_s": _r(sum(d.wear_s for d in today)),
+            "legs": per_leg, "points": points, "prescription_version": version,
+            "flags": ((sorted(flags) or ["compliant"]) if points else ["silent"]) if today[0].complete else None,
+        }  # fmt: skip
+        entry["judged"] = judged("sock", entry) if today[0].complete else None
+        out.append(entry)
+    return out

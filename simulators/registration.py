@@ -81,16 +81,24 @@ def _patient_and_garment(
     plan, _ = fleet.plan(device)
     rx = plan.prescription
     zones = list(rx.zones if isinstance(rx, SockPrescription) else rx.chambers)
-    registry.create_patient(actor, s.PatientIn(clinic=clinic, code=device.patient, physio=physio,
-                                               display_name=f"Demo client {device.rank + 1}"))  # fmt: skip
+    if device.garment == 0:
+        registry.create_patient(actor, s.PatientIn(clinic=clinic, code=device.patient, physio=physio,
+                                                   display_name=f"Demo client {device.rank + 1}"))  # fmt: skip
     creds = registry.create_device(actor, s.DeviceIn(device_id=device.device_id, clinic=clinic,
                                                      kind=device.scenario.kind, zones=zones,
                                                      firmware=FIRMWARE, serial=f"SIM-{device.device_id}",
                                                      gateway=gateway))  # fmt: skip
     out.devices[device.device_id] = creds.password
-    registry.assign(actor, s.AssignmentIn(device_id=device.device_id, patient=device.patient, valid_from=since))
+    registry.assign(actor, s.AssignmentIn(device_id=device.device_id, patient=device.patient, valid_from=since,
+                                          leg=device.leg))  # fmt: skip
+    if device.garment > 0:
+        return  # the patient's other garment: one patient, one prescription
+    legs = device.scenario.legs
     # Prescribed from the period's first day: the days before are not the patient's to judge.
-    version = registry.prescribe(actor, prescription_for(device.patient, rx, fleet.period.days[0]))
+    initial = prescription_for(device.patient, rx, fleet.period.days[0])
+    if legs:
+        initial = initial.model_copy(update={"legs": "both" if len(legs) > 1 else legs[0]})
+    version = registry.prescribe(actor, initial)
     for first, changed in plan.changes:  # the physio's later changes: new versions from their day
         effective = fleet.period.days[first]
         fields = prescription_for(device.patient, changed, effective).model_dump(include=_VERSIONED)

@@ -43,6 +43,7 @@ from simulators.groundtruth import (
     emails,
     episodes,
     evaluate_days,
+    evaluate_legs,
     flags_as_of,
     rules,
     store,
@@ -71,12 +72,17 @@ Plan = SockPlan | BootPlan
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    """A named clinical or transport situation for one garment."""
+    """A named clinical or transport situation for one patient: one garment, or one per leg (``legs``).
+
+    ``build`` returns the patient's plan, or one plan per entry of ``legs`` (``("left", "right")``: a stocking
+    on each leg). ``legs`` ``None``: one garment whose leg is not recorded in the registry.
+    """
 
     name: str
     kind: Kind
     description: str
-    build: Callable[[random.Random, Period], Plan]
+    build: Callable[[random.Random, Period], Plan | tuple[Plan, ...]]
+    legs: tuple[str, ...] | None = None
 
 
 # --- socks ----------------------------------------------------------------------------------------------------------
@@ -177,6 +183,39 @@ def _rx_raised(rng: random.Random, period: Period) -> Plan:
     # Worn 8.75-10.5 h of 8 h; on day 9 the physio raises the target to 10 h: under-use from then on only.
     plan = _sock(rng, period)
     return replace(plan, changes=((9, replace(plan.prescription, wear_hours_per_day=10.0)),))
+
+
+def _shifted(day: WearDay, rng: random.Random) -> WearDay:
+    """The other leg's stocking: donned and doffed a minute or three after the first."""
+    def move(span: Interval) -> Interval:
+        return Interval(span.start_ms + rng.randrange(60_000, 180_000), span.end_ms + rng.randrange(0, 180_000))
+    return WearDay(tuple(move(span) for span in day.on), ())
+
+
+def _bilateral(rng: random.Random, period: Period) -> tuple[Plan, Plan]:
+    # A stocking on each leg, both worn 6.5-7.5 h a day (8 h prescribed: under-use, however the legs add up);
+    # the right one's top rolls down on most days.
+    left = _sock(rng, period, hours=(6.5, 7.5))
+    rolled = [rng.uniform(45, 120) if rng.random() < 0.6 else 0.0 for _ in period.days]
+    right_days = []
+    for day, minutes in zip(left.wear, rolled, strict=True):
+        moved = _shifted(day, rng)
+        right_days.append(WearDay(moved.on, _rolled_in(rng, moved, minutes)))
+    fit = fit_in_class(rng, left.prescription.pressure_class)
+    right = SockPlan(left.prescription, fit, tuple(right_days), Battery(level=rng.uniform(60, 100)))
+    return left, right
+
+
+def _rolled_in(rng: random.Random, day: WearDay, minutes: float) -> tuple[Interval, ...]:
+    if minutes <= 0:
+        return ()
+    spans = sorted(day.on, key=lambda s: s.start_ms - s.end_ms)
+    for span in spans:
+        room = span.end_ms - span.start_ms - int(minutes * 60_000) - 600_000
+        if room > 0:
+            begin = span.start_ms + 300_000 + int(rng.uniform(0.3, 1.0) * room)
+            return (Interval(begin, begin + int(minutes * 60_000)),)
+    return ()
 
 
 def _offline_backfill(rng: random.Random, period: Period) -> Plan:
@@ -281,6 +320,8 @@ CLINICAL_SCENARIOS: Final[dict[str, Scenario]] = {
                  "version): the under-use episode ends by the change, not by the client", _rx_lowered),
         Scenario("rx_raised", "sock", "worn 8.75-10.5 h of 8 h; from day 9 the prescription asks 10 h: "
                  "under-use only on days judged against the new version", _rx_raised),
+        Scenario("bilateral", "sock", "a stocking on each leg, both worn 6.5-7.5 h a day of 8 h (wear is their "
+                 "union, not the sum); the right one rolls down on most days", _bilateral, ("left", "right")),
     )
 }  # fmt: skip
 ALL_SCENARIOS: Final[dict[str, Scenario]] = {**SCENARIOS, **CLINICAL_SCENARIOS}
@@ -349,13 +390,15 @@ def _epoch_ms(end: datetime | int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Device:
-    """One garment of the fleet and the patient wearing it."""
+    """One garment of the fleet and the patient wearing it (``garment``: which of the patient's, on ``leg``)."""
 
     device_id: str
     patient: str
     scenario: Scenario
     seed: str
     rank: int
+    leg: str | None = None
+    garment: int = 0
 
 
 class Fleet:
@@ -369,7 +412,10 @@ class Fleet:
     def plan(self, device: Device) -> tuple[Plan, Iterator[Item]]:
         """The device's plan and its items, regenerated from its seed (nothing is kept in memory)."""
         rng = random.Random(device.seed)
-        plan = device.scenario.build(rng, self.period)
+        built = device.scenario.build(rng, self.period)
+        plan = built[device.garment] if isinstance(built, tuple) else built
+        if device.garment:  # the patient's other garments: their own random stream after the shared plan
+            rng = random.Random(f"{device.seed}/garment{device.garment}")
         if isinstance(plan, SockPlan):
             return plan, sock_items(device.device_id, plan, self.period, rng)
         return plan, boot_items(device.device_id, plan, self.period, rng)
@@ -403,27 +449,44 @@ class Fleet:
             "end_ms": self.period.end_ms,
             "days": [d.isoformat() for d in self.period.days],
             "rules": rules(),
-            "patients": [self._patient_truth(d, mode) for d in self.devices],
+            "patients": [self._patient_truth(group, mode) for group in self.patients()],
         }
+
+    def patients(self) -> list[tuple[Device, ...]]:
+        """Each patient's garments, in fleet order."""
+        groups: dict[str, list[Device]] = {}
+        for device in self.devices:
+            groups.setdefault(device.patient, []).append(device)
+        return [tuple(group) for group in groups.values()]
 
     def write_ground_truth(self, path: str | Path, mode: Mode = "backfill") -> None:
         """Write :meth:`ground_truth` as indented JSON."""
         Path(path).write_text(json.dumps(self.ground_truth(mode), indent=1) + "\n")
 
-    def _patient_truth(self, device: Device, mode: Mode) -> dict[str, Any]:
+    def _patient_truth(self, devices: tuple[Device, ...], mode: Mode) -> dict[str, Any]:
+        device = devices[0]
         plan, items_iter = self.plan(device)
         items = list(items_iter)
         stored = store(items, device.scenario.kind, mode, self.period)
+        if len(devices) > 1:
+            assert isinstance(plan, SockPlan)
+            legs = [(device.leg or "", stored)]
+            legs += [(d.leg or "", store(list(self.plan(d)[1]), d.scenario.kind, mode, self.period))
+                     for d in devices[1:]]  # fmt: skip
+            days = evaluate_legs(legs, self.period, plan.prescription, plan.changes)
+        else:
+            days = evaluate_days(stored, self.period, plan.prescription, plan.changes)
         return {
             "patient": device.patient,
             "device_id": device.device_id,
+            "devices": [{"device_id": d.device_id, "leg": d.leg} for d in devices],
             "kind": device.scenario.kind,
             "scenario": device.scenario.name,
             "timezone": self.period.tz.key,
             "prescription": _prescription(plan),
             "prescriptions": [{"from": self.period.days[first].isoformat(), **_prescription_of(rx)}
                               for first, rx in ((0, plan.prescription), *plan.changes)],
-            "days": (days := evaluate_days(stored, self.period, plan.prescription, plan.changes)),
+            "days": days,
             "episodes": (found := episodes(days)),
             "emails": emails(found),
             "rejections": dict(sorted(stored.rejections.items())),
@@ -540,13 +603,16 @@ def build_fleet(
 def _devices(names: list[str], rng: random.Random, seed: int) -> tuple[Device, ...]:
     numbers = {"sock": 0, "boot": 0}
     codes: set[str] = set()
-    devices = []
-    for rank, name in enumerate(names):
+    devices: list[Device] = []
+    for name in names:
         scenario = ALL_SCENARIOS[name]
-        numbers[scenario.kind] += 1
-        device_id = f"{scenario.kind}-{numbers[scenario.kind]:04d}"
         code = _patient_code(rng, codes)
-        devices.append(Device(device_id, code, scenario, f"{seed}/{device_id}/{name}", rank))
+        seed_of: str | None = None
+        for garment, leg in enumerate(scenario.legs or (None,)):
+            numbers[scenario.kind] += 1
+            device_id = f"{scenario.kind}-{numbers[scenario.kind]:04d}"
+            seed_of = seed_of or f"{seed}/{device_id}/{name}"  # one plan for all the patient's garments
+            devices.append(Device(device_id, code, scenario, seed_of, len(devices), leg, garment))
     return tuple(devices)
 
 

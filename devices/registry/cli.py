@@ -570,12 +570,15 @@ time_help = "ISO 8601 time with offset or Z, e.g. 2026-11-26T08:00:00Z"
 @click.argument("patient")
 @click.option("--from", "valid_from", default=None, help=f"Start ({time_help}); default now.")
 @click.option("--to", "valid_to", default=None, help=f"End ({time_help}); default open-ended.")
-def assign(device_id: str, patient: str, valid_from: str | None, valid_to: str | None) -> None:
+@click.option("--leg", type=click.Choice(["left", "right", "both"]), default=None,
+              help="The leg the garment is worn on (both: a boot pair); each leg is judged apart.")  # fmt: skip
+def assign(device_id: str, patient: str, valid_from: str | None, valid_to: str | None, leg: str | None) -> None:
     """Give garment DEVICE_ID to PATIENT (refused if it overlaps the garment's history)."""
     data = s.AssignmentIn.model_validate(_given(device_id=device_id, patient=patient, valid_from=valid_from,
-                                                valid_to=valid_to))  # fmt: skip
+                                                valid_to=valid_to, leg=leg))  # fmt: skip
     out = _registry().assign(_actor(), data)
-    click.echo(f"assignment {out.id}: {out.device_id} -> {out.patient} from {out.valid_from.isoformat()}"
+    click.echo(f"assignment {out.id}: {out.device_id} -> {out.patient}" + (f" ({out.leg} leg)" if out.leg else "")
+               + f" from {out.valid_from.isoformat()}"
                + (f" to {out.valid_to.isoformat()}" if out.valid_to else ""))  # fmt: skip
 
 

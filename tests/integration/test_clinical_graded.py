@@ -109,7 +109,7 @@ async def results_now(g: Graded) -> dict[str, list[DayResult]]:
 
 async def test_days_flags_and_wear_match_the_ground_truth(graded: Graded) -> None:
     results = await results_now(graded)
-    matched, worst = 0, 0.0
+    matched, worst, leg_days = 0, 0.0, 0
     for code, patient in by_patient(graded.truth).items():
         got = {r.stats.day.isoformat(): r for r in results[code]}
         for day in patient["days"]:
@@ -121,9 +121,31 @@ async def test_days_flags_and_wear_match_the_ground_truth(graded: Graded) -> Non
             assert sorted(r.judged or ()) == day["judged"], where
             worst = max(worst, abs(r.stats.wear_s - day["wear_s"]))
             matched += 1
+            for leg, want in (day.get("legs") or {}).items():  # a stocking on each leg: each judged apart
+                got_leg = r.stats.legs[leg]
+                assert (got_leg.samples, got_leg.worn_samples) == (want["samples"], want["worn_samples"]), where
+                for name in ("wear_s", "above_range_s", "below_range_s", "reversed_gradient_s"):
+                    assert getattr(got_leg, name) == pytest.approx(want[name], abs=1e-3), (where, leg, name)
+                leg_days += 1
     assert worst < 0.01
-    print(f"clinical: {matched} patient-days graded, flags and judged flags exact, largest wear difference "
-          f"{worst:.4f} s")  # fmt: skip
+    print(f"clinical: {matched} patient-days and {leg_days} leg-days graded, flags and judged flags exact, largest "
+          f"wear difference {worst:.4f} s")  # fmt: skip
+
+
+async def test_two_legs_are_not_double_wear(graded: Graded) -> None:
+    """Both stockings worn about 7 h: the patient wore compression about 7 h (the union), not 14 h."""
+    (patient,) = [p for p in graded.truth["patients"] if p["scenario"] == "bilateral"]
+    results = {r.stats.day.isoformat(): r for r in (await results_now(graded))[patient["patient"]]}
+    for day in patient["days"]:
+        if not day["complete"]:
+            continue
+        r = results[day["date"]]
+        legs = {leg: r.stats.legs[leg].wear_s for leg in ("left", "right")}
+        assert r.stats.wear_sum_s == pytest.approx(sum(legs.values()))
+        assert max(legs.values()) <= r.stats.wear_s < 8 * 3600 < r.stats.wear_sum_s
+        assert "under_use" in (r.flags or ())
+    assert any("rolled_down:right" in d["flags"] for d in patient["days"] if d["complete"])
+    assert not any("rolled_down:left" in d["flags"] for d in patient["days"] if d["complete"])
 
 
 def monitor_settings(g: Graded, smtp: SmtpTestServer, state: Path) -> MonitorSettings:
