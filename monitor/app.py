@@ -393,8 +393,10 @@ class Monitor:
         days = self._results.get(ctx.patient, [])
         today_stats = days[-1].stats if days and not days[-1].stats.complete else None
         today = today_stats.day if today_stats else datetime.fromtimestamp(now_s, ZoneInfo(ctx.timezone)).date()
-        silent = bool(ctx.devices) and (last_seen_ms is None
-                                        or now_s - last_seen_ms / 1000 > ctx.max_silence_hours * 3600)  # fmt: skip
+        # A boot that speaks only in sessions is not silent between them (boot_missed_sessions judges those).
+        heard_idle = today_stats.reports_idle if today_stats and isinstance(ctx.rx, BootRx) else True
+        silent = bool(ctx.devices) and heard_idle and (
+            last_seen_ms is None or now_s - last_seen_ms / 1000 > ctx.max_silence_hours * 3600)  # fmt: skip
         return Live(today, safety_flags(ctx, today_stats) if today_stats else (), silent,
                     today_stats.battery_min_pct if today_stats else None)  # fmt: skip
 

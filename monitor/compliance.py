@@ -248,7 +248,8 @@ def _apply(zone: _Zone, reader: str, series: list[dict[str, Any]], stats: dict[s
             if row.get("type") == "session_start":
                 s.sessions_started += n
         elif reader == "statuses":
-            s.points += int(row["statuses"] or 0)
+            n = int(row["statuses"] or 0)
+            s.points, s.statuses = s.points + n, s.statuses + n
         elif reader == "peak":
             values = [float(v) for k, v in row.items() if k in ZONES and v is not None]
             s.peak_mmhg = max(values) if values else None
@@ -482,8 +483,21 @@ def with_windows(ctx: PatientContext, days: list[DayStats]) -> list[DayStats]:
         elif isinstance(rx, BootRx):
             changes["sessions_in_window"] = sum(d.sessions_started for d in days[lo : i + 1])
             changes["sessions_required_in_window"] = rx.sessions_per_week * held // 7
+            changes["reports_idle"] = reports_idle(days[max(0, i - WINDOW_DAYS) : i])
         out.append(replace(day, **changes))
     return out
+
+
+def reports_idle(before: Sequence[DayStats]) -> bool:
+    """Did the boot send a status on a day without a session among ``before`` (the 7 days before a day)? Such a boot
+    is heard from while idle, so a day without any point is silence; one that speaks only in sessions is resting."""
+    return any(d.statuses > 0 and d.sessions_started == 0 for d in before)
+
+
+def rest_day(ctx: PatientContext, day: DayStats) -> bool:
+    """A boot's day without any stored point that is not silence: it does not report while idle (its plan and its
+    own status messages say so); missing sessions is ``boot_missed_sessions``'s to judge."""
+    return isinstance(ctx.rx_on(day.day), BootRx) and day.points == 0 and not day.reports_idle
 
 
 # --- flags (pure) ----------------------------------------------------------------------------------------------------
@@ -499,7 +513,7 @@ def day_flags(ctx: PatientContext, day: DayStats) -> tuple[str, ...] | None:
     rx = ctx.rx_on(day.day)
     if not day.complete or (ctx.versions and rx is None):
         return None  # incomplete, or before (between) the prescription's versions: not the patient's to judge
-    if day.points == 0:
+    if day.points == 0 and not rest_day(ctx, day):
         return (SILENT,)
     flags: list[str] = []
     if isinstance(rx, SockRx):
@@ -568,6 +582,8 @@ def judged_flags(ctx: PatientContext, day: DayStats) -> frozenset[str]:
     rx = ctx.rx_on(day.day)
     if ctx.versions and rx is None:
         return frozenset()
+    if rest_day(ctx, day):
+        return frozenset({BOOT_MISSED_SESSIONS})
     if day.points == 0:
         return frozenset({SILENT})
     found = {SILENT}

@@ -196,6 +196,10 @@ class DayStats:
     end_ms: int
     complete: bool
     points: int = 0  # samples + events + statuses stored with a time in the day
+    statuses: int = 0  # of which status messages
+    # boots: the device reported while idle (a status on a day without a session) in the 7 days before: a day
+    # without any point is then silence; a boot that speaks only in sessions is resting on such a day
+    reports_idle: bool = True
     samples: int = 0
     worn_samples: int = 0
     wear_s: float = 0.0

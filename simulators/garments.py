@@ -132,6 +132,7 @@ class BootPlan:
     sessions: tuple[Session, ...]
     skin_c: float
     changes: tuple[tuple[int, BootPrescription], ...] = ()
+    heartbeat: bool = True  # a status every 4 hours; False: the boot speaks only during sessions
 
 
 class _Sender:
@@ -284,7 +285,8 @@ def boot_items(device_id: str, plan: BootPlan, period: Period, rng: random.Rando
         battery.drain(STATUS_EVERY_MS / 3_600_000, False)
         if battery.level < 30:
             battery.charge()
-        yield from sender.send(sender.status(heartbeat, battery_pct=battery.pct), heartbeat)
+        if plan.heartbeat:
+            yield from sender.send(sender.status(heartbeat, battery_pct=battery.pct), heartbeat)
         heartbeat += STATUS_EVERY_MS
 
 

@@ -269,6 +269,20 @@ def _day_detail(rx: Rx, days: list[DaySlice], i: int) -> dict[str, Any]:
     return _sock_day(rx, days, i) if isinstance(rx, SockPrescription) else _boot_day(rx, days, i)
 
 
+IDLE_WINDOW_DAYS: Final = 7  # a boot heard from while idle in the 7 days before: a day without a point is silence
+
+
+def _started(day: DaySlice) -> bool:
+    return any(e.type == "session_start" for e in day.events)
+
+
+def reports_idle(days: list[DaySlice], i: int) -> bool:
+    """Did the boot send a status on a day without a session in the 7 days before day ``i``? Then a day without any
+    point is silence; a boot that speaks only in sessions is resting (its missed sessions are another flag)."""
+    return any(d.points - len(d.samples) - len(d.events) > 0 and not _started(d)
+               for d in days[max(0, i - IDLE_WINDOW_DAYS) : i])  # fmt: skip
+
+
 def evaluate_days(stored: Stored, period: Period, rx: Rx,
                   changes: Sequence[tuple[int, Rx]] = ()) -> list[dict[str, Any]]:  # fmt: skip
     """The per-day truth: wear, the values the flags are computed from, and the flags.
@@ -285,7 +299,8 @@ def evaluate_days(stored: Stored, period: Period, rx: Rx,
         detail = _day_detail(versions[version], days, i)
         flags: list[str] = detail.pop("_flags")
         previous = _day_detail(versions[version - 1], days, i).pop("_flags") if version else None
-        if day.points == 0:
+        resting = stored.kind == "boot" and day.points == 0 and not reports_idle(days, i)
+        if day.points == 0 and not resting:
             flags = ["silent"]
             previous = ["silent"] if version else None
         entry = {
@@ -300,6 +315,7 @@ def evaluate_days(stored: Stored, period: Period, rx: Rx,
             "wear_minutes": _r(day.wear_s / 60.0),
             **detail,
             "points": day.points,
+            **({"rest_day": not _started(day), "reports_idle": reports_idle(days, i)} if stored.kind == "boot" else {}),
             "prescription_version": version,
             "flags": (sorted(flags) or ["compliant"]) if day.complete else None,
         }  # fmt: skip
@@ -335,7 +351,7 @@ def judged(kind: Kind, day: dict[str, Any]) -> list[str]:
     that ended that day, over-pressure only with samples.
     """
     if day["points"] == 0:
-        return ["silent"]
+        return ["boot_missed_sessions"] if kind == "boot" and not day["reports_idle"] else ["silent"]
     found = {"silent"}
     if kind == "sock":
         found.add("under_use")

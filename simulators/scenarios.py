@@ -218,6 +218,14 @@ def _rolled_in(rng: random.Random, day: WearDay, minutes: float) -> tuple[Interv
     return ()
 
 
+def _boot_three_a_week(rng: random.Random, period: Period) -> Plan:
+    # Three sessions a week (days 0, 2 and 4 of each week) and no status between them: the protocol asks none.
+    plan = _boot(rng, period, on_day=lambda rx, i: i % 7 in (0, 2, 4))
+    assert isinstance(plan, BootPlan)
+    rx = replace(plan.prescription, sessions_per_week=3)
+    return replace(plan, prescription=rx, heartbeat=False)
+
+
 def _offline_backfill(rng: random.Random, period: Period) -> Plan:
     days = _complete_days(period)
     start = local_wall_ms(days[max(0, len(days) - 4)], 12 * 60, period.tz)
@@ -320,6 +328,8 @@ CLINICAL_SCENARIOS: Final[dict[str, Scenario]] = {
                  "version): the under-use episode ends by the change, not by the client", _rx_lowered),
         Scenario("rx_raised", "sock", "worn 8.75-10.5 h of 8 h; from day 9 the prescription asks 10 h: "
                  "under-use only on days judged against the new version", _rx_raised),
+        Scenario("boot_three_a_week", "boot", "three sessions a week and no status message between them: the "
+                 "days between are rest days, not silence", _boot_three_a_week),
         Scenario("bilateral", "sock", "a stocking on each leg, both worn 6.5-7.5 h a day of 8 h (wear is their "
                  "union, not the sum); the right one rolls down on most days", _bilateral, ("left", "right")),
     )

@@ -223,5 +223,10 @@ async def test_the_monitor_sends_exactly_the_ground_truths_emails(graded: Graded
     opened = [m for m in got if m["patient"] == raised["patient"]]
     assert [(m["kind"], m["flag"], m["start"]) for m in opened] == [
         ("opened", "under_use", raised["prescriptions"][1]["from"])]  # fmt: skip
+    # A boot used three times a week, silent between sessions by design: no silence, no e-mail.
+    (boot,) = [p for p in graded.truth["patients"] if p["scenario"] == "boot_three_a_week"]
+    rest_days = [d for d in boot["days"] if d["complete"] and d["rest_day"] and d["points"] == 0]
+    assert len(rest_days) >= 6 and all(d["flags"] == ["compliant"] for d in rest_days)
+    assert not [m for m in got if m["patient"] == boot["patient"]]
     print(f"clinical: {len(got)} episode e-mails, exactly the ground truth's: "
           f"{sorted((m['kind'], m['flag']) for m in got)}")  # fmt: skip
