@@ -46,7 +46,10 @@ from monitor.compliance import (
     InfluxReader,
     adherence,
     flags_for,
+    healthy_share,
     local_days,
+    outage_days,
+    pipeline_hours,
     raw_day_stats,
     safety_flags,
     windowed,
@@ -211,6 +214,7 @@ class Monitor:
         self._raw: dict[str, tuple[PatientContext, dict[date, DayStats]]] = {}
         self._receipts_since_ms = 0
         self._full_at = 0.0
+        self._healthy: set[int] = set()
 
     def stop(self) -> None:
         """Finish the current step, give up the lease, return from :meth:`run`."""
@@ -267,6 +271,7 @@ class Monitor:
         try:
             stats = await self._day_stats(judged, now_ms)
             seen = await self._last_seen(judged, now_ms)
+            healthy = await self._pipeline_hours(now_ms)
         except InfluxQueryError as exc:
             self.counters.skipped_unreadable += 1
             log.warning("evaluation skipped, InfluxDB unreadable (no flags change until it answers): %s", exc)
@@ -274,7 +279,9 @@ class Monitor:
         if not await self._still_holding():
             return False
         self._contexts = contexts
-        self._results = {c.patient: flags_for(c, stats.get(c.patient, [])) for c in judged}
+        self._healthy = healthy
+        self._results = {c.patient: outage_days(flags_for(c, stats.get(c.patient, [])), healthy,
+                                                self.settings.pipeline_healthy_share) for c in judged}  # fmt: skip
         await self._apply(seen, now_ms)
         self.counters.evaluations += 1
         self.counters.last_evaluation_s = time.monotonic() - started
@@ -345,6 +352,12 @@ class Monitor:
                     earliest[patient] = min(int(row[0]) for row in s["values"])
         return earliest
 
+    async def _pipeline_hours(self, now_ms: int | None) -> set[int]:
+        """The hours of the evaluated window the pipeline was seen working (``monitor.compliance.pipeline_hours``)."""
+        now = now_ms if now_ms is not None else int(time.time() * 1000)
+        start = now - (self.settings.days_back + WINDOW_DAYS + 1) * 86_400_000
+        return await pipeline_hours(self.reader, self.settings.influx_database, start, now + 300_000)
+
     async def _still_holding(self) -> bool:
         """Renew the lease after the slow part of an evaluation; if another replica took it meanwhile, apply nothing."""
         held = await asyncio.to_thread(self.state.acquire_lease, self.replica, self.settings.lease_s)
@@ -377,9 +390,17 @@ class Monitor:
         contexts = list(only) or [c for c in self._contexts if c.patient in self._results]
         now = (now_ms if now_ms is not None else int(time.time() * 1000)) / 1000
         live = {c.patient: self._live(c, seen.get(c.patient), now) for c in contexts}
+        for c in contexts:  # a silence the pipeline could not have heard is held back
+            allowance = int((now - c.max_silence_hours * 3600) * 1000)
+            share = healthy_share(self._healthy, allowance, int(now * 1000))
+            live[c.patient] = replace(live[c.patient], outage=share < self.settings.pipeline_healthy_share)
         outcome: Outcome = await asyncio.to_thread(
             evaluate, self.state, contexts, self._results, live, self.settings.resolve_after_days,
-            self.settings.silence_guard_fraction, ChartMailData(self._results))  # fmt: skip
+            ChartMailData(self._results))  # fmt: skip
+        if outcome.held_back:
+            log.warning("silence held back for %d patient(s): the pipeline was down for part of their silence (no "
+                        "heartbeat from the ingester, nothing stored from anyone); alerts follow once it works "
+                        "again", len(outcome.held_back))  # fmt: skip
         self.counters.opened += len(outcome.opened)
         self.counters.resolved += len(outcome.resolved)
         for patient, flag in outcome.opened:

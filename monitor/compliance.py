@@ -431,6 +431,45 @@ async def raw_day_stats(
     return out
 
 
+# --- pipeline health -------------------------------------------------------------------------------------------------
+
+HOUR_MS: Final = 3_600_000
+# What a pipeline outage can fake: data that is missing. These are not judged on a day the pipeline was down.
+NO_DATA_FLAGS: Final = frozenset({SILENT, UNDER_USE, BOOT_MISSED_SESSIONS})
+
+
+async def pipeline_hours(reader: InfluxReader, database: str, start_ms: int, end_ms: int) -> set[int]:
+    """Start (epoch ms) of each hour in ``[start_ms, end_ms)`` the pipeline was seen working (``monitor.queries``)."""
+    hours: set[int] = set()
+    for series in await reader.run(database, q.pipeline_hours(start_ms, end_ms)):
+        hours |= {int(row["time"]) for row in _rows(series) if row.get("n")}
+    return hours
+
+
+def healthy_share(hours: set[int], start_ms: int, end_ms: int) -> float:
+    """The share of ``[start_ms, end_ms)`` covered by healthy hours (1.0 for an empty span)."""
+    if end_ms <= start_ms:
+        return 1.0
+    covered, hour = 0, start_ms - start_ms % HOUR_MS
+    while hour < end_ms:
+        if hour in hours:
+            covered += min(end_ms, hour + HOUR_MS) - max(start_ms, hour)
+        hour += HOUR_MS
+    return covered / (end_ms - start_ms)
+
+
+def outage_days(results: Sequence[DayResult], hours: set[int], needed: float) -> list[DayResult]:
+    """``results`` with each complete day the pipeline was healthy for less than ``needed`` of unable to judge the
+    flags of missing data (silence, under-use, missed sessions): an outage neither opens nor ends them."""
+    out = []
+    for r in results:
+        if r.flags is not None and healthy_share(hours, r.stats.start_ms, r.stats.end_ms) < needed:
+            judged = (r.judged if r.judged is not None else frozenset(r.flags)) - NO_DATA_FLAGS
+            r = replace(r, judged=judged, stats=replace(r.stats, pipeline_outage=True))
+        out.append(r)
+    return out
+
+
 # --- windows (pure) --------------------------------------------------------------------------------------------------
 
 

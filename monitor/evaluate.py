@@ -36,11 +36,12 @@ class Live:
     safety: tuple[str, ...] = ()
     silent_now: bool = False
     battery_pct: float | None = None
+    outage: bool = False  # the pipeline was down for part of the silence allowance: silence is held back
 
     def flags(self) -> tuple[str, ...] | None:
         """Today's flags for the runs (``None`` when nothing is known yet for today)."""
         found = list(self.safety)
-        if self.silent_now:
+        if self.silent_now and not self.outage:
             found.append(SILENT)
         if self.battery_pct is not None and self.battery_pct < LOW_BATTERY_PCT:
             found.append(LOW_BATTERY)
@@ -64,15 +65,14 @@ def evaluate(
     results: Mapping[str, Sequence[DayResult]],
     live: Mapping[str, Live],
     resolve_after: int,
-    silence_guard: float,
     mail_data: MailData,
 ) -> Outcome:
-    """Apply one evaluation of every patient to the state, in one transaction."""
+    """Apply one evaluation of every patient to the state, in one transaction.
+
+    A pipeline outage is already taken out of ``results`` and ``live`` (``monitor.compliance.outage_days``,
+    ``Live.outage``): the days it touched do not judge missing data, and today's silence is held back.
+    """
     out = Outcome()
-    hold_silence = _silence_storm(contexts, results, live, silence_guard)
-    if hold_silence:
-        log.warning("silence held back: %d of %d monitored patients went silent at once (an ingest or database "
-                    "gap, not the patients); no silence alerts until data flows", *hold_silence)  # fmt: skip
     with state.transaction() as session:
         # One query per 500 patients instead of one per patient-day: the rows land in the session's identity map,
         # where session.get() finds them without SQL (1,000 patients x 37 days cost 16 s of SQLAlchemy before).
@@ -92,13 +92,13 @@ def evaluate(
             series = [Mark(r.stats.day, r.flags, r.judged) for r in days if r.flags]
             if now is not None:
                 today_flags = now.flags()
-                if hold_silence and today_flags:
-                    today_flags = tuple(f for f in today_flags if f != SILENT) or None
+                if now.outage:
+                    out.held_back.append(ctx.patient)
                 # Today is incomplete: what it shows extends a run, what it lacks ends none.
                 series.append(Mark(now.today, today_flags, frozenset(today_flags or ())))
             today = now.today if now else _last_day(days)
-            _episodes(session, state, ctx, episodes.get(ctx.patient, []), series, today, resolve_after,
-                      bool(hold_silence), out, mail_data)  # fmt: skip
+            _episodes(session, state, ctx, episodes.get(ctx.patient, []), series, today, resolve_after, out,
+                      mail_data)  # fmt: skip
         if new_days:
             session.execute(insert(DayFlags), new_days)  # one executemany: the first run stores 30,000+ days
     return out
@@ -165,23 +165,6 @@ def prescription_ending(ctx: PatientContext, flag: str, run: Run, days: Sequence
             f"previous prescription the days since would still show it")  # fmt: skip
 
 
-def _silence_storm(
-    contexts: Sequence[PatientContext], results: Mapping[str, Sequence[DayResult]], live: Mapping[str, Live],
-    fraction: float,
-) -> tuple[int, int] | None:  # fmt: skip
-    monitored = [c for c in contexts if c.devices]
-    silent = sum(1 for c in monitored if (live.get(c.patient) and live[c.patient].silent_now)
-                 or _latest_silent(results.get(c.patient, ())))  # fmt: skip
-    if len(monitored) >= 3 and silent > fraction * len(monitored):
-        return silent, len(monitored)
-    return None
-
-
-def _latest_silent(days: Sequence[DayResult]) -> bool:
-    judged = [r for r in days if r.flags is not None]
-    return bool(judged) and judged[-1].flags == (SILENT,)
-
-
 def _last_day(days: Sequence[DayResult]) -> date:
     return days[-1].stats.day if days else datetime.now(UTC).date()
 
@@ -209,8 +192,7 @@ def _store_days(session: Session, ctx: PatientContext, days: Sequence[DayResult]
 
 def _episodes(
     session: Session, state: State, ctx: PatientContext, stored: list[Episode],
-    series: list[Mark], today: date, resolve_after: int, hold_silence: bool,
-    out: Outcome, mail_data: MailData,
+    series: list[Mark], today: date, resolve_after: int, out: Outcome, mail_data: MailData,
 ) -> None:  # fmt: skip
     flags = flags_seen(series) | {e.flag for e in stored if e.open_key is not None}
     for flag in sorted(flags):
@@ -219,9 +201,6 @@ def _episodes(
         mine = [e for e in stored if e.flag == flag]
         current = next((e for e in mine if e.open_key is not None), None)
         decision = reconcile(found, current.start_day if current else None, today)
-        if decision.action == "open" and flag == SILENT and hold_silence:
-            out.held_back.append(ctx.patient)
-            continue
         _apply(session, state, ctx, flag, decision, current, out, mail_data)
         for run in closed_unrecorded(found, [e.start_day for e in mine]):
             session.add(_episode(ctx, run, open_=False))

@@ -229,6 +229,7 @@ class DayStats:
     legs: dict[str, LegStats] = field(default_factory=dict)
     wear_sum_s: float = 0.0  # the garments' worn seconds added up (more than wear_s when two were worn at once)
     worn_devices: set[str] = field(default_factory=set)  # garments with worn samples that day
+    pipeline_outage: bool = False  # the pipeline was down for part of the day: missing data is not the patient's
 
 
 @dataclass(frozen=True, slots=True)

@@ -180,3 +180,13 @@ def worn_spans(patient: str, start_ms: int, end_ms: int) -> str:
     (read only for days when several garments were worn, ``monitor.compliance``)."""
     return (f"SELECT worn_s FROM sample WHERE worn = true AND {patient_filter([patient])} AND "
             f"{time_range(start_ms, end_ms)}")  # fmt: skip
+
+
+def pipeline_hours(start_ms: int, end_ms: int) -> list[str]:
+    """The hours the pipeline was seen working: any patient's readings stored for the hour (the ingester's
+    ``receipt`` points, at the hour of their readings) and the ingester's own heartbeat (``ingest_health``, written
+    while it is connected to the broker). Every patient of the database: an outage is the deployment's, not a
+    clinic's."""
+    where = time_range(start_ms, end_ms)
+    return [f"SELECT count(received_ms) AS n FROM receipt WHERE {where} GROUP BY time(1h) fill(none)",
+            f"SELECT count(connected) AS n FROM ingest_health WHERE {where} GROUP BY time(1h) fill(none)"]  # fmt: skip

@@ -640,6 +640,12 @@ def every_scenario(seed: int = 1, days: int = 14, end: datetime | int | None = N
     return build_fleet(seed=seed, days=days, end=end, tz=tz, scenarios=list(SCENARIOS))
 
 
+def small_clinic(seed: int = 1, days: int = 14, end: datetime | int | None = None, tz: str = DEFAULT_TZ) -> Fleet:
+    """Twelve patients of whom seven stop sending five days before the end (holidays, a lost charger): with the
+    pipeline working, each of the seven is a silence to report, however many they are."""
+    return build_fleet(seed=seed, days=days, end=end, tz=tz, scenarios=["compliant"] * 5 + ["stops_sending"] * 7)
+
+
 def build_scenario(
     name: str, seed: int = 1, days: int = 14, end: datetime | int | None = None, tz: str = DEFAULT_TZ
 ) -> Fleet:

@@ -36,7 +36,7 @@ from monitor.settings import MonitorSettings
 from monitor.state import Outbox, State
 from simulators.registration import register_fleet
 from simulators.run import RunOptions, gateway_plan
-from simulators.scenarios import CLINICAL_SCENARIOS, Fleet, build_fleet
+from simulators.scenarios import CLINICAL_SCENARIOS, Fleet, build_fleet, small_clinic
 from tests.integration.conftest import Names, running, settings_for
 from tests.integration.test_compliance_graded import Part, local_midnight, publish
 from tests.smtp import SmtpTestServer
@@ -76,12 +76,16 @@ def contexts_of(url: str, now: datetime) -> list[PatientContext]:
 @pytest.fixture(scope="module")
 def graded(mosquitto: Mosquitto, influx: InfluxDB, tmp_path_factory: pytest.TempPathFactory) -> Graded:
     """The clinical scenarios over the 14 complete local days before today, stored through the pipeline."""
-    names = new_names()
     end = local_midnight(datetime.now(UTC), TZ)
     fleet = build_fleet(seed=11, days=DAYS, end=end, scenarios=list(CLINICAL_SCENARIOS))
+    return through_pipeline(fleet, mosquitto, influx, tmp_path_factory.mktemp("clinical"))
+
+
+def through_pipeline(fleet: Fleet, mosquitto: Mosquitto, influx: InfluxDB, tmp: Path) -> Graded:
+    """``fleet`` registered in a registry file and published through Mosquitto and the ingester into InfluxDB."""
+    names = new_names()
     truth = fleet.ground_truth()
     options = RunOptions(mosquitto.url, connections=2, topic_root=names.topic_root, client_prefix=f"gw-{names.prefix}")
-    tmp = tmp_path_factory.mktemp("clinical")
     url = f"sqlite:///{tmp / 'registry.db'}"
     engine = make_engine(url)
     migrate(engine)
@@ -230,3 +234,19 @@ async def test_the_monitor_sends_exactly_the_ground_truths_emails(graded: Graded
     assert not [m for m in got if m["patient"] == boot["patient"]]
     print(f"clinical: {len(got)} episode e-mails, exactly the ground truth's: "
           f"{sorted((m['kind'], m['flag']) for m in got)}")  # fmt: skip
+
+
+async def test_a_small_clinic_with_most_garments_silent_is_told_of_each(mosquitto: Mosquitto, influx: InfluxDB,
+                                                                       tmp_path: Path) -> None:  # fmt: skip
+    """Seven of twelve stop sending; the pipeline works (the others' readings keep arriving): seven silences."""
+    fleet = small_clinic(seed=12, days=DAYS, end=local_midnight(datetime.now(UTC), TZ))
+    g = await asyncio.to_thread(through_pipeline, fleet, mosquitto, influx, tmp_path)
+    state = tmp_path / "monitor.db"
+    with SmtpTestServer() as smtp:
+        await step_monitor(g, smtp, state)
+    got = sent_episodes(state)
+    assert got == expected_emails(g.truth)
+    quiet = {p["patient"] for p in g.truth["patients"] if p["scenario"] == "stops_sending"}
+    assert {m["patient"] for m in got if m["flag"] == "silent" and m["kind"] == "opened"} == quiet
+    assert len(quiet) == 7
+    print(f"small clinic: {len(got)} episode e-mails, exactly the ground truth's; 7 of 12 silences reported")
