@@ -308,6 +308,43 @@ def demo(days: int, live_minutes: float, data_dir: str, keep: bool) -> None:
     sys.exit(run_demo(days=days, data_dir=data_dir, keep=keep, started=time.monotonic(), live_minutes=live_minutes))
 
 
+@devices.command("reattribute")
+@click.argument("device_id")
+@click.option("--from", "valid_from", required=True, help="Start of the period (ISO 8601 with offset or Z).")
+@click.option("--to", "valid_to", required=True, help="End of the period, exclusive (ISO 8601 with offset or Z).")
+@click.option("--patient", required=True, help="The patient who wore the garment then (pseudonymous code).")
+def reattribute(device_id: str, valid_from: str, valid_to: str, patient: str) -> None:
+    """Give DEVICE_ID's readings stored from --from to --to to --patient (audited, idempotent).
+
+    The registry's assignments are made to say the same (an assignment starting inside the period is moved back
+    to its start, or one is created for it), then the stored readings are rewritten with the patient's tags in
+    InfluxDB (COMPRESSION_INFLUX_*), receipts tell the monitor to recompute those days, and the request is marked
+    done. Running it again after a failure finishes the job; run on a request already done, it changes nothing.
+    """
+    from devices.registry import schemas as s
+    from devices.registry.cli import current_registry
+    from ingest.reattribute import Influx, ReattributionError, targets
+    from ingest.reattribute import reattribute as rewrite
+
+    registry, actor = current_registry()
+    row = registry.request_reattribution(actor, s.ReattributionIn.model_validate(
+        {"device_id": device_id, "patient": patient, "valid_from": valid_from, "valid_to": valid_to}))  # fmt: skip
+    if row.state == "done":
+        click.echo(f"re-attribution {row.id}: already done ({row.points} readings), nothing to do")
+        return
+    settings = load_settings({})
+    influx = Influx(settings.influx_url, settings.influx_database, settings.influx_username, settings.influx_password,
+                    settings.influx_token)  # fmt: skip
+    try:
+        done = asyncio.run(rewrite(influx, targets([row])[0]))
+    except ReattributionError as exc:
+        raise click.ClickException(f"re-attribution {row.id} stays pending (run again): {exc}") from exc
+    registry.finish_reattribution(actor, row.id, done.points, f"previous holders: {', '.join(sorted(done.previous))}"
+                                  if done.previous else "")  # fmt: skip
+    click.echo(f"re-attribution {row.id}: {done.points} readings of {device_id} from {row.valid_from.isoformat()} to "
+               f"{row.valid_to.isoformat()} now {patient}'s; the monitor recomputes those days")
+
+
 cli.add_command(devices)
 cli.add_command(dashboards)
 

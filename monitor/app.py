@@ -37,8 +37,9 @@ import msgspec
 from sqlalchemy import select
 
 from devices.registry.db import make_engine, migrate, session_factory
-from devices.registry.service import Registry
+from devices.registry.service import SYSTEM, Actor, Registry
 from ingest.encode import escape_key, escape_string
+from ingest.reattribute import Influx, ReattributionError, reattribute, targets
 from monitor import queries as q
 from monitor.compliance import (
     WINDOW_DAYS,
@@ -74,6 +75,7 @@ from monitor.state import DayFlags, Episode, Outbox, State
 
 log = logging.getLogger(__name__)
 CHART_DAYS = 14
+MONITOR_ACTOR = Actor("monitor", "admin")  # in the registry's audit trail for the re-attributions it carries out
 # Receipts are asked for from a little before the previous evaluation: one written while it ran is not missed.
 RECEIPT_MARGIN_MS = 120_000
 
@@ -265,6 +267,7 @@ class Monitor:
     async def evaluate_once(self, now_ms: int | None = None) -> bool:
         """Evaluate every patient; False (and nothing changed) when InfluxDB cannot be read."""
         started = time.monotonic()
+        await self.reattribute_pending()
         contexts = await asyncio.to_thread(load_contexts, self.registry)
         self._note_problems(contexts)
         judged = [c for c in contexts if c.rx is not None]
@@ -351,6 +354,25 @@ class Monitor:
                 if patient and s["values"]:
                     earliest[patient] = min(int(row[0]) for row in s["values"])
         return earliest
+
+    async def reattribute_pending(self) -> int:
+        """Carry out the re-attributions asked through the API (``POST /devices/{id}/reattributions``): rewrite the
+        readings, mark them done; their receipts make this evaluation recompute those days. Returns how many."""
+        rows = await asyncio.to_thread(self.registry.list_reattributions, SYSTEM, "pending")
+        influx = Influx(self.settings.influx_url, self.settings.influx_database, self.settings.influx_username,
+                        self.settings.influx_password, self.settings.influx_token)  # fmt: skip
+        done = 0
+        for row, target in zip(rows, targets(rows), strict=True):
+            try:
+                result = await reattribute(influx, target)
+            except ReattributionError as exc:
+                log.warning("re-attribution %d of %s stays pending (tried again next evaluation): %s", row.id,
+                            row.device_id, exc)  # fmt: skip
+                continue
+            note = f"previous holders: {', '.join(sorted(result.previous))}" if result.previous else ""
+            await asyncio.to_thread(self.registry.finish_reattribution, MONITOR_ACTOR, row.id, result.points, note)
+            done += 1
+        return done
 
     async def _pipeline_hours(self, now_ms: int | None) -> set[int]:
         """The hours of the evaluated window the pipeline was seen working (``monitor.compliance.pipeline_hours``)."""

@@ -493,3 +493,12 @@ def evaluate_legs(legs: list[tuple[str, Stored]], period: Period, rx: SockPrescr
         entry["judged"] = judged("sock", entry) if today[0].complete else None
         out.append(entry)
     return out
+
+
+def stored_from(stored: Stored, start_ms: int) -> Stored:
+    """Only what is stored from ``start_ms`` on (what the patient's tags cover when the device was assigned late)."""
+    keep = [i for i, t in enumerate(stored.times) if t >= start_ms]
+    out = Stored(stored.kind, [stored.times[i] for i in keep], [stored.samples[i] for i in keep],
+                 [stored.worn_s[i] for i in keep], [e for e in stored.events if e.t >= start_ms],
+                 [x for x in stored.statuses if x.t is not None and x.t >= start_ms])  # fmt: skip
+    return out

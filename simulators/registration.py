@@ -89,7 +89,10 @@ def _patient_and_garment(
                                                      firmware=FIRMWARE, serial=f"SIM-{device.device_id}",
                                                      gateway=gateway))  # fmt: skip
     out.devices[device.device_id] = creds.password
-    registry.assign(actor, s.AssignmentIn(device_id=device.device_id, patient=device.patient, valid_from=since,
+    late = device.scenario.assigned_from_day
+    start = since if not late else datetime.fromtimestamp(
+        fleet.period.day_bounds(fleet.period.days[late]).start_ms / 1000, UTC)  # fmt: skip
+    registry.assign(actor, s.AssignmentIn(device_id=device.device_id, patient=device.patient, valid_from=start,
                                           leg=device.leg))  # fmt: skip
     if device.garment > 0:
         return  # the patient's other garment: one patient, one prescription

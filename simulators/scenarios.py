@@ -47,6 +47,7 @@ from simulators.groundtruth import (
     flags_as_of,
     rules,
     store,
+    stored_from,
 )
 from simulators.physiology import (
     DAY_MS,
@@ -83,6 +84,9 @@ class Scenario:
     description: str
     build: Callable[[random.Random, Period], Plan | tuple[Plan, ...]]
     legs: tuple[str, ...] | None = None
+    # The garment's assignment is recorded only from local midnight of this day of the period (0: before it):
+    # what it sent before is stored unassigned until re-attributed.
+    assigned_from_day: int = 0
 
 
 # --- socks ----------------------------------------------------------------------------------------------------------
@@ -328,6 +332,9 @@ CLINICAL_SCENARIOS: Final[dict[str, Scenario]] = {
                  "version): the under-use episode ends by the change, not by the client", _rx_lowered),
         Scenario("rx_raised", "sock", "worn 8.75-10.5 h of 8 h; from day 9 the prescription asks 10 h: "
                  "under-use only on days judged against the new version", _rx_raised),
+        Scenario("registered_late", "sock", "worn as prescribed from the first day, but its assignment was "
+                 "recorded from day 4: the first days' readings are unassigned until re-attributed", _compliant,
+                 assigned_from_day=4),
         Scenario("boot_three_a_week", "boot", "three sessions a week and no status message between them: the "
                  "days between are rest days, not silence", _boot_three_a_week),
         Scenario("bilateral", "sock", "a stocking on each leg, both worn 6.5-7.5 h a day of 8 h (wear is their "
@@ -524,6 +531,12 @@ class Fleet:
             out["clock_skew"] = {"skew_ms": transport.skew_ms, "skewed_until_ms": transport.skew_until_ms}
         if stored.bad_payloads:
             out["bad_payloads"] = stored.bad_payloads
+        late = device.scenario.assigned_from_day
+        if late:
+            start = self.period.day_bounds(self.period.days[late]).start_ms
+            before = evaluate_days(stored_from(stored, start), self.period, plan.prescription, plan.changes)
+            out["assigned_late"] = {"assigned_from_ms": start, "flags_before_reattribution": {
+                d["date"]: d["flags"] for d in before if d["complete"]}}  # fmt: skip
         return out
 
 

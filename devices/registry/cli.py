@@ -163,6 +163,12 @@ def _actor() -> Actor:
     return _state().actor
 
 
+def current_registry() -> tuple[Registry, Actor]:
+    """The registry and actor of the running ``compression devices`` command (for commands that other components
+    add to this group: ``compression devices reattribute`` rewrites InfluxDB, which this package never touches)."""
+    return _registry(), _actor()
+
+
 # --- output ---------------------------------------------------------------------------------------------------------
 
 

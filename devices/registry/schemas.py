@@ -290,6 +290,37 @@ class PrescriptionOut(Out):
     supersedes: int | None = Field(default=None, description="The version this one replaced, if any.")
 
 
+class ReattributionIn(Model):
+    """Give a device's readings stored in ``[valid_from, valid_to)`` to ``patient`` (e.g. a garment that sent before
+    its assignment was recorded). The registry's assignments are made to say the same."""
+
+    device_id: Identifier
+    patient: Identifier
+    valid_from: Instant
+    valid_to: Instant
+
+    @model_validator(mode="after")
+    def _in_order(self) -> ReattributionIn:
+        if self.valid_to <= self.valid_from:
+            raise ValueError("valid_to must be after valid_from")
+        return self
+
+
+class ReattributionOut(Out):
+    id: int
+    device_id: str
+    patient: str
+    clinic: str
+    valid_from: datetime
+    valid_to: datetime
+    state: str = Field(description="pending until the stored readings were rewritten, then done.")
+    requested_by: str
+    requested_at: datetime
+    done_at: datetime | None
+    points: int = Field(description="Readings rewritten (done).")
+    note: str
+
+
 class ContraindicationIn(Model):
     patient: Identifier
     kind: ContraindicationKind = Field(description=f"One of {', '.join(CONTRAINDICATION_KINDS)}.")

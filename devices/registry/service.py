@@ -39,6 +39,7 @@ from devices.registry.models import (
     Patient,
     Physio,
     Prescription,
+    Reattribution,
     ServiceAccount,
     utcnow,
 )
@@ -518,6 +519,91 @@ class Registry:
                 query = query.where(Patient.clinic_id == actor.clinic_id)
             return [_assignment_out(a) for a in session.scalars(query)]
 
+    # --- re-attribution of stored readings ----------------------------------------------------------------------
+
+    def request_reattribution(self, actor: Actor, data: s.ReattributionIn) -> s.ReattributionOut:
+        """Record that ``data.device_id``'s readings of the period belong to ``data.patient`` (audited, idempotent).
+
+        The assignments are made to agree first: an assignment of the device to the patient starting inside the
+        period is moved back to its start, or one is created for the period; another holder then is a conflict.
+        The stored readings are rewritten by whoever carries the request out (``compression devices reattribute``
+        or the monitor), which then marks it done.
+        """
+        with self._tx(actor, write=True) as session:
+            device = self._device(session, actor, data.device_id)
+            patient = self._patient(session, actor, data.patient)
+            if device.clinic_id != patient.clinic_id:
+                raise InvalidError(f"device {data.device_id} and patient {data.patient} are in different clinics")
+            same = session.scalars(select(Reattribution).where(
+                Reattribution.device_id == device.id, Reattribution.patient_id == patient.id,
+                Reattribution.valid_from == data.valid_from,
+                Reattribution.valid_to == data.valid_to)).first()  # fmt: skip
+            if same is not None:
+                return _reattribution_out(same)  # asked again: the same request
+            self._cover(session, actor, device, patient, data.valid_from, data.valid_to)
+            row = Reattribution(device=device, patient=patient, valid_from=data.valid_from, valid_to=data.valid_to,
+                                requested_by=actor.name)  # fmt: skip
+            session.add(row)
+            session.flush()
+            self._audit(session, actor, "reattribute", "device", data.device_id,
+                        {"id": row.id, "patient": data.patient, "valid_from": data.valid_from,
+                         "valid_to": data.valid_to})  # fmt: skip
+            return _reattribution_out(row)
+
+    def _cover(self, session: Session, actor: Actor, device: Device, patient: Patient, start: datetime,
+               end: datetime) -> None:  # fmt: skip
+        """Make the device's assignments say it was the patient's over ``[start, end)``."""
+        # Those overlapping the period, and the patient's one starting right at its end (to be moved back).
+        held = [a for a in session.scalars(select(Assignment).where(
+            Assignment.device_id == device.id, Assignment.valid_from <= end,
+            or_(Assignment.valid_to.is_(None), Assignment.valid_to > start))
+            .order_by(Assignment.valid_from)) if a.valid_from < end or a.patient_id == patient.id]  # fmt: skip
+        if any(a.patient_id != patient.id for a in held):
+            other = next(a for a in held if a.patient_id != patient.id)
+            raise ConflictError(f"device {device.device_id} is assigned to {other.patient.code} from "
+                                f"{other.valid_from.isoformat()} (assignment {other.id}): its readings then are "
+                                "that patient's; end or correct that assignment first")  # fmt: skip
+        if held and held[0].valid_from <= start:
+            return  # already the patient's over the whole period (assignments do not overlap)
+        if held:
+            first = held[0]
+            _no_overlap(session, device, start, first.valid_to, ignore=first.id)
+            self._audit(session, actor, "update", "assignment", f"{device.device_id}->{patient.code}",
+                        {"id": first.id, "before": {"valid_from": first.valid_from},
+                         "after": {"valid_from": start}})  # fmt: skip
+            first.valid_from = start
+            return
+        _no_overlap(session, device, start, end)
+        leg = session.scalars(select(Assignment.leg).where(Assignment.device_id == device.id,
+                                                           Assignment.patient_id == patient.id)).first()  # fmt: skip
+        row = Assignment(device=device, patient=patient, valid_from=start, valid_to=end, leg=leg)
+        session.add(row)
+        session.flush()
+        self._audit(session, actor, "create", "assignment", f"{device.device_id}->{patient.code}",
+                    {"id": row.id, "valid_from": start, "valid_to": end, "leg": leg})  # fmt: skip
+
+    def finish_reattribution(self, actor: Actor, row_id: int, points: int, note: str = "") -> s.ReattributionOut:
+        """Mark a re-attribution carried out: its readings were rewritten (audited)."""
+        with self._tx(actor, write=True) as session:
+            row = self._one(session, select(Reattribution).where(Reattribution.id == row_id),
+                            f"re-attribution {row_id}")  # fmt: skip
+            _same_clinic(actor, row.patient.clinic_id)
+            row.state, row.done_at, row.points, row.note = "done", utcnow(), points, note
+            self._audit(session, actor, "reattributed", "device", row.device.device_id,
+                        {"id": row.id, "patient": row.patient.code, "points": points})  # fmt: skip
+            return _reattribution_out(row)
+
+    def list_reattributions(self, actor: Actor, state: str | None = None) -> list[s.ReattributionOut]:
+        """Re-attributions, oldest first, optionally only those in ``state`` (``pending``: still to carry out)."""
+        with self._tx(actor) as session:
+            query = select(Reattribution).join(Patient, Reattribution.patient_id == Patient.id).order_by(
+                Reattribution.id)  # fmt: skip
+            if state is not None:
+                query = query.where(Reattribution.state == state)
+            if actor.clinic_id is not None:
+                query = query.where(Patient.clinic_id == actor.clinic_id)
+            return [_reattribution_out(r) for r in session.scalars(query)]
+
     # --- prescriptions and contraindications --------------------------------------------------------------------
 
     def prescribe(self, actor: Actor, data: s.PrescriptionIn) -> s.PrescriptionOut:
@@ -960,6 +1046,13 @@ def _prescription_out(rx: Prescription) -> s.PrescriptionOut:
     data.update(patient=rx.patient.code, override_by=rx.override_physio.email if rx.override_physio else None,
                 supersedes=rx.supersedes_id)  # fmt: skip
     return s.PrescriptionOut.model_validate(data)
+
+
+def _reattribution_out(row: Reattribution) -> s.ReattributionOut:
+    return s.ReattributionOut(id=row.id, device_id=row.device.device_id, patient=row.patient.code,
+                              clinic=row.patient.clinic.code, valid_from=row.valid_from, valid_to=row.valid_to,
+                              state=row.state, requested_by=row.requested_by, requested_at=row.requested_at,
+                              done_at=row.done_at, points=row.points, note=row.note)  # fmt: skip
 
 
 def _contraindication_out(row: Contraindication, patient: str) -> s.ContraindicationOut:

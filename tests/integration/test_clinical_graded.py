@@ -14,10 +14,12 @@ through Mosquitto and the ingester (tagging from a registry file), then:
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from compression.influxql import rows
 from compression.localservers import InfluxDB, Mosquitto
 from devices.registry.db import make_engine, migrate, session_factory
-from devices.registry.service import Registry
+from devices.registry.service import SYSTEM, Registry
 from monitor.app import Monitor
 from monitor.compliance import day_stats, flags_for
 from monitor.model import DayResult, PatientContext
@@ -37,7 +40,7 @@ from monitor.state import Outbox, State
 from simulators.registration import register_fleet
 from simulators.run import RunOptions, gateway_plan
 from simulators.scenarios import CLINICAL_SCENARIOS, Fleet, build_fleet, small_clinic
-from tests.integration.conftest import Names, running, settings_for
+from tests.integration.conftest import ROOT, Names, running, settings_for
 from tests.integration.test_compliance_graded import Part, local_midnight, publish
 from tests.smtp import SmtpTestServer
 
@@ -57,6 +60,8 @@ class Graded:
     registry_url: str
     influx_url: str
     tmp: Path
+    before_reattribution: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    reattribute_output: list[str] = field(default_factory=list)
 
 
 def new_names() -> Names:
@@ -78,7 +83,27 @@ def graded(mosquitto: Mosquitto, influx: InfluxDB, tmp_path_factory: pytest.Temp
     """The clinical scenarios over the 14 complete local days before today, stored through the pipeline."""
     end = local_midnight(datetime.now(UTC), TZ)
     fleet = build_fleet(seed=11, days=DAYS, end=end, scenarios=list(CLINICAL_SCENARIOS))
-    return through_pipeline(fleet, mosquitto, influx, tmp_path_factory.mktemp("clinical"))
+    g = through_pipeline(fleet, mosquitto, influx, tmp_path_factory.mktemp("clinical"))
+    # The garment registered late: its first days are unassigned until `compression devices reattribute` (twice:
+    # the second run finds it done).
+    (late,) = [p for p in g.truth["patients"] if "assigned_late" in p["transport"]]
+    g.before_reattribution[late["patient"]] = asyncio.run(flags_now(g, late["patient"]))
+    start = datetime.fromtimestamp(g.truth["start_ms"] / 1000, UTC).isoformat()
+    until = datetime.fromtimestamp(late["transport"]["assigned_late"]["assigned_from_ms"] / 1000, UTC).isoformat()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPRESSION_")}
+    env |= {"COMPRESSION_REGISTRY_DATABASE_URL": g.registry_url, "COMPRESSION_INFLUX_URL": g.influx_url,
+            "COMPRESSION_INFLUX_DATABASE": g.database}  # fmt: skip
+    for _ in range(2):
+        done = subprocess.run([str(ROOT / ".venv" / "bin" / "compression"), "devices", "reattribute",
+                               late["device_id"], "--from", start, "--to", until, "--patient", late["patient"]],
+                              env=env, capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+        g.reattribute_output.append(done.stdout)
+    return g
+
+
+async def flags_now(g: Graded, patient: str) -> dict[str, list[str]]:
+    return {day: list(r.flags or ()) for day, r in
+            {r.stats.day.isoformat(): r for r in (await results_now(g))[patient]}.items() if r.flags}
 
 
 def through_pipeline(fleet: Fleet, mosquitto: Mosquitto, influx: InfluxDB, tmp: Path) -> Graded:
@@ -250,3 +275,31 @@ async def test_a_small_clinic_with_most_garments_silent_is_told_of_each(mosquitt
     assert {m["patient"] for m in got if m["flag"] == "silent" and m["kind"] == "opened"} == quiet
     assert len(quiet) == 7
     print(f"small clinic: {len(got)} episode e-mails, exactly the ground truth's; 7 of 12 silences reported")
+
+
+async def test_readings_of_a_garment_registered_late_are_reattributed(graded: Graded, influx: InfluxDB) -> None:
+    """Before: the first days are silent for the patient (the readings are unassigned). `compression devices
+    reattribute` rewrites them (audited), a second run changes nothing, and the days are the ground truth's."""
+    (late,) = [p for p in graded.truth["patients"] if "assigned_late" in p["transport"]]
+    before = graded.before_reattribution[late["patient"]]
+    want_before = late["transport"]["assigned_late"]["flags_before_reattribution"]
+    assert {d: before[d] for d in want_before} == want_before
+    assert list(want_before.values()).count(["silent"]) == 4
+    first, second = graded.reattribute_output
+    assert "readings of" in first and f"now {late['patient']}'s" in first
+    assert "already done" in second
+    after = await flags_now(graded, late["patient"])
+    assert {d["date"]: after[d["date"]] for d in late["days"] if d["complete"]} == {
+        d["date"]: d["flags"] for d in late["days"] if d["complete"]}  # fmt: skip
+    where = f"device = '{late['device_id']}' AND attribution = 'unassigned'"
+    unassigned = rows(influx.url, graded.database, f"SELECT count(worn) FROM sample WHERE {where}")
+    assert unassigned == []
+    engine = make_engine(graded.registry_url)
+    try:
+        reg = Registry(session_factory(engine))
+        (row,) = reg.list_reattributions(SYSTEM)
+        assert row.state == "done" and row.points > 4 * 1400
+        audit = [e.action for e in reg.audit(SYSTEM, entity="device", key=late["device_id"])]
+        assert audit.count("reattribute") == 1 and audit.count("reattributed") == 1
+    finally:
+        engine.dispose()

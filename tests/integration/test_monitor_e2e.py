@@ -41,6 +41,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import func, select
 
+from compression.influxql import rows
 from compression.localservers import InfluxDB, free_port
 from devices.registry import schemas as s
 from devices.registry.db import make_engine, migrate, session_factory
@@ -454,6 +455,48 @@ async def test_seven_of_twelve_silent_with_a_working_pipeline_are_each_reported(
         await mon.send_due()
         assert summary(smtp.received()) == [("opened", f"{code} Warning", ANN) for code in sorted(quiet)]
         assert mon.counters.opened == 7
+
+
+async def test_a_reattribution_asked_through_the_api_is_carried_out_by_the_monitor(world: World,
+                                                                                   tmp_path: Path) -> None:  # fmt: skip
+    """A garment that sent for three days before its assignment was recorded: its readings are unassigned and the
+    patient's first days silent. Asked through the API (the registry service), the monitor rewrites the readings,
+    marks the request done, and judges those days on them."""
+    zone = ZoneInfo(world.timezone)
+    now = datetime.fromtimestamp(world.now_ms / 1000, UTC)
+    today = now.astimezone(zone).date()
+    registry = build_registry(tmp_path / "registry.db", world.timezone, today, {"L-1": ANN})
+    lines: list[str] = []
+    starts = {}
+    for back in range(DAYS, -1, -1):
+        day = today - timedelta(days=back)
+        starts[back] = start = datetime(day.year, day.month, day.day, tzinfo=zone)
+        day_lines = sock_lines("L-1", device_of("L-1"), start, 9, int(now.timestamp() * 1e9) - 60 * 10**9)
+        if 3 <= back <= 5:  # stored before the assignment was recorded: no patient, "unassigned"
+            day_lines = [ln.replace(",patient=L-1", "").replace("clinic=bow,", "attribution=unassigned,")
+                         for ln in day_lines]  # fmt: skip
+        lines += day_lines
+    database = world.database + "_late"
+    influx_query(world.influx_url, database, f'CREATE DATABASE "{database}"')
+    write_lines(world.influx_url, database, lines + heartbeats(now))
+    late = World(world.influx_url, database, registry, world.timezone, world.now_ms, "", tmp_path)
+    with SmtpTestServer() as smtp:
+        mon = Monitor(settings(late, smtp, tmp_path / "monitor.db", digest_hour=23))
+        assert await mon.evaluate_once(now_ms=world.now_ms)
+        flags = {r.stats.day: r.flags for r in mon._results["L-1"]}
+        assert [flags[today - timedelta(days=b)] for b in (5, 4, 3)] == [("silent",)] * 3
+        engine = make_engine(registry)
+        reg = Registry(session_factory(engine))
+        row = reg.request_reattribution(SYSTEM, s.ReattributionIn(
+            device_id=device_of("L-1"), patient="L-1", valid_from=starts[5], valid_to=starts[2]))  # fmt: skip
+        assert await mon.evaluate_once(now_ms=world.now_ms)
+        flags = {r.stats.day: r.flags for r in mon._results["L-1"]}
+        assert [flags[today - timedelta(days=b)] for b in (5, 4, 3)] == [("compliant",)] * 3
+        (done,) = reg.list_reattributions(SYSTEM)
+        assert (done.id, done.state, done.points) == (row.id, "done", 3 * 9 * 30)
+        engine.dispose()
+    left = rows(world.influx_url, database, "SELECT count(worn) FROM sample WHERE attribution = 'unassigned'")
+    assert left == []
 
 
 # --- subprocesses: kill -9 and restart; two replicas ------------------------------------------------------------

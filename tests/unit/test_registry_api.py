@@ -676,6 +676,41 @@ def test_assign_and_end(world: World) -> None:
     world.refused("POST", "/assignments", "admin", 409, json=early | {"valid_to": "2025-01-02T00:00:00Z"})
 
 
+def test_reattribute_stored_readings(world: World) -> None:
+    """A garment that sent before its assignment was recorded: its readings of a period are given to the patient;
+    the assignments are made to agree; asking again is the same request; another holder then is a conflict."""
+    world.ok("POST", "/assignments", json={"device_id": SOCK_A, "patient": PA, "leg": "left",
+                                           "valid_from": "2025-01-10T00:00:00Z"}, status=201)  # fmt: skip
+    body = {"device_id": SOCK_A, "patient": PA, "valid_from": "2025-01-05T00:00:00Z",
+            "valid_to": "2025-01-10T00:00:00Z"}  # fmt: skip
+    before = world.audit_count()
+    row = world.ok("POST", f"/devices/{SOCK_A}/reattributions", "physio_a", json=body, status=201)
+    assert (row["state"], row["patient"], row["clinic"], row["points"]) == ("pending", PA, A, 0)
+    assert world.audit_count() == before + 2  # the assignment moved back to the 5th, and the request
+    held = [a for a in world.ok("GET", "/assignments", params={"device_id": SOCK_A}) if a["leg"] == "left"]
+    assert [a["valid_from"] for a in held] == ["2025-01-05T00:00:00Z"]
+    assert world.ok("POST", f"/devices/{SOCK_A}/reattributions", json=body, status=201) == row  # idempotent
+    assert world.ok("GET", "/reattributions", params={"state": "pending"}) == [row]
+    assert world.ok("GET", "/reattributions", "physio_b") == []  # another clinic's rows do not exist for Ben
+    world.refused("POST", f"/devices/{SOCK_A}/reattributions", "ingester", 403, json=body)
+    world.refused("POST", f"/devices/{SOCK_A}/reattributions", "physio_b", 404, json=body)
+    world.refused("POST", "/devices/SOCK-X-99/reattributions", "admin", 404, json=body | {"device_id": "SOCK-X-99"})
+    world.refused("POST", f"/devices/{SOCK_A}/reattributions", "admin", 422, match="after",
+                  json=body | {"valid_to": "2025-01-01T00:00:00Z"})  # fmt: skip
+    world.refused("POST", f"/devices/{SOCK_A}/reattributions", "admin", 422, match="differs",
+                  json=body | {"device_id": BOOT_A})  # fmt: skip
+    # Before any assignment: one is created for exactly the period.
+    earlier = body | {"valid_from": "2024-12-01T00:00:00Z", "valid_to": "2024-12-08T00:00:00Z"}
+    count = len(world.ok("GET", "/assignments", params={"device_id": SOCK_A}))
+    world.ok("POST", f"/devices/{SOCK_A}/reattributions", json=earlier, status=201)
+    made = world.ok("GET", "/assignments", params={"device_id": SOCK_A})
+    assert len(made) == count + 1 and {"2024-12-01T00:00:00Z"} <= {a["valid_from"] for a in made}
+    # Another patient held the garment then: their readings are theirs.
+    world.ok("POST", "/patients", json={"clinic": A, "code": "PA-002"}, status=201)
+    world.refused("POST", f"/devices/{SOCK_A}/reattributions", "admin", 409, match="assigned to PA-001",
+                  json=body | {"patient": "PA-002"})  # fmt: skip
+
+
 def test_assign_refusals(world: World) -> None:
     body = {"device_id": SOCK_A, "patient": PA, "valid_from": "2025-01-01T08:00:00Z"}
     world.refused("POST", "/assignments", "admin", 404, json=body | {"device_id": "SOCK-X-99"})
