@@ -19,15 +19,14 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
-from compression import logs
 from dashboards.cli import dashboards
 from devices.registry.cli import devices
 from ingest.settings import IngestSettings, SettingsError
 from monitor.settings import MonitorSettings
-from simulators.publisher import LoadSpec, Publisher, PublishReport, generate, publish_spread
-from simulators.run import RunOptions, RunReport, run_fleet
-from simulators.scenarios import ALL_SCENARIOS, DEFAULT_TZ, build_fleet, list_scenarios
-from simulators.scenarios import every_scenario as every_scenario_fleet
+
+if typing.TYPE_CHECKING:
+    from simulators.publisher import PublishReport
+    from simulators.run import RunReport
 
 F = typing.TypeVar("F", bound=Callable[..., Any])
 
@@ -90,6 +89,7 @@ def ingest(**overrides: Any) -> None:
     its dead letter) are written. Serves Prometheus metrics on /metrics.
     Stops cleanly on SIGTERM/SIGINT: what was received is written and acked.
     """
+    from compression import logs
     from ingest.app import run_ingester
 
     settings = load_settings(overrides)
@@ -110,6 +110,7 @@ def monitor(once: bool, **overrides: Any) -> None:
     a daily digest. Replicas share --state-database-url; one holds the lease
     and works. Stops cleanly on SIGTERM/SIGINT.
     """
+    from compression import logs
     from monitor.app import Monitor, run_monitor
 
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -150,6 +151,8 @@ def _progress(total: int) -> Callable[[PublishReport], None]:
 def _parse_mix(text: str | None) -> dict[str, float] | None:
     if not text:
         return None
+    from simulators.scenarios import ALL_SCENARIOS
+
     mix: dict[str, float] = {}
     for part in text.split(","):
         name, _, weight = part.partition("=")
@@ -163,6 +166,8 @@ def _parse_mix(text: str | None) -> dict[str, float] | None:
 
 
 def _list_scenarios() -> None:
+    from simulators.scenarios import list_scenarios
+
     for name, kind, description in list_scenarios():
         click.echo(f"{name:<22} {kind:<5} {description}")
 
@@ -183,7 +188,7 @@ def _list_scenarios() -> None:
 @click.option("--live", "live_hours", type=float, default=None, metavar="HOURS",
               help="Then go on in real time for HOURS (each message sent when it falls due).")  # fmt: skip
 @click.option("--seed", default=1, show_default=True, help="Same seed, same fleet, same readings.")
-@click.option("--tz", default=DEFAULT_TZ, show_default=True, help="The clinic's (and patients') time zone.")
+@click.option("--tz", default="America/Edmonton", show_default=True, help="The clinic's (and patients') time zone.")
 @click.option("--ground-truth", type=click.Path(dir_okay=False), default=None,
               help="Write what the platform must conclude per patient and day to this JSON file.")  # fmt: skip
 @click.option("--connections", default=4, show_default=True,
@@ -220,6 +225,10 @@ def simulate(list_only: bool, mqtt_url: str, socks: int, boots: int, scenarios: 
     if load:
         _simulate_load(mqtt_url, devices, messages, samples, rate, seed, connections)
         return
+    from simulators.run import RunOptions, run_fleet
+    from simulators.scenarios import ALL_SCENARIOS, build_fleet
+    from simulators.scenarios import every_scenario as every_scenario_fleet
+
     unknown = [n for n in scenarios if n not in ALL_SCENARIOS]
     if unknown:
         raise click.BadParameter(f"unknown scenario(s) {unknown} (see --list-scenarios)", param_hint="--scenario")
@@ -267,6 +276,8 @@ def _fleet_progress(report: RunReport) -> None:
 
 def _simulate_load(mqtt_url: str, devices: int, messages: int, samples: int, rate: float | None, seed: int,
                    connections: int = 1) -> None:  # fmt: skip
+    from simulators.publisher import LoadSpec, Publisher, generate, publish_spread
+
     spec = LoadSpec(devices=devices, messages=messages, samples=samples, period_ms=1000, seed=seed)
     connections = max(1, min(connections, devices))
     click.echo(f"load: {spec.total_samples:,} samples from {devices} devices over {connections} connection(s) "
@@ -304,6 +315,8 @@ def demo(days: int, live_minutes: float, data_dir: str, keep: bool) -> None:
 
     if not 1 <= days <= 28:
         raise click.UsageError("--days must be between 1 and 28")
+    from compression import logs
+
     logs.configure("WARNING")
     sys.exit(run_demo(days=days, data_dir=data_dir, keep=keep, started=time.monotonic(), live_minutes=live_minutes))
 

@@ -175,12 +175,16 @@ def chart_series(ctx: PatientContext, results: Sequence[DayResult]) -> ChartSeri
 
 
 def _summary(ctx: PatientContext, episode: Episode, results: Sequence[DayResult]) -> tuple[str, ...]:
+    """The episode's days in figures, a line each. Today is unfinished: a sock's wear so far says nothing (it is
+    left out); a boot's sessions so far are what a safety alert is about (shown as today, so far)."""
     lines = []
     for r in results:
         if r.stats.day < episode.start_day or (episode.end_day and r.stats.day >= episode.end_day):
             continue
         s = r.stats
         rx = ctx.rx_on(s.day)  # each day against its own prescription version
+        if isinstance(rx, SockRx) and not s.complete:
+            continue
         if isinstance(rx, SockRx):
             ankle = f", ankle median {s.ankle_median_mmhg:.1f} mmHg" if s.ankle_median_mmhg else ""
             if len(s.legs) > 1:  # a stocking on each leg: each leg's time and median
@@ -190,7 +194,8 @@ def _summary(ctx: PatientContext, episode: Episode, results: Sequence[DayResult]
             lines.append(f"{s.day}: worn {s.wear_s / 3600:.1f} h of {rx.wear_hours_per_day:g} h{ankle}")
         elif isinstance(rx, BootRx):
             peak = f", peak {s.peak_mmhg:.0f} mmHg (max {rx.max_chamber_mmhg:g})" if s.peak_mmhg else ""
-            lines.append(f"{s.day}: {s.sessions_started} session(s){peak}")
+            today = "" if s.complete else " (today, so far)"
+            lines.append(f"{s.day}{today}: {s.sessions_started} session(s){peak}")
     return tuple(lines[-7:])
 
 

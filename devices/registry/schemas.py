@@ -263,6 +263,9 @@ class PrescriptionUpdate(Model):
     max_silence_hours: float | None = Field(default=None, gt=0, le=24 * 14)
     legs: Leg | None = None
     override_reason: str | None = Field(default=None, min_length=10, max_length=2000)
+    confirm_reason: str | None = Field(
+        default=None, min_length=10, max_length=2000,
+        description="Raising a boot's maximum chamber pressure: why (recorded in the audit trail).")  # fmt: skip
 
 
 class PrescriptionOut(Out):

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from devices.registry import schemas as s
 from devices.registry.classes import Band, ClassError, band_for, conflicts
 from devices.registry.errors import (
+    ConfirmationNeededError,
     ConflictError,
     ContraindicatedError,
     ForbiddenError,
@@ -632,14 +633,17 @@ class Registry:
         with self._tx(actor, write=True) as session:
             rx = self._one(session, select(Prescription).where(Prescription.id == rx_id), f"prescription {rx_id}")
             _same_clinic(actor, rx.patient.clinic_id)
-            changes = data.model_dump(exclude_unset=True, exclude={"override_reason", "effective_from"})
+            changes = data.model_dump(exclude_unset=True, exclude={"override_reason", "effective_from",
+                                                                   "confirm_reason"})  # fmt: skip
             effective = data.effective_from or clinic_today(rx.patient.clinic.timezone)
+            _confirmed_raise(rx, changes, data.confirm_reason)
+            confirm = data.confirm_reason
             if set(changes) <= {"valid_to"} or effective <= rx.valid_from:
-                return self._edit_version(session, actor, rx, changes, effective, data.override_reason)
-            return self._new_version(session, actor, rx, changes, effective, data.override_reason)
+                return self._edit_version(session, actor, rx, changes, effective, data.override_reason, confirm)
+            return self._new_version(session, actor, rx, changes, effective, data.override_reason, confirm)
 
     def _edit_version(self, session: Session, actor: Actor, rx: Prescription, changes: dict[str, Any],
-                      effective: date, override: str | None) -> s.PrescriptionOut:  # fmt: skip
+                      effective: date, override: str | None, confirm: str | None) -> s.PrescriptionOut:  # fmt: skip
         content = set(changes) - {"valid_to"}
         if content and rx.valid_from < clinic_today(rx.patient.clinic.timezone):
             raise InvalidError(f"prescription #{rx.id} applies since {rx.valid_from}: a change takes effect "
@@ -649,11 +653,12 @@ class Registry:
         _apply_prescription(rx, changes)
         self._check_prescription(session, actor, rx, override)
         self._audit(session, actor, "update", "prescription", f"{rx.patient.code}#{rx.id}",
-                    {"before": before, "after": changes, "override_reason": override})  # fmt: skip
+                    {"before": before, "after": changes, "override_reason": override,
+                     "confirm_reason": confirm})  # fmt: skip
         return _prescription_out(rx)
 
     def _new_version(self, session: Session, actor: Actor, rx: Prescription, changes: dict[str, Any],
-                     effective: date, override: str | None) -> s.PrescriptionOut:  # fmt: skip
+                     effective: date, override: str | None, confirm: str | None) -> s.PrescriptionOut:  # fmt: skip
         if rx.valid_to is not None and effective > rx.valid_to:
             raise InvalidError(f"prescription #{rx.id} ended on {rx.valid_to}; effective_from {effective} is after")
         before = {key: getattr(rx, key) for key in changes}
@@ -671,7 +676,7 @@ class Registry:
         session.flush()
         self._audit(session, actor, "update", "prescription", f"{rx.patient.code}#{new.id}",
                     {"supersedes": rx.id, "effective_from": effective, "before": before, "after": changes,
-                     "override_reason": override})  # fmt: skip
+                     "override_reason": override, "confirm_reason": confirm})  # fmt: skip
         return _prescription_out(new)
 
     def _check_prescription(self, session: Session, actor: Actor, rx: Prescription, override: str | None) -> None:
@@ -971,6 +976,19 @@ _RX_FIELDS: Final = (
     "wear_days_per_week", "sessions_per_week", "session_min_minutes", "session_max_minutes", "max_chamber_mmhg",
     "out_of_range_tolerance_minutes", "max_silence_hours", "legs",
 )  # fmt: skip
+
+
+def _confirmed_raise(rx: Prescription, changes: dict[str, Any], reason: str | None) -> None:
+    """Raising a boot's maximum chamber pressure can silence an over-pressure alert the registry cannot see (the
+    monitor's): it needs the physio's reason, kept in the audit trail."""
+    new = changes.get("max_chamber_mmhg")
+    if rx.garment_kind != "boot" or new is None or rx.max_chamber_mmhg is None or new <= rx.max_chamber_mmhg:
+        return
+    if not reason:
+        raise ConfirmationNeededError(
+            f"raising the boot's maximum chamber pressure from {rx.max_chamber_mmhg:g} to {new:g} mmHg needs a reason "
+            "(confirm_reason): check first that no over-pressure alert is open for this patient; the new maximum "
+            "applies from its effective date only")  # fmt: skip
 
 
 def _apply_prescription(rx: Prescription, values: dict[str, Any]) -> None:

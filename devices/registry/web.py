@@ -34,7 +34,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from pydantic import ValidationError
 
 from devices.registry import schemas as s
-from devices.registry.errors import ContraindicatedError, ForbiddenError, RegistryError
+from devices.registry.errors import ConfirmationNeededError, ContraindicatedError, ForbiddenError, RegistryError
 from devices.registry.models import utcnow
 from devices.registry.service import SESSION_HOURS, Actor, Registry
 
@@ -274,6 +274,7 @@ class FormState:
     values: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     needs_override: bool = False
+    needs_confirm: bool = False  # raising a boot's maximum pressure: the physio's reason
 
 
 def _clinic_zone(registry: Registry, actor: Actor) -> tuple[str, ZoneInfo]:
@@ -456,8 +457,10 @@ def _router(templates: Jinja2Templates) -> APIRouter:
         sent["zones"] = [z for z in form.getlist("zones") if isinstance(z, str)]
         reason = str(form.get("override_reason") or "").strip()
         effective = str(form.get("effective_from") or "").strip() or None
-        state = FormState(values={**sent, "override_reason": reason, "effective_from": effective or ""},
-                          needs_override=bool(reason))  # fmt: skip
+        confirm = str(form.get("confirm_reason") or "").strip()
+        state = FormState(values={**sent, "override_reason": reason, "effective_from": effective or "",
+                                  "confirm_reason": confirm}, needs_override=bool(reason),
+                          needs_confirm=bool(confirm))  # fmt: skip
         back = f"{UI}/patients/{quote(rx.patient)}"
 
         missing = [LABELS[key] for key in fields if sent[key] == ""]
@@ -477,6 +480,8 @@ def _router(templates: Jinja2Templates) -> APIRouter:
             return _redirect(back, request, f"Prescription #{rx_id}: nothing changed.")
         if reason:
             changed["override_reason"] = reason
+        if confirm:
+            changed["confirm_reason"] = confirm
         try:
             saved = registry.update_prescription(actor, rx_id, s.PrescriptionUpdate.model_validate(
                 changed | ({"effective_from": effective} if effective else {})))  # fmt: skip
@@ -486,9 +491,10 @@ def _router(templates: Jinja2Templates) -> APIRouter:
         except RegistryError as exc:
             state.errors = [str(exc)]
             state.needs_override = state.needs_override or isinstance(exc, ContraindicatedError)
+            state.needs_confirm = state.needs_confirm or isinstance(exc, ConfirmationNeededError)
             return _patient_page(request, session, rx.patient, {rx_id: state}, exc.status)
         what = ", ".join(f"{LABELS[k].split(' (')[0].lower()} {_plain(v)}" for k, v in changed.items()
-                         if k != "override_reason")  # fmt: skip
+                         if k not in ("override_reason", "confirm_reason"))  # fmt: skip
         if saved.supersedes is None:
             return _redirect(back, request, f"Prescription #{rx_id} saved: {what}.")
         return _redirect(back, request, f"Prescription #{saved.id} saved: {what}, from {saved.valid_from}. "

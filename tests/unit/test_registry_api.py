@@ -918,6 +918,25 @@ def test_update_prescription(world: World) -> None:
     world.refused("PATCH", path, "admin", 409, json={"valid_to": None}, match="already has")
 
 
+def test_raising_a_boots_maximum_pressure_needs_a_reason(world: World) -> None:
+    """An over-pressure alert may be open (the registry cannot see the monitor's): raising the maximum is confirmed
+    with a reason, kept in the audit trail; lowering it is not."""
+    rx = world.ok("POST", "/prescriptions", json=_boot(), status=201)
+    path = f"/prescriptions/{rx['id']}"
+    raise_ = {"max_chamber_mmhg": 180, "effective_from": "2025-06-01"}
+    world.refused("PATCH", path, "physio_a", 409, json=raise_, match="needs a reason")
+    assert world.ok("GET", path)["max_chamber_mmhg"] == 40
+    world.refused("PATCH", path, "physio_a", 422, json=raise_ | {"confirm_reason": "short"}, match="at least 10")
+    why = "vascular surgeon asked for 180 mmHg for the arterial programme"
+    new = world.ok("PATCH", path, "physio_a", json=raise_ | {"confirm_reason": why})
+    assert (new["max_chamber_mmhg"], new["valid_from"], new["supersedes"]) == (180.0, "2025-06-01", rx["id"])
+    entry = world.ok("GET", f"/patients/{PA}/audit", params={"limit": 1})[0]
+    assert entry["changes"]["confirm_reason"] == why
+    lowered = world.ok("PATCH", f"/prescriptions/{new['id']}", json={"max_chamber_mmhg": 50,
+                                                                      "effective_from": "2025-07-01"})  # fmt: skip
+    assert lowered["max_chamber_mmhg"] == 50.0
+
+
 # --- contraindications -----------------------------------------------------------------------------------------------
 
 
