@@ -166,8 +166,11 @@ def chart_series(ctx: PatientContext, results: Sequence[DayResult]) -> ChartSeri
         return None
     wear = tuple(round(d.wear_s / 3600, 2) if d.points else None for d in days)
     if isinstance(ctx.rx, SockRx):
+        targets = tuple(rx.wear_hours_per_day if isinstance(rx := ctx.rx_on(d.day), SockRx) else None for d in days)
+        changed = len(set(targets)) > 1 or targets[-1] != ctx.rx.wear_hours_per_day
         return ChartSeries(tuple(d.day for d in days), wear, ctx.rx.wear_hours_per_day,
-                           tuple(d.ankle_median_mmhg for d in days), ctx.rx.low_mmhg, ctx.rx.high_mmhg)  # fmt: skip
+                           tuple(d.ankle_median_mmhg for d in days), ctx.rx.low_mmhg, ctx.rx.high_mmhg,
+                           day_targets=targets if changed else None)  # fmt: skip
     if isinstance(ctx.rx, BootRx):
         return ChartSeries(tuple(d.day for d in days), wear, None, tuple(d.peak_mmhg for d in days), None,
                            ctx.rx.max_chamber_mmhg, pressure_label="peak chamber")  # fmt: skip

@@ -144,10 +144,18 @@ class ChartSeries:
     band_low: float | None = None
     band_high: float | None = None
     pressure_label: str = "ankle median"
+    # Each day's own target when the prescription changed within the chart's days (else ``None``: target_hours).
+    day_targets: tuple[float | None, ...] | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.days) == len(self.wear_hours) == len(self.pressure_mmhg)):
             raise ValueError("ChartSeries: days, wear_hours and pressure_mmhg must have the same length")
+        if self.day_targets is not None and len(self.day_targets) != len(self.days):
+            raise ValueError("ChartSeries: day_targets must have one entry per day")
+
+    def targets(self) -> tuple[float | None, ...]:
+        """Each day's wear target (the prescription version of that day)."""
+        return self.day_targets if self.day_targets is not None else (self.target_hours,) * len(self.days)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,11 +341,16 @@ def _chart_cid(dedupe_key: str, index: int = 0) -> str:
 
 def _chart_text(series: ChartSeries) -> list[str]:
     """The chart's numbers as a small table for the plain-text part."""
-    lines = [f"  {'day':<10}  {'wear':>7}  {series.pressure_label + ' (mmHg)':>20}"]
-    for day, wear, pressure in zip(series.days, series.wear_hours, series.pressure_mmhg, strict=True):
+    varying = series.day_targets is not None
+    lines = [f"  {'day':<10}  {'wear':>7}" + (f"  {'target':>7}" if varying else "")
+             + f"  {series.pressure_label + ' (mmHg)':>20}"]  # fmt: skip
+    rows = zip(series.days, series.wear_hours, series.targets(), series.pressure_mmhg, strict=True)
+    for day, wear, target_h, pressure in rows:
         p = "-" if pressure is None else f"{pressure:.1f}"
-        lines.append(f"  {day.isoformat():<10}  {_hours(wear):>7}  {p:>20}")
+        lines.append(f"  {day.isoformat():<10}  {_hours(wear):>7}" + (f"  {_hours(target_h):>7}" if varying else "")
+                     + f"  {p:>20}")  # fmt: skip
     target = "none" if series.target_hours is None else _hours(series.target_hours)
+    target = "per day (the prescription changed)" if varying else target
     band = _band_words(series)
     lines.append(f"  target wear {target}" + (f"; {band}" if band else ""))
     return lines
@@ -408,6 +421,8 @@ def compose_episode(mail: EpisodeMail, *, sender: str, dashboard_url: str, now: 
         chart_html = (f'<p><a href="{e(link)}"><img src="cid:{e(cid)}" alt="{e(alt)}" width="600" height="300" '
                       f'style="max-width:100%;height:auto;border:0"></a></p>')  # fmt: skip
     colour = "#2e7d32" if not opened else _SEVERITY_COLOUR.get(mail.severity, "#222")
+    if mail.ended_reason == ENDED_BY_PRESCRIPTION:
+        colour = "#37618e"  # not green: the client did not do better, the target moved
     rows = "".join(f"<tr><td style='padding:2px 12px 2px 0;color:#555'>{e(k)}</td><td>{e(v)}</td></tr>"
                    for k, v in [("Patient", f"{mail.patient} (clinic {mail.clinic})"), *when])  # fmt: skip
     details = ""
@@ -566,16 +581,22 @@ def _render(series: ChartSeries) -> bytes:
 
     wear = [w if w is not None else 0.0 for w in series.wear_hours]
     target = series.target_hours
-    colours = [_GREY if w is None else (_GREEN if target is None or w >= target else _ORANGE)
-               for w in series.wear_hours]  # fmt: skip
+    targets = series.targets()  # each day against its own prescription version
+    colours = [_GREY if w is None else (_GREEN if t is None or w >= t else _ORANGE)
+               for w, t in zip(series.wear_hours, targets, strict=True)]  # fmt: skip
     wear_ax.bar(x, wear, color=colours, width=0.75)
     for i, w in enumerate(series.wear_hours):
         if w is None:
             wear_ax.text(i, 0.0, "?", ha="center", va="bottom", fontsize=7, color="#777")
-    if target is not None:
+    if series.day_targets is not None:
+        steps = [math.nan if t is None else t for t in targets]
+        wear_ax.step(x, steps, where="mid", color=_BLUE, linestyle="--", linewidth=1.2,
+                     label="target (prescription changed)")  # fmt: skip
+        wear_ax.legend(loc="upper left", fontsize=7, frameon=False)
+    elif target is not None:
         wear_ax.axhline(target, color=_BLUE, linestyle="--", linewidth=1.2, label=f"target {target:g} h")
         wear_ax.legend(loc="upper left", fontsize=7, frameon=False)
-    top = max([*wear, target or 0.0, 1.0])
+    top = max([*wear, *(t for t in targets if t is not None), target or 0.0, 1.0])
     wear_ax.set_ylim(0, top * 1.3)
     wear_ax.set_title("Wear per day (h)", fontsize=9)
 

@@ -198,6 +198,10 @@ def test_physio_changes_the_daily_wear_target(page: Page, site: Site) -> None:
     expect(page.locator("table.audit")).to_contain_text("8 → 10")
     expect(page.locator("table.audit")).to_contain_text(f"replacing #{site.sock_rx}")
     page.screenshot(path=str(SCREENSHOT), full_page=True)
+    for width in (1400, 390):  # the version history at a desktop's width and a phone's
+        page.set_viewport_size({"width": width, "height": 900})
+        page.screenshot(path=str(SCREENSHOT.with_name(f"registry-patient-{width}.png")), full_page=True)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width + 1, f"wider than {width} px"
 
     assert _wear_target(site) == 8  # the old version is never rewritten
     assert site.check.get_prescription(SYSTEM, new_rx).wear_hours_per_day == 10
