@@ -5,9 +5,10 @@ dashboard (``overwrite: true``, into the folder), and the folder's
 permissions: the Viewer and Editor roles may view, nothing more (admins keep
 everything). The organisation's staff log in with Grafana accounts whose
 organisation role is Viewer, so they see the dashboards and cannot change them;
-a deployment is one organisation's (docs/dashboards.md, docs/security.md). :func:`apply` carries the plan out over Grafana's HTTP API with httpx (not
-grafana-client: its HTTP stack, niquests, pulls in urllib3-future, whose ``.pth`` file rewrites ``urllib3``
-at every interpreter start and breaks the requests-based tools beside it; README, "deviations").
+a deployment is one organisation's (docs/dashboards.md, docs/security.md).
+:func:`apply` carries the plan out over Grafana's HTTP API with httpx (not grafana-client: its HTTP stack,
+niquests, pulls in urllib3-future, whose ``.pth`` file rewrites ``urllib3`` at every interpreter start and
+breaks the requests-based tools beside it; README, "deviations").
 """
 
 from __future__ import annotations
