@@ -182,13 +182,15 @@ class Ingester:
     async def _heartbeat(self, writer: InfluxWriter, consumer: MqttConsumer) -> None:
         """While connected to the broker, an ``ingest_health`` point every :data:`HEALTH_EVERY_S` (docs/schema.md):
         the monitor tells a pipeline outage (no heartbeat, no receipt) from patients who went quiet."""
+        last = -HEALTH_EVERY_S
         while not self._stop.is_set():
-            if consumer.is_connected:
+            if consumer.is_connected and time.monotonic() - last >= HEALTH_EVERY_S:
                 line = health_line(self.settings.mqtt_client_id, int(time.time() * 1000))
                 with contextlib.suppress(StoppedError):
                     await writer.write([line])
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), HEALTH_EVERY_S)
+                    last = time.monotonic()
+            with contextlib.suppress(TimeoutError):  # look again each second: the first beat follows the connection
+                await asyncio.wait_for(self._stop.wait(), 1.0)
 
     async def _unless_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
         """Run ``work`` unless a stop comes first (start-up waits must honour SIGTERM)."""

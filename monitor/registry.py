@@ -40,11 +40,28 @@ def load_contexts(registry: Registry, now: datetime | None = None) -> list[Patie
         tz = clinics[patient.clinic].timezone
         today = now.astimezone(ZoneInfo(tz)).date()
         physio = physios.get(patient.physio) if patient.physio else None
-        ctx = _context(patient, tz, physio, _current(prescriptions[patient.code], today),
-                       tuple(sorted(holding[patient.code])))  # fmt: skip
+        current = _current(prescriptions[patient.code], today)
+        ctx = _context(patient, tz, physio, current, tuple(sorted(holding[patient.code])))
+        worn_now = [g for g in garments[patient.code] if g.device in ctx.devices]
+        legs = _legs_problem(current[0].legs if current else None, worn_now)
         contexts.append(replace(ctx, versions=_versions(prescriptions[patient.code], ctx.kind),
-                                garments=tuple(garments[patient.code])))  # fmt: skip
+                                garments=tuple(garments[patient.code]),
+                                problems=ctx.problems + ((legs,) if legs else ())))  # fmt: skip
     return contexts
+
+
+def _legs_problem(prescribed: str | None, worn_now: list[Garment]) -> str:
+    """What the prescription's legs and the garments worn now disagree on ("" when nothing, or nothing recorded)."""
+    legs = {g.leg for g in worn_now if g.leg}
+    if not prescribed or not legs:
+        return ""
+    covered = {"left", "right"} if "both" in legs else legs
+    wanted = {"left", "right"} if prescribed == "both" else {prescribed}
+    missing = sorted(wanted - covered)
+    if not missing:
+        return ""
+    where = f"the {' and '.join(missing)} leg{'s' if len(missing) > 1 else ''}"
+    return f"prescribed for {where}, but no garment is recorded there (garments on: {', '.join(sorted(legs))})"
 
 
 def _ms(moment: datetime) -> int:

@@ -274,6 +274,8 @@ async def test_a_small_clinic_with_most_garments_silent_is_told_of_each(mosquitt
     quiet = {p["patient"] for p in g.truth["patients"] if p["scenario"] == "stops_sending"}
     assert {m["patient"] for m in got if m["flag"] == "silent" and m["kind"] == "opened"} == quiet
     assert len(quiet) == 7
+    # The pipeline's own health: the ingester wrote its heartbeat while it ran.
+    assert rows(influx.url, g.database, "SELECT count(connected) AS n FROM ingest_health")[0]["n"] >= 1
     print(f"small clinic: {len(got)} episode e-mails, exactly the ground truth's; 7 of 12 silences reported")
 
 

@@ -234,3 +234,15 @@ def test_a_boot_is_silent_only_if_it_reports_while_idle() -> None:
     plan = [session, idle, session, idle, rest]
     days = with_windows(ctx(three), [boot_day(i, **v) for i, v in enumerate(plan)])
     assert [r.flags for r in flags_for(ctx(three), days)][-1] == ("silent",)
+
+
+def test_a_prescription_for_both_legs_with_one_garment_is_a_registry_problem() -> None:
+    from monitor.model import Garment
+    from monitor.registry import _legs_problem
+
+    left, right, pair = Garment("s-1", "left", 0, None), Garment("s-2", "right", 0, None), Garment("b", "both", 0, None)
+    assert _legs_problem("both", [left]) == (
+        "prescribed for the right leg, but no garment is recorded there (garments on: left)")  # fmt: skip
+    assert _legs_problem("both", [left, right]) == _legs_problem("both", [pair]) == ""
+    assert _legs_problem("left", [right]).startswith("prescribed for the left leg")
+    assert _legs_problem(None, [left]) == _legs_problem("both", [Garment("s", "", 0, None)]) == ""  # not recorded
