@@ -19,15 +19,14 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
-from compression import logs
 from dashboards.cli import dashboards
 from devices.registry.cli import devices
 from ingest.settings import IngestSettings, SettingsError
 from monitor.settings import MonitorSettings
-from simulators.publisher import LoadSpec, Publisher, PublishReport, generate, publish_spread
-from simulators.run import RunOptions, RunReport, run_fleet
-from simulators.scenarios import DEFAULT_TZ, SCENARIOS, build_fleet, list_scenarios
-from simulators.scenarios import every_scenario as every_scenario_fleet
+
+if typing.TYPE_CHECKING:
+    from simulators.publisher import PublishReport
+    from simulators.run import RunReport
 
 F = typing.TypeVar("F", bound=Callable[..., Any])
 
@@ -92,6 +91,7 @@ def ingest(**overrides: Any) -> None:
     written. Serves Prometheus metrics on /metrics.
     Stops cleanly on SIGTERM/SIGINT: what was received is written and acked.
     """
+    from compression import logs
     from ingest.app import run_ingester
 
     settings = load_settings(overrides)
@@ -112,6 +112,7 @@ def monitor(once: bool, **overrides: Any) -> None:
     a daily digest. Replicas share --state-database-url; one holds the lease
     and works. Stops cleanly on SIGTERM/SIGINT.
     """
+    from compression import logs
     from monitor.app import Monitor, run_monitor
 
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -152,10 +153,12 @@ def _progress(total: int) -> Callable[[PublishReport], None]:
 def _parse_mix(text: str | None) -> dict[str, float] | None:
     if not text:
         return None
+    from simulators.scenarios import ALL_SCENARIOS
+
     mix: dict[str, float] = {}
     for part in text.split(","):
         name, _, weight = part.partition("=")
-        if name.strip() not in SCENARIOS:
+        if name.strip() not in ALL_SCENARIOS:
             raise click.BadParameter(f"unknown scenario {name.strip()!r} (see --list-scenarios)", param_hint="--mix")
         try:
             mix[name.strip()] = float(weight or 1)
@@ -165,6 +168,8 @@ def _parse_mix(text: str | None) -> dict[str, float] | None:
 
 
 def _list_scenarios() -> None:
+    from simulators.scenarios import list_scenarios
+
     for name, kind, description in list_scenarios():
         click.echo(f"{name:<22} {kind:<5} {description}")
 
@@ -185,7 +190,7 @@ def _list_scenarios() -> None:
 @click.option("--live", "live_hours", type=float, default=None, metavar="HOURS",
               help="Then go on in real time for HOURS (each message sent when it falls due).")  # fmt: skip
 @click.option("--seed", default=1, show_default=True, help="Same seed, same fleet, same readings.")
-@click.option("--tz", default=DEFAULT_TZ, show_default=True, help="The clinic's (and patients') time zone.")
+@click.option("--tz", default="America/Edmonton", show_default=True, help="The clinic's (and patients') time zone.")
 @click.option("--ground-truth", type=click.Path(dir_okay=False), default=None,
               help="Write what the platform must conclude per patient and day to this JSON file.")  # fmt: skip
 @click.option("--connections", default=4, show_default=True,
@@ -222,7 +227,11 @@ def simulate(list_only: bool, mqtt_url: str, socks: int, boots: int, scenarios: 
     if load:
         _simulate_load(mqtt_url, devices, messages, samples, rate, seed, connections)
         return
-    unknown = [n for n in scenarios if n not in SCENARIOS]
+    from simulators.run import RunOptions, run_fleet
+    from simulators.scenarios import ALL_SCENARIOS, build_fleet
+    from simulators.scenarios import every_scenario as every_scenario_fleet
+
+    unknown = [n for n in scenarios if n not in ALL_SCENARIOS]
     if unknown:
         raise click.BadParameter(f"unknown scenario(s) {unknown} (see --list-scenarios)", param_hint="--scenario")
     end = datetime.now(UTC) + timedelta(hours=live_hours or 0)
@@ -269,6 +278,8 @@ def _fleet_progress(report: RunReport) -> None:
 
 def _simulate_load(mqtt_url: str, devices: int, messages: int, samples: int, rate: float | None, seed: int,
                    connections: int = 1) -> None:  # fmt: skip
+    from simulators.publisher import LoadSpec, Publisher, generate, publish_spread
+
     spec = LoadSpec(devices=devices, messages=messages, samples=samples, period_ms=1000, seed=seed)
     connections = max(1, min(connections, devices))
     click.echo(f"load: {spec.total_samples:,} samples from {devices} devices over {connections} connection(s) "
@@ -306,8 +317,47 @@ def demo(days: int, live_minutes: float, data_dir: str, keep: bool) -> None:
 
     if not 1 <= days <= 28:
         raise click.UsageError("--days must be between 1 and 28")
+    from compression import logs
+
     logs.configure("WARNING")
     sys.exit(run_demo(days=days, data_dir=data_dir, keep=keep, started=time.monotonic(), live_minutes=live_minutes))
+
+
+@devices.command("reattribute")
+@click.argument("device_id")
+@click.option("--from", "valid_from", required=True, help="Start of the period (ISO 8601 with offset or Z).")
+@click.option("--to", "valid_to", required=True, help="End of the period, exclusive (ISO 8601 with offset or Z).")
+@click.option("--patient", required=True, help="The patient who wore the garment then (pseudonymous code).")
+def reattribute(device_id: str, valid_from: str, valid_to: str, patient: str) -> None:
+    """Give DEVICE_ID's readings stored from --from to --to to --patient (audited, idempotent).
+
+    The registry's assignments are made to say the same (an assignment starting inside the period is moved back
+    to its start, or one is created for it), then the stored readings are rewritten with the patient's tags in
+    InfluxDB (COMPRESSION_INFLUX_*), receipts tell the monitor to recompute those days, and the request is marked
+    done. Running it again after a failure finishes the job; run on a request already done, it changes nothing.
+    """
+    from devices.registry import schemas as s
+    from devices.registry.cli import current_registry
+    from ingest.reattribute import Influx, ReattributionError, targets
+    from ingest.reattribute import reattribute as rewrite
+
+    registry, actor = current_registry()
+    row = registry.request_reattribution(actor, s.ReattributionIn.model_validate(
+        {"device_id": device_id, "patient": patient, "valid_from": valid_from, "valid_to": valid_to}))  # fmt: skip
+    if row.state == "done":
+        click.echo(f"re-attribution {row.id}: already done ({row.points} readings), nothing to do")
+        return
+    settings = load_settings({})
+    influx = Influx(settings.influx_url, settings.influx_database, settings.influx_username, settings.influx_password,
+                    settings.influx_token)  # fmt: skip
+    try:
+        done = asyncio.run(rewrite(influx, targets([row])[0]))
+    except ReattributionError as exc:
+        raise click.ClickException(f"re-attribution {row.id} stays pending (run again): {exc}") from exc
+    registry.finish_reattribution(actor, row.id, done.points, f"previous holders: {', '.join(sorted(done.previous))}"
+                                  if done.previous else "")  # fmt: skip
+    click.echo(f"re-attribution {row.id}: {done.points} readings of {device_id} from {row.valid_from.isoformat()} to "
+               f"{row.valid_to.isoformat()} now {patient}'s; the monitor recomputes those days")
 
 
 cli.add_command(devices)

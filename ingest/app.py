@@ -7,6 +7,7 @@ samples, or its dead letter) is durably written to InfluxDB.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -23,11 +24,11 @@ from devices.protocol import TimeWindow
 from ingest.batch import Batch, Batcher, Entry, OrderedAcker
 from ingest.consume import MqttConsumer
 from ingest.decode import DecodeConfig, Decoder
-from ingest.encode import attribute, receipt_lines, rejected_line
+from ingest.encode import HEALTH_EVERY_S, attribute, health_line, receipt_lines, rejected_line
 from ingest.enrich import Enrichment, source_for
 from ingest.metrics import IngestMetrics
 from ingest.settings import IngestSettings, redact_url
-from ingest.write import InfluxWriter, RefusedLine
+from ingest.write import InfluxWriter, RefusedLine, StoppedError
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +185,26 @@ class Ingester:
         self._acker = OrderedAcker(consumer.ack)
         tasks = [asyncio.create_task(self._write_loop(writer)) for _ in range(s.write_concurrency)]
         tasks += [asyncio.create_task(consumer.run()), asyncio.create_task(self._batcher.run_timer())]
+        tasks.append(asyncio.create_task(self._heartbeat(writer, consumer)))
         if self.enrichment is not None:
             tasks.append(asyncio.create_task(self.enrichment.run()))
         try:
             await self._supervise(tasks)
         finally:
             await self._shutdown(writer, consumer, tasks)
+
+    async def _heartbeat(self, writer: InfluxWriter, consumer: MqttConsumer) -> None:
+        """While connected to the broker, an ``ingest_health`` point every :data:`HEALTH_EVERY_S` (docs/schema.md):
+        the monitor tells a pipeline outage (no heartbeat, no receipt) from patients who went quiet."""
+        last = -HEALTH_EVERY_S
+        while not self._stop.is_set():
+            if consumer.is_connected and time.monotonic() - last >= HEALTH_EVERY_S:
+                line = health_line(self.settings.mqtt_client_id, int(time.time() * 1000))
+                with contextlib.suppress(StoppedError):
+                    await writer.write([line])
+                    last = time.monotonic()
+            with contextlib.suppress(TimeoutError):  # look again each second: the first beat follows the connection
+                await asyncio.wait_for(self._stop.wait(), 1.0)
 
     async def _unless_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
         """Run ``work`` unless a stop comes first (start-up waits must honour SIGTERM)."""

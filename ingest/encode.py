@@ -307,6 +307,16 @@ RECEIPT: Final = "receipt"
 _HOUR_NS: Final = 3_600_000_000_000
 
 
+HEALTH: Final = "ingest_health"
+HEALTH_EVERY_S: Final = 60.0  # the ingester's heartbeat while connected to the broker
+
+
+def health_line(ingester: str, now_ms: int) -> str:
+    """The ingester's heartbeat: ``ingest_health,ingester=<client id> connected=true <now>`` (written only while it
+    is connected to the broker and InfluxDB takes writes, so a gap in these points is a pipeline outage)."""
+    return f"{HEALTH},ingester={escape_key(ingester)} connected=true {now_ms * 1_000_000}"
+
+
 def receipt_lines(lines: list[str], samples: int, received_ms: int) -> list[str]:
     """``receipt`` points for one attributed message: the patient-hours its points fall in, stamped when received.
 

@@ -37,8 +37,9 @@ import msgspec
 from sqlalchemy import select
 
 from devices.registry.db import make_engine, migrate, session_factory
-from devices.registry.service import Registry
+from devices.registry.service import SYSTEM, Actor, Registry
 from ingest.encode import escape_key, escape_string
+from ingest.reattribute import Influx, ReattributionError, reattribute, targets
 from monitor import queries as q
 from monitor.compliance import (
     WINDOW_DAYS,
@@ -46,12 +47,15 @@ from monitor.compliance import (
     InfluxReader,
     adherence,
     flags_for,
+    healthy_share,
     local_days,
+    outage_days,
+    pipeline_hours,
     raw_day_stats,
     safety_flags,
     windowed,
 )
-from monitor.evaluate import Live, MailData, Outcome, evaluate
+from monitor.evaluate import Ending, Live, MailData, Outcome, evaluate
 from monitor.mail import (
     FLAG_TITLE,
     ChartSeries,
@@ -64,13 +68,14 @@ from monitor.mail import (
     compose_episode,
     next_attempt,
 )
-from monitor.model import BootRx, DayResult, DayStats, PatientContext, SockRx
+from monitor.model import BootRx, DayResult, DayStats, LegStats, PatientContext, SockRx, split_flag
 from monitor.registry import load_contexts
 from monitor.settings import MonitorSettings
 from monitor.state import DayFlags, Episode, Outbox, State
 
 log = logging.getLogger(__name__)
 CHART_DAYS = 14
+MONITOR_ACTOR = Actor("monitor", "admin")  # in the registry's audit trail for the re-attributions it carries out
 # Receipts are asked for from a little before the previous evaluation: one written while it ran is not missed.
 RECEIPT_MARGIN_MS = 120_000
 
@@ -101,9 +106,10 @@ class ChartMailData(MailData):
     """Episode e-mail data with the patient's last 14 days for the chart, from the evaluation's results."""
 
     def __init__(self, results: Mapping[str, Sequence[DayResult]]) -> None:
-        self.results = results
+        super().__init__(results)
 
-    def episode(self, ctx: PatientContext, episode: Episode, kind: str) -> dict[str, Any]:
+    def episode(self, ctx: PatientContext, episode: Episode, kind: str,
+                ending: Ending | None = None) -> dict[str, Any]:  # fmt: skip
         """An :class:`EpisodeMail` as JSON-ready data (composed when it is sent)."""
         zone = ZoneInfo(ctx.timezone)
         start = datetime(episode.start_day.year, episode.start_day.month, episode.start_day.day, tzinfo=zone)
@@ -116,8 +122,44 @@ class ChartMailData(MailData):
             summary=_summary(ctx, episode, self.results.get(ctx.patient, ())),
             chart=chart_series(ctx, self.results.get(ctx.patient, ())),
             thread_key=f"opened:{episode.id}" if kind == "resolved" else None,
+            ended_reason=ending.reason if ending else None,
+            evidence=_evidence(ctx, episode.flag, ending, self.results.get(ctx.patient, ())) if ending else (),
         )  # fmt: skip
         return {"mail": msgspec.to_builtins(mail)}
+
+
+def _evidence(ctx: PatientContext, flag: str, ending: Ending, results: Sequence[DayResult]) -> tuple[str, ...]:
+    """What shows the episode over, in words: the detail of the ending, then each day that showed it gone."""
+    by_day = {r.stats.day: r.stats for r in results}
+    lines = [ending.detail] if ending.detail else []
+    lines += [_day_evidence(ctx, flag, by_day[d]) for d in ending.cleared_by if d in by_day]
+    return tuple(lines)
+
+
+def _day_evidence(ctx: PatientContext, flag: str, s: DayStats) -> str:
+    """One day's figures that bear on ``flag`` (the day showed it gone); a leg's flag, that leg's figures."""
+    base, leg_name = split_flag(flag)
+    rx = ctx.rx_on(s.day)
+    if base == "silent":
+        return f"{s.day}: readings received again ({s.points} stored)"
+    if isinstance(rx, SockRx):
+        if base == "under_use":
+            return f"{s.day}: worn {s.wear_s / 3600:.1f} h of {rx.wear_hours_per_day:g} h"
+        leg = s.legs.get(leg_name) if leg_name else None
+        figures: DayStats | LegStats = leg or s
+        worn = f"{s.day}: {leg_name + ' leg ' if leg else ''}worn {figures.wear_s / 3600:.1f} h"
+        if base == "too_tight":
+            return f"{worn}, {figures.above_range_s / 60:.0f} min above {rx.high_mmhg:g} mmHg"
+        if base == "too_loose":
+            return f"{worn}, {figures.below_range_s / 60:.0f} min below {rx.low_mmhg:g} mmHg"
+        if base == "rolled_down":
+            return f"{worn}, {figures.reversed_gradient_s / 60:.0f} min with calf above ankle"
+        return f"{worn}, weekly ankle median not below {rx.low_mmhg:g} mmHg"
+    if isinstance(ctx.rx, BootRx):
+        lengths = ", ".join(f"{d / 60:.0f} min" for d in s.session_durations_s) or "none"
+        peak = f", peak {s.peak_mmhg:.0f} mmHg" if s.peak_mmhg is not None else ""
+        return f"{s.day}: {s.sessions_started} session(s) (lengths {lengths}){peak}"
+    return f"{s.day}: data received"
 
 
 def chart_series(ctx: PatientContext, results: Sequence[DayResult]) -> ChartSeries | None:
@@ -127,8 +169,11 @@ def chart_series(ctx: PatientContext, results: Sequence[DayResult]) -> ChartSeri
         return None
     wear = tuple(round(d.wear_s / 3600, 2) if d.points else None for d in days)
     if isinstance(ctx.rx, SockRx):
+        targets = tuple(rx.wear_hours_per_day if isinstance(rx := ctx.rx_on(d.day), SockRx) else None for d in days)
+        changed = len(set(targets)) > 1 or targets[-1] != ctx.rx.wear_hours_per_day
         return ChartSeries(tuple(d.day for d in days), wear, ctx.rx.wear_hours_per_day,
-                           tuple(d.ankle_median_mmhg for d in days), ctx.rx.low_mmhg, ctx.rx.high_mmhg)  # fmt: skip
+                           tuple(d.ankle_median_mmhg for d in days), ctx.rx.low_mmhg, ctx.rx.high_mmhg,
+                           day_targets=targets if changed else None)  # fmt: skip
     if isinstance(ctx.rx, BootRx):
         return ChartSeries(tuple(d.day for d in days), wear, None, tuple(d.peak_mmhg for d in days), None,
                            ctx.rx.max_chamber_mmhg, pressure_label="peak chamber")  # fmt: skip
@@ -136,17 +181,27 @@ def chart_series(ctx: PatientContext, results: Sequence[DayResult]) -> ChartSeri
 
 
 def _summary(ctx: PatientContext, episode: Episode, results: Sequence[DayResult]) -> tuple[str, ...]:
+    """The episode's days in figures, a line each. Today is unfinished: a sock's wear so far says nothing (it is
+    left out); a boot's sessions so far are what a safety alert is about (shown as today, so far)."""
     lines = []
     for r in results:
         if r.stats.day < episode.start_day or (episode.end_day and r.stats.day >= episode.end_day):
             continue
         s = r.stats
-        if isinstance(ctx.rx, SockRx):
+        rx = ctx.rx_on(s.day)  # each day against its own prescription version
+        if isinstance(rx, SockRx) and not s.complete:
+            continue
+        if isinstance(rx, SockRx):
             ankle = f", ankle median {s.ankle_median_mmhg:.1f} mmHg" if s.ankle_median_mmhg else ""
-            lines.append(f"{s.day}: worn {s.wear_s / 3600:.1f} h of {ctx.rx.wear_hours_per_day:g} h{ankle}")
-        elif isinstance(ctx.rx, BootRx):
-            peak = f", peak {s.peak_mmhg:.0f} mmHg (max {ctx.rx.max_chamber_mmhg:g})" if s.peak_mmhg else ""
-            lines.append(f"{s.day}: {s.sessions_started} session(s){peak}")
+            if len(s.legs) > 1:  # a stocking on each leg: each leg's time and median
+                ankle = "".join(f"; {name} leg {leg.wear_s / 3600:.1f} h" + (
+                    f", ankle median {leg.ankle_median_mmhg:.1f} mmHg" if leg.ankle_median_mmhg else "")
+                    for name, leg in sorted(s.legs.items()))  # fmt: skip
+            lines.append(f"{s.day}: worn {s.wear_s / 3600:.1f} h of {rx.wear_hours_per_day:g} h{ankle}")
+        elif isinstance(rx, BootRx):
+            peak = f", peak {s.peak_mmhg:.0f} mmHg (max {rx.max_chamber_mmhg:g})" if s.peak_mmhg else ""
+            today = "" if s.complete else " (today, so far)"
+            lines.append(f"{s.day}{today}: {s.sessions_started} session(s){peak}")
     return tuple(lines[-7:])
 
 
@@ -172,6 +227,7 @@ class Monitor:
         self._raw: dict[str, tuple[PatientContext, dict[date, DayStats]]] = {}
         self._receipts_since_ms = 0
         self._full_at = 0.0
+        self._healthy: set[int] = set()
 
     def stop(self) -> None:
         """Finish the current step, give up the lease, return from :meth:`run`."""
@@ -222,12 +278,14 @@ class Monitor:
     async def evaluate_once(self, now_ms: int | None = None) -> bool:
         """Evaluate every patient; False (and nothing changed) when InfluxDB cannot be read."""
         started = time.monotonic()
+        await self.reattribute_pending()
         contexts = self._with_delivery_problems(await asyncio.to_thread(load_contexts, self.registry))
         self._note_problems(contexts)
         judged = [c for c in contexts if c.rx is not None]
         try:
             stats = await self._day_stats(judged, now_ms)
             seen = await self._last_seen(judged, now_ms)
+            healthy = await self._pipeline_hours(now_ms)
         except InfluxQueryError as exc:
             self.counters.skipped_unreadable += 1
             log.warning("evaluation skipped, InfluxDB unreadable (no flags change until it answers): %s", exc)
@@ -235,7 +293,9 @@ class Monitor:
         if not await self._still_holding():
             return False
         self._contexts = contexts
-        self._results = {c.patient: flags_for(c, stats.get(c.patient, [])) for c in judged}
+        self._healthy = healthy
+        self._results = {c.patient: outage_days(flags_for(c, stats.get(c.patient, [])), healthy,
+                                                self.settings.pipeline_healthy_share) for c in judged}  # fmt: skip
         await self._apply(seen, now_ms)
         self.counters.evaluations += 1
         self.counters.last_evaluation_s = time.monotonic() - started
@@ -306,6 +366,31 @@ class Monitor:
                     earliest[patient] = min(int(row[0]) for row in s["values"])
         return earliest
 
+    async def reattribute_pending(self) -> int:
+        """Carry out the re-attributions asked through the API (``POST /devices/{id}/reattributions``): rewrite the
+        readings, mark them done; their receipts make this evaluation recompute those days. Returns how many."""
+        rows = await asyncio.to_thread(self.registry.list_reattributions, SYSTEM, "pending")
+        influx = Influx(self.settings.influx_url, self.settings.influx_database, self.settings.influx_username,
+                        self.settings.influx_password, self.settings.influx_token)  # fmt: skip
+        done = 0
+        for row, target in zip(rows, targets(rows), strict=True):
+            try:
+                result = await reattribute(influx, target)
+            except ReattributionError as exc:
+                log.warning("re-attribution %d of %s stays pending (tried again next evaluation): %s", row.id,
+                            row.device_id, exc)  # fmt: skip
+                continue
+            note = f"previous holders: {', '.join(sorted(result.previous))}" if result.previous else ""
+            await asyncio.to_thread(self.registry.finish_reattribution, MONITOR_ACTOR, row.id, result.points, note)
+            done += 1
+        return done
+
+    async def _pipeline_hours(self, now_ms: int | None) -> set[int]:
+        """The hours of the evaluated window the pipeline was seen working (``monitor.compliance.pipeline_hours``)."""
+        now = now_ms if now_ms is not None else int(time.time() * 1000)
+        start = now - (self.settings.days_back + WINDOW_DAYS + 1) * 86_400_000
+        return await pipeline_hours(self.reader, self.settings.influx_database, start, now + 300_000)
+
     async def _still_holding(self) -> bool:
         """Renew the lease after the slow part of an evaluation; if another replica took it meanwhile, apply nothing."""
         held = await asyncio.to_thread(self.state.acquire_lease, self.replica, self.settings.lease_s)
@@ -338,9 +423,17 @@ class Monitor:
         contexts = list(only) or [c for c in self._contexts if c.patient in self._results]
         now = (now_ms if now_ms is not None else int(time.time() * 1000)) / 1000
         live = {c.patient: self._live(c, seen.get(c.patient), now) for c in contexts}
+        for c in contexts:  # a silence the pipeline could not have heard is held back
+            allowance = int((now - c.max_silence_hours * 3600) * 1000)
+            share = healthy_share(self._healthy, allowance, int(now * 1000))
+            live[c.patient] = replace(live[c.patient], outage=share < self.settings.pipeline_healthy_share)
         outcome: Outcome = await asyncio.to_thread(
             evaluate, self.state, contexts, self._results, live, self.settings.resolve_after_days,
-            self.settings.silence_guard_fraction, ChartMailData(self._results))  # fmt: skip
+            ChartMailData(self._results))  # fmt: skip
+        if outcome.held_back:
+            log.warning("silence held back for %d patient(s): the pipeline was down for part of their silence (no "
+                        "heartbeat from the ingester, nothing stored from anyone); alerts follow once it works "
+                        "again", len(outcome.held_back))  # fmt: skip
         self.counters.opened += len(outcome.opened)
         self.counters.resolved += len(outcome.resolved)
         for patient, flag in outcome.opened:
@@ -354,8 +447,10 @@ class Monitor:
         days = self._results.get(ctx.patient, [])
         today_stats = days[-1].stats if days and not days[-1].stats.complete else None
         today = today_stats.day if today_stats else datetime.fromtimestamp(now_s, ZoneInfo(ctx.timezone)).date()
-        silent = bool(ctx.devices) and (last_seen_ms is None
-                                        or now_s - last_seen_ms / 1000 > ctx.max_silence_hours * 3600)  # fmt: skip
+        # A boot that speaks only in sessions is not silent between them (boot_missed_sessions judges those).
+        heard_idle = today_stats.reports_idle if today_stats and isinstance(ctx.rx, BootRx) else True
+        silent = bool(ctx.devices) and heard_idle and (
+            last_seen_ms is None or now_s - last_seen_ms / 1000 > ctx.max_silence_hours * 3600)  # fmt: skip
         return Live(today, safety_flags(ctx, today_stats) if today_stats else (), silent,
                     today_stats.battery_min_pct if today_stats else None)  # fmt: skip
 

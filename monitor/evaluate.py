@@ -19,8 +19,9 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from monitor.episodes import Decision, Run, closed_unrecorded, flags_seen, reconcile, runs
-from monitor.model import LOW_BATTERY, SAFETY, SEVERITY, SILENT, DayResult, PatientContext
+from monitor.compliance import day_flags
+from monitor.episodes import Decision, Mark, Run, closed_unrecorded, flags_seen, reconcile, runs
+from monitor.model import LOW_BATTERY, SAFETY, SILENT, DayResult, PatientContext, describe_change, severity_of
 from monitor.state import DayFlags, Episode, State
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,12 @@ class Live:
     safety: tuple[str, ...] = ()
     silent_now: bool = False
     battery_pct: float | None = None
+    outage: bool = False  # the pipeline was down for part of the silence allowance: silence is held back
 
     def flags(self) -> tuple[str, ...] | None:
         """Today's flags for the runs (``None`` when nothing is known yet for today)."""
         found = list(self.safety)
-        if self.silent_now:
+        if self.silent_now and not self.outage:
             found.append(SILENT)
         if self.battery_pct is not None and self.battery_pct < LOW_BATTERY_PCT:
             found.append(LOW_BATTERY)
@@ -63,15 +65,14 @@ def evaluate(
     results: Mapping[str, Sequence[DayResult]],
     live: Mapping[str, Live],
     resolve_after: int,
-    silence_guard: float,
     mail_data: MailData,
 ) -> Outcome:
-    """Apply one evaluation of every patient to the state, in one transaction."""
+    """Apply one evaluation of every patient to the state, in one transaction.
+
+    A pipeline outage is already taken out of ``results`` and ``live`` (``monitor.compliance.outage_days``,
+    ``Live.outage``): the days it touched do not judge missing data, and today's silence is held back.
+    """
     out = Outcome()
-    hold_silence = _silence_storm(contexts, results, live, silence_guard)
-    if hold_silence:
-        log.warning("silence held back: %d of %d monitored patients went silent at once (an ingest or database "
-                    "gap, not the patients); no silence alerts until data flows", *hold_silence)  # fmt: skip
     with state.transaction() as session:
         # One query per 500 patients instead of one per patient-day: the rows land in the session's identity map,
         # where session.get() finds them without SQL (1,000 patients x 37 days cost 16 s of SQLAlchemy before).
@@ -88,46 +89,80 @@ def evaluate(
             days = list(results.get(ctx.patient, ()))
             now = live.get(ctx.patient)
             out.day_changes += _store_days(session, ctx, days, new_days)
-            series: list[tuple[date, tuple[str, ...] | None]] = [(r.stats.day, r.flags) for r in days if r.flags]
+            series = [Mark(r.stats.day, r.flags, r.judged) for r in days if r.flags]
             if now is not None:
                 today_flags = now.flags()
-                if hold_silence and today_flags:
-                    today_flags = tuple(f for f in today_flags if f != SILENT) or None
-                series.append((now.today, today_flags))
+                if now.outage:
+                    out.held_back.append(ctx.patient)
+                # Today is incomplete: what it shows extends a run, what it lacks ends none.
+                series.append(Mark(now.today, today_flags, frozenset(today_flags or ())))
             today = now.today if now else _last_day(days)
-            _episodes(session, state, ctx, episodes.get(ctx.patient, []), series, today, resolve_after,
-                      bool(hold_silence), out, mail_data)  # fmt: skip
+            _episodes(session, state, ctx, episodes.get(ctx.patient, []), series, today, resolve_after, out,
+                      mail_data)  # fmt: skip
         if new_days:
             session.execute(insert(DayFlags), new_days)  # one executemany: the first run stores 30,000+ days
     return out
 
 
-class MailData:
-    """Builds the data an episode e-mail is composed from (kept in the outbox row); the app supplies charts."""
+# Why an episode ended (``Episode.note`` starts with one of these; the resolving e-mail says it in words).
+ENDED_BY_DATA = "data"  # days with data showed the flag gone
+ENDED_BY_LATE_DATA = "late_data"  # data that arrived late erased the run
+ENDED_BY_PRESCRIPTION = "prescription"  # the days since are judged against a changed prescription
 
-    def episode(self, ctx: PatientContext, episode: Episode, kind: str) -> dict[str, Any]:
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """Why and on what evidence an episode resolved: the reason and the days that showed it gone."""
+
+    reason: str
+    cleared_by: tuple[date, ...] = ()
+    detail: str = ""
+
+
+class MailData:
+    """Builds the data an episode e-mail is composed from (kept in the outbox row); the app supplies charts.
+
+    ``results`` are the evaluation's days per patient (what shows an episode over is read from them).
+    """
+
+    def __init__(self, results: Mapping[str, Sequence[DayResult]] | None = None) -> None:
+        self.results: Mapping[str, Sequence[DayResult]] = results or {}
+
+    def episode(self, ctx: PatientContext, episode: Episode, kind: str,
+                ending: Ending | None = None) -> dict[str, Any]:  # fmt: skip
         """Everything the e-mail about ``episode`` needs; only the pseudonymous code identifies the patient."""
         return {"kind": kind, "patient": ctx.patient, "clinic": ctx.clinic, "flag": episode.flag,
                 "severity": episode.severity, "start_day": episode.start_day.isoformat(),
                 "end_day": episode.end_day.isoformat() if episode.end_day else None,
-                "physio_name": ctx.physio_name, "physio_email": ctx.physio_email, "note": episode.note}  # fmt: skip
+                "physio_name": ctx.physio_name, "physio_email": ctx.physio_email, "note": episode.note,
+                "reason": ending.reason if ending else None}  # fmt: skip
+
+    def ending(self, ctx: PatientContext, flag: str, run: Run | None) -> Ending:
+        """Why a run that was open has ended: late data erased it, or days with data showed the flag gone."""
+        if run is None:
+            return Ending(ENDED_BY_LATE_DATA, (), "data that arrived late shows the flag did not hold")
+        changed = prescription_ending(ctx, flag, run, self.results.get(ctx.patient, ()))
+        if changed:
+            return Ending(ENDED_BY_PRESCRIPTION, run.cleared_by, changed)
+        return Ending(ENDED_BY_DATA, run.cleared_by)
 
 
-def _silence_storm(
-    contexts: Sequence[PatientContext], results: Mapping[str, Sequence[DayResult]], live: Mapping[str, Live],
-    fraction: float,
-) -> tuple[int, int] | None:  # fmt: skip
-    monitored = [c for c in contexts if c.devices]
-    silent = sum(1 for c in monitored if (live.get(c.patient) and live[c.patient].silent_now)
-                 or _latest_silent(results.get(c.patient, ())))  # fmt: skip
-    if len(monitored) >= 3 and silent > fraction * len(monitored):
-        return silent, len(monitored)
-    return None
-
-
-def _latest_silent(days: Sequence[DayResult]) -> bool:
-    judged = [r for r in days if r.flags is not None]
-    return bool(judged) and judged[-1].flags == (SILENT,)
+def prescription_ending(ctx: PatientContext, flag: str, run: Run, days: Sequence[DayResult]) -> str:
+    """Why ``run`` ended, when a change of prescription ended it: the days that showed it gone are judged against
+    a newer version, and under the version of its last flagged day they would still carry the flag (the client
+    did not do better). Empty otherwise."""
+    before = ctx.version_on(run.last)
+    stats = {r.stats.day: r.stats for r in days}
+    cleared = [stats[d] for d in run.cleared_by if d in stats]
+    after = [ctx.version_on(d.day) for d in cleared]
+    if before is None or not cleared or all(v is None or v.id == before.id for v in after):
+        return ""
+    old = ctx.pinned(before)
+    if not all(flag in (day_flags(old, d) or ()) for d in cleared):
+        return ""
+    new = next(v for v in after if v is not None and v.id != before.id)
+    return (f"the prescription changed on {new.valid_from}: {describe_change(before.rx, new.rx)}; under the "
+            f"previous prescription the days since would still show it")  # fmt: skip
 
 
 def _last_day(days: Sequence[DayResult]) -> date:
@@ -157,8 +192,7 @@ def _store_days(session: Session, ctx: PatientContext, days: Sequence[DayResult]
 
 def _episodes(
     session: Session, state: State, ctx: PatientContext, stored: list[Episode],
-    series: list[tuple[date, tuple[str, ...] | None]], today: date, resolve_after: int, hold_silence: bool,
-    out: Outcome, mail_data: MailData,
+    series: list[Mark], today: date, resolve_after: int, out: Outcome, mail_data: MailData,
 ) -> None:  # fmt: skip
     flags = flags_seen(series) | {e.flag for e in stored if e.open_key is not None}
     for flag in sorted(flags):
@@ -167,9 +201,6 @@ def _episodes(
         mine = [e for e in stored if e.flag == flag]
         current = next((e for e in mine if e.open_key is not None), None)
         decision = reconcile(found, current.start_day if current else None, today)
-        if decision.action == "open" and flag == SILENT and hold_silence:
-            out.held_back.append(ctx.patient)
-            continue
         _apply(session, state, ctx, flag, decision, current, out, mail_data)
         for run in closed_unrecorded(found, [e.start_day for e in mine]):
             session.add(_episode(ctx, run, open_=False))
@@ -177,7 +208,7 @@ def _episodes(
 
 
 def _episode(ctx: PatientContext, run: Run, open_: bool) -> Episode:
-    return Episode(patient=ctx.patient, clinic=ctx.clinic, flag=run.flag, severity=SEVERITY.get(run.flag, "info"),
+    return Episode(patient=ctx.patient, clinic=ctx.clinic, flag=run.flag, severity=severity_of(run.flag),
                    start_day=run.start, last_day=run.last, end_day=None if open_ else run.end,
                    open_key=f"{ctx.patient}:{run.flag}" if open_ else None,
                    resolved_at=None if open_ else datetime.now(UTC))  # fmt: skip
@@ -199,18 +230,18 @@ def _apply(
         current.end_day = decision.end or current.last_day
         current.open_key = None
         current.resolved_at = datetime.now(UTC)
-        if decision.run is None:
-            current.note = "resolved: data that arrived late shows the flag did not hold"
+        ending = mail_data.ending(ctx, flag, decision.run)
+        current.note = f"{ending.reason}: {ending.detail}" if ending.detail else ending.reason
         if current.notified:
-            _notify(session, state, ctx, current, "resolved", mail_data)
+            _notify(session, state, ctx, current, "resolved", mail_data, ending)
         out.resolved.append((ctx.patient, flag))
 
 
 def _notify(session: Session, state: State, ctx: PatientContext, episode: Episode, kind: str,
-            mail_data: MailData) -> bool:  # fmt: skip
+            mail_data: MailData, ending: Ending | None = None) -> bool:  # fmt: skip
     if not ctx.physio_email:
         log.warning("episode %s of %s %s: no physio to tell (%s)", episode.flag, ctx.patient, kind,
                     "; ".join(ctx.problems) or "none registered")  # fmt: skip
         return False
     return state.enqueue(session, f"{kind}:{episode.id}", kind, ctx.physio_email,
-                         mail_data.episode(ctx, episode, kind)) or True  # fmt: skip
+                         mail_data.episode(ctx, episode, kind, ending)) or True  # fmt: skip

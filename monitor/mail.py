@@ -51,12 +51,13 @@ from monitor.model import (
     BOOT_SHORT_SESSIONS,
     ROLLED_DOWN,
     SAFETY,
-    SEVERITY,
     SILENT,
     TOO_TIGHT,
     UNDER_USE,
     WORN_OUT,
     Severity,
+    severity_of,
+    split_flag,
 )
 from monitor.recipients import AddressError, checked_address, display_name, recipient_header
 
@@ -104,13 +105,18 @@ DASHBOARD_PATH: Final = "/d/compression-patient/patient"
 
 
 def flag_title(flag: str) -> str:
-    """The flag's short name in words (``rolled_down`` -> ``Rolled down``); unknown flags are de-underscored."""
-    return FLAG_TITLE.get(flag) or flag.replace("_", " ").capitalize()
+    """The flag's short name in words (``rolled_down`` -> ``Rolled down``, ``rolled_down:right`` -> ``Rolled down
+    (right leg)``); unknown flags are de-underscored."""
+    base, leg = split_flag(flag)
+    title = FLAG_TITLE.get(base) or base.replace("_", " ").capitalize()
+    return f"{title} ({leg} leg)" if leg in ("left", "right") else f"{title} ({leg} legs)" if leg else title
 
 
 def flag_explanation(flag: str) -> str:
     """What the flag means, in a sentence a physio understands."""
-    return FLAG_EXPLANATION.get(flag) or flag_title(flag).lower()
+    base, leg = split_flag(flag)
+    words = FLAG_EXPLANATION.get(base) or flag_title(base).lower()
+    return f"{words} (the stocking on the {leg} leg)" if leg in ("left", "right") else words
 
 
 def dashboard_link(dashboard_url: str, patient: str) -> str:
@@ -139,10 +145,18 @@ class ChartSeries:
     band_low: float | None = None
     band_high: float | None = None
     pressure_label: str = "ankle median"
+    # Each day's own target when the prescription changed within the chart's days (else ``None``: target_hours).
+    day_targets: tuple[float | None, ...] | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.days) == len(self.wear_hours) == len(self.pressure_mmhg)):
             raise ValueError("ChartSeries: days, wear_hours and pressure_mmhg must have the same length")
+        if self.day_targets is not None and len(self.day_targets) != len(self.days):
+            raise ValueError("ChartSeries: day_targets must have one entry per day")
+
+    def targets(self) -> tuple[float | None, ...]:
+        """Each day's wear target (the prescription version of that day)."""
+        return self.day_targets if self.day_targets is not None else (self.target_hours,) * len(self.days)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +166,9 @@ class EpisodeMail:
     ``dedupe_key`` is the outbox's unique key of this e-mail (the Message-ID derives from it); ``thread_key`` the
     key of the opening e-mail, given on a resolving one so mail clients show both as one thread.
     ``started_at``/``ended_at`` are aware datetimes, shown in the clinic's ``timezone``. ``summary`` holds short
-    lines of evidence (e.g. ``"2025-11-08: 95 min with calf above ankle"``).
+    lines of evidence (e.g. ``"2025-11-08: 95 min with calf above ankle"``). A resolving e-mail says why the
+    episode ended (``ended_reason``: ``data``, ``late_data`` or ``prescription``) and what shows it
+    (``evidence``: the days whose data showed the flag gone, or the change of prescription).
     """
 
     dedupe_key: str
@@ -169,6 +185,8 @@ class EpisodeMail:
     summary: tuple[str, ...] = ()
     chart: ChartSeries | None = None
     thread_key: str | None = None
+    ended_reason: str | None = None
+    evidence: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +221,7 @@ class DigestRow:
     @property
     def worst_severity(self) -> Severity | None:
         """The highest severity among the open flags."""
-        severities = [SEVERITY.get(f, "warning") for f in (*self.open_flags, *self.opened)]
+        severities = [severity_of(f) for f in (*self.open_flags, *self.opened)]
         return min(severities, key=_SEVERITY_RANK.__getitem__, default=None)
 
     def changes(self) -> list[str]:
@@ -260,9 +278,29 @@ def _duration(start: datetime, end: datetime) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
+# Why an episode ended (monitor.evaluate's ENDED_BY_*), in a physio's words.
+ENDED_BY_PRESCRIPTION: Final = "prescription"
+_ENDED_WORDS: Final[dict[str, str]] = {
+    "data": "resolved",
+    "late_data": "resolved (late data)",
+    ENDED_BY_PRESCRIPTION: "ended by a change of prescription, not by a change in wear",
+}
+_EVIDENCE_HEAD: Final[dict[str, str]] = {
+    "data": "What shows it resolved (the days since, judged on their data):",
+    "late_data": "Why it resolved:",
+    ENDED_BY_PRESCRIPTION: "Why it ended:",
+}
+
+
+def _ended_words(reason: str | None) -> str:
+    return _ENDED_WORDS.get(reason or "", "resolved")
+
+
 def episode_subject(mail: EpisodeMail) -> str:
     """``[URGENT] Boot over-pressure: PT-57EEBB (demo-clinic)``, ``[Resolved] Rolled down: PT-96965D (...)``."""
-    tag = "Resolved" if mail.kind == "resolved" else SEVERITY_WORD.get(mail.severity, mail.severity)
+    tag = SEVERITY_WORD.get(mail.severity, mail.severity)
+    if mail.kind == "resolved":
+        tag = "Prescription changed" if mail.ended_reason == ENDED_BY_PRESCRIPTION else "Resolved"
     return f"[{tag}] {flag_title(mail.flag)}: {mail.patient} ({mail.clinic})"
 
 
@@ -306,11 +344,16 @@ def _chart_cid(dedupe_key: str, index: int = 0) -> str:
 
 def _chart_text(series: ChartSeries) -> list[str]:
     """The chart's numbers as a small table for the plain-text part."""
-    lines = [f"  {'day':<10}  {'wear':>7}  {series.pressure_label + ' (mmHg)':>20}"]
-    for day, wear, pressure in zip(series.days, series.wear_hours, series.pressure_mmhg, strict=True):
+    varying = series.day_targets is not None
+    lines = [f"  {'day':<10}  {'wear':>7}" + (f"  {'target':>7}" if varying else "")
+             + f"  {series.pressure_label + ' (mmHg)':>20}"]  # fmt: skip
+    rows = zip(series.days, series.wear_hours, series.targets(), series.pressure_mmhg, strict=True)
+    for day, wear, target_h, pressure in rows:
         p = "-" if pressure is None else f"{pressure:.1f}"
-        lines.append(f"  {day.isoformat():<10}  {_hours(wear):>7}  {p:>20}")
+        lines.append(f"  {day.isoformat():<10}  {_hours(wear):>7}" + (f"  {_hours(target_h):>7}" if varying else "")
+                     + f"  {p:>20}")  # fmt: skip
     target = "none" if series.target_hours is None else _hours(series.target_hours)
+    target = "per day (the prescription changed)" if varying else target
     band = _band_words(series)
     lines.append(f"  target wear {target}" + (f"; {band}" if band else ""))
     return lines
@@ -346,10 +389,11 @@ def compose_episode(mail: EpisodeMail, *, sender: str, dashboard_url: str, now: 
     link = dashboard_link(dashboard_url, mail.patient)
     opened = mail.kind == "opened"
     severity = SEVERITY_WORD.get(mail.severity, mail.severity)
-    headline = f"{title}: {'opened' if opened else 'resolved'}" + (f" ({severity})" if opened else "")
+    headline = f"{title}: " + (f"opened ({severity})" if opened else _ended_words(mail.ended_reason))
     when = [("Started", _local(mail.started_at, mail.timezone))]
     if mail.ended_at is not None:
-        when.append(("Resolved", _local(mail.ended_at, mail.timezone)))
+        ended = "Ended" if mail.ended_reason == ENDED_BY_PRESCRIPTION else "Resolved"
+        when.append((ended, _local(mail.ended_at, mail.timezone)))
         when.append(("Lasted", _duration(mail.started_at, mail.ended_at)))
     if opened and mail.flag in SAFETY:
         why = "This is a safety flag: it is e-mailed as soon as it is seen, also during the current day."
@@ -363,6 +407,9 @@ def compose_episode(mail: EpisodeMail, *, sender: str, dashboard_url: str, now: 
     text = [greeting, "", headline, "", f"Patient:  {mail.patient} (clinic {mail.clinic})"]
     text += [f"{k + ':':<9} {v}" for k, v in when]
     text += ["", *textwrap.wrap(f"What it means: {explanation}.", 76), *textwrap.wrap(why, 76)]
+    if mail.evidence:
+        text += ["", _EVIDENCE_HEAD.get(mail.ended_reason or "", "What shows it resolved:")]
+        text += [f"- {line}" for line in mail.evidence]
     if mail.summary:
         text += ["", "Details:"] + [f"- {line}" for line in mail.summary]
     if mail.chart is not None:
@@ -378,11 +425,17 @@ def compose_episode(mail: EpisodeMail, *, sender: str, dashboard_url: str, now: 
         chart_html = (f'<p><a href="{e(link)}"><img src="cid:{e(cid)}" alt="{e(alt)}" width="600" height="300" '
                       f'style="max-width:100%;height:auto;border:0"></a></p>')  # fmt: skip
     colour = "#2e7d32" if not opened else _SEVERITY_COLOUR.get(mail.severity, "#222")
+    if mail.ended_reason == ENDED_BY_PRESCRIPTION:
+        colour = "#37618e"  # not green: the client did not do better, the target moved
     rows = "".join(f"<tr><td style='padding:2px 12px 2px 0;color:#555'>{e(k)}</td><td>{e(v)}</td></tr>"
                    for k, v in [("Patient", f"{mail.patient} (clinic {mail.clinic})"), *when])  # fmt: skip
     details = ""
+    if mail.evidence:
+        head = _EVIDENCE_HEAD.get(mail.ended_reason or "", "What shows it resolved:")
+        details += f"<p style='margin-bottom:4px'><b>{e(head)}</b></p><ul style='margin-top:0'>" + "".join(
+            f"<li>{e(line)}</li>" for line in mail.evidence) + "</ul>"  # fmt: skip
     if mail.summary:
-        details = "<p style='margin-bottom:4px'>Details:</p><ul style='margin-top:0'>" + "".join(
+        details += "<p style='margin-bottom:4px'>Details:</p><ul style='margin-top:0'>" + "".join(
             f"<li>{e(line)}</li>" for line in mail.summary) + "</ul>"  # fmt: skip
     body = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{e(episode_subject(mail))}</title></head>
@@ -533,16 +586,22 @@ def _render(series: ChartSeries) -> bytes:
 
     wear = [w if w is not None else 0.0 for w in series.wear_hours]
     target = series.target_hours
-    colours = [_GREY if w is None else (_GREEN if target is None or w >= target else _ORANGE)
-               for w in series.wear_hours]  # fmt: skip
+    targets = series.targets()  # each day against its own prescription version
+    colours = [_GREY if w is None else (_GREEN if t is None or w >= t else _ORANGE)
+               for w, t in zip(series.wear_hours, targets, strict=True)]  # fmt: skip
     wear_ax.bar(x, wear, color=colours, width=0.75)
     for i, w in enumerate(series.wear_hours):
         if w is None:
             wear_ax.text(i, 0.0, "?", ha="center", va="bottom", fontsize=7, color="#777")
-    if target is not None:
+    if series.day_targets is not None:
+        steps = [math.nan if t is None else t for t in targets]
+        wear_ax.step(x, steps, where="mid", color=_BLUE, linestyle="--", linewidth=1.2,
+                     label="target (prescription changed)")  # fmt: skip
+        wear_ax.legend(loc="upper left", fontsize=7, frameon=False)
+    elif target is not None:
         wear_ax.axhline(target, color=_BLUE, linestyle="--", linewidth=1.2, label=f"target {target:g} h")
         wear_ax.legend(loc="upper left", fontsize=7, frameon=False)
-    top = max([*wear, target or 0.0, 1.0])
+    top = max([*wear, *(t for t in targets if t is not None), target or 0.0, 1.0])
     wear_ax.set_ylim(0, top * 1.3)
     wear_ax.set_title("Wear per day (h)", fontsize=9)
 

@@ -70,17 +70,24 @@ def _daily(select: str, measurement: str, where: list[str], timezone: str, extra
             f"GROUP BY time({DAY}), patient{extra_group} fill(none) {tz_clause(timezone)}")  # fmt: skip
 
 
-def daily_samples(patients: Iterable[str], timezone: str, start_ms: int, end_ms: int) -> str:
+def _by(per_device: bool) -> str:
+    """The monitor groups by garment too (``, device``): legs are judged apart and wear is their union."""
+    return ", device" if per_device else ""
+
+
+def daily_samples(patients: Iterable[str], timezone: str, start_ms: int, end_ms: int, *,
+                  per_device: bool = False) -> str:  # fmt: skip
     """Per patient and local day: stored samples, seconds worn (``sum(worn_s)``), lowest battery.
 
     ``worn_s`` is 0 on a sample not worn and at most 120 s on a worn one (a gap
     in the data is not wear), so the sum needs no ``worn = true`` filter.
     """
     return _daily('count(worn) AS samples, sum(worn_s) AS wear_s, min(battery_pct) AS battery_min_pct', "sample",
-                  [patient_filter(patients), time_range(start_ms, end_ms)], timezone)  # fmt: skip
+                  [patient_filter(patients), time_range(start_ms, end_ms)], timezone, _by(per_device))  # fmt: skip
 
 
-def daily_worn(patients: Iterable[str], timezone: str, start_ms: int, end_ms: int, median: bool = False) -> str:
+def daily_worn(patients: Iterable[str], timezone: str, start_ms: int, end_ms: int, median: bool = False,
+               per_device: bool = False) -> str:  # fmt: skip
     """Per patient and local day: worn samples, how many carry an ankle pressure (and their median ankle pressure).
 
     The median is the costliest aggregate (InfluxDB keeps every value of the
@@ -90,39 +97,42 @@ def daily_worn(patients: Iterable[str], timezone: str, start_ms: int, end_ms: in
     if median:
         select += ", median(ankle_mmhg) AS ankle_median_mmhg"
     return _daily(select, "sample", ["worn = true", patient_filter(patients), time_range(start_ms, end_ms)],
-                  timezone)  # fmt: skip
+                  timezone, _by(per_device))  # fmt: skip
 
 
-def daily_above(patients: Iterable[str], high_mmhg: float, timezone: str, start_ms: int, end_ms: int) -> str:
+def daily_above(patients: Iterable[str], high_mmhg: float, timezone: str, start_ms: int, end_ms: int, *,
+                per_device: bool = False) -> str:  # fmt: skip
     """Per patient and local day: seconds worn with the ankle strictly above the band (``too_tight``)."""
     return _daily("sum(worn_s) AS above_range_s", "sample",
                   ["worn = true", f"ankle_mmhg > {_number(high_mmhg)}", patient_filter(patients),
-                   time_range(start_ms, end_ms)], timezone)  # fmt: skip
+                   time_range(start_ms, end_ms)], timezone, _by(per_device))  # fmt: skip
 
 
-def daily_below(patients: Iterable[str], low_mmhg: float, timezone: str, start_ms: int, end_ms: int) -> str:
+def daily_below(patients: Iterable[str], low_mmhg: float, timezone: str, start_ms: int, end_ms: int, *,
+                per_device: bool = False) -> str:  # fmt: skip
     """Per patient and local day, worn with the ankle strictly below the band: seconds (``too_loose``), samples
     and the highest such pressure (the weekly median test of ``worn_out``)."""
     return _daily("sum(worn_s) AS below_range_s, count(ankle_mmhg) AS below_samples, "
                   "max(ankle_mmhg) AS below_max_mmhg", "sample",
                   ["worn = true", f"ankle_mmhg < {_number(low_mmhg)}", patient_filter(patients),
-                   time_range(start_ms, end_ms)], timezone)  # fmt: skip
+                   time_range(start_ms, end_ms)], timezone, _by(per_device))  # fmt: skip
 
 
-def daily_not_below(patients: Iterable[str], low_mmhg: float, timezone: str, start_ms: int, end_ms: int) -> str:
+def daily_not_below(patients: Iterable[str], low_mmhg: float, timezone: str, start_ms: int, end_ms: int, *,
+                    per_device: bool = False) -> str:  # fmt: skip
     """Per patient and local day: the lowest worn ankle pressure at or above the band's low bound (the median
     test's other neighbour)."""
     return _daily("min(ankle_mmhg) AS not_below_min_mmhg", "sample",
                   ["worn = true", f"ankle_mmhg >= {_number(low_mmhg)}", patient_filter(patients),
-                   time_range(start_ms, end_ms)], timezone)  # fmt: skip
+                   time_range(start_ms, end_ms)], timezone, _by(per_device))  # fmt: skip
 
 
 def daily_reversed(patients: Iterable[str], timezone: str, start_ms: int, end_ms: int,
-                   gradient_mmhg: float = GRADIENT_MMHG) -> str:  # fmt: skip
+                   gradient_mmhg: float = GRADIENT_MMHG, per_device: bool = False) -> str:  # fmt: skip
     """Per patient and local day: seconds worn with ``calf - ankle > 3`` mmHg (a reversed gradient, ``rolled_down``)."""
     return _daily("sum(worn_s) AS reversed_gradient_s", "sample",
                   ["worn = true", f"calf_mmhg - ankle_mmhg > {_number(gradient_mmhg)}", patient_filter(patients),
-                   time_range(start_ms, end_ms)], timezone)  # fmt: skip
+                   time_range(start_ms, end_ms)], timezone, _by(per_device))  # fmt: skip
 
 
 def daily_reversed_thigh(patients: Iterable[str], timezone: str, start_ms: int, end_ms: int,
@@ -158,7 +168,25 @@ def session_ends(patients: Iterable[str], start_ms: int, end_ms: int) -> str:
             f"AND {time_range(start_ms, end_ms)} GROUP BY patient")  # fmt: skip
 
 
-def ankle_median(patients: Iterable[str], start_ms: int, end_ms: int) -> str:
+def ankle_median(patients: Iterable[str], start_ms: int, end_ms: int, *, per_device: bool = False) -> str:
     """The exact median ankle pressure of the worn samples in one window, per patient (e.g. the last 7 days)."""
     return (f"SELECT median(ankle_mmhg) AS ankle_median_mmhg FROM sample WHERE worn = true "
-            f"AND {patient_filter(patients)} AND {time_range(start_ms, end_ms)} GROUP BY patient")  # fmt: skip
+            f"AND {patient_filter(patients)} AND {time_range(start_ms, end_ms)} GROUP BY patient"
+            f"{_by(per_device)}")  # fmt: skip
+
+
+def worn_spans(patient: str, start_ms: int, end_ms: int) -> str:
+    """Every worn sample's ``worn_s`` of one patient in a range: the spans whose union is the time in any garment
+    (read only for days when several garments were worn, ``monitor.compliance``)."""
+    return (f"SELECT worn_s FROM sample WHERE worn = true AND {patient_filter([patient])} AND "
+            f"{time_range(start_ms, end_ms)}")  # fmt: skip
+
+
+def pipeline_hours(start_ms: int, end_ms: int) -> list[str]:
+    """The hours the pipeline was seen working: any patient's readings stored for the hour (the ingester's
+    ``receipt`` points, at the hour of their readings) and the ingester's own heartbeat (``ingest_health``, written
+    while it is connected to the broker). Every patient of the database: an outage is the deployment's, not a
+    clinic's."""
+    where = time_range(start_ms, end_ms)
+    return [f"SELECT count(received_ms) AS n FROM receipt WHERE {where} GROUP BY time(1h) fill(none)",
+            f"SELECT count(connected) AS n FROM ingest_health WHERE {where} GROUP BY time(1h) fill(none)"]  # fmt: skip

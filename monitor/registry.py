@@ -13,12 +13,13 @@ where e-mails go.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
 
 from devices.registry import schemas as s
 from devices.registry.service import SYSTEM, Registry
-from monitor.model import BootRx, PatientContext, SockRx
+from monitor.model import BootRx, Garment, PatientContext, RxVersion, SockRx
 from monitor.recipients import AddressError, checked_address, display_name
 
 
@@ -31,17 +32,25 @@ def load_contexts(registry: Registry, now: datetime | None = None) -> list[Patie
     for rx in registry.list_prescriptions(SYSTEM):
         prescriptions[rx.patient].append(rx)
     holding: dict[str, list[str]] = defaultdict(list)
+    garments: dict[str, list[Garment]] = defaultdict(list)
     now_ms = int(now.timestamp() * 1000)
-    for entry in registry.snapshot(SYSTEM).assignments:
-        if entry.from_ms <= now_ms and (entry.to_ms is None or now_ms < entry.to_ms):
-            holding[entry.patient].append(entry.device_id)
+    for a in registry.list_assignments(SYSTEM):
+        start, end = _ms(a.valid_from), _ms(a.valid_to) if a.valid_to else None
+        garments[a.patient].append(Garment(a.device_id, a.leg or "", start, end))
+        if start <= now_ms and (end is None or now_ms < end):
+            holding[a.patient].append(a.device_id)
     contexts = []
     for patient in registry.list_patients(SYSTEM):
         tz = clinics[patient.clinic].timezone
         today = now.astimezone(ZoneInfo(tz)).date()
         physio = physios.get(patient.physio) if patient.physio else None
-        contexts.append(_context(patient, tz, physio, _current(prescriptions[patient.code], today),
-                                 tuple(sorted(holding[patient.code]))))  # fmt: skip
+        current = _current(prescriptions[patient.code], today)
+        ctx = _context(patient, tz, physio, current, tuple(sorted(holding[patient.code])))
+        worn_now = [g for g in garments[patient.code] if g.device in ctx.devices]
+        legs = _legs_problem(current[0].legs if current else None, worn_now)
+        contexts.append(replace(ctx, versions=_versions(prescriptions[patient.code], ctx.kind),
+                                garments=tuple(garments[patient.code]),
+                                problems=ctx.problems + ((legs,) if legs else ())))  # fmt: skip
     return contexts
 
 
@@ -53,6 +62,35 @@ def _address(physio: s.PhysioOut | None) -> str | AddressError | None:
         return checked_address(physio.email)
     except AddressError as exc:
         return exc
+def _legs_problem(prescribed: str | None, worn_now: list[Garment]) -> str:
+    """What the prescription's legs and the garments worn now disagree on ("" when nothing, or nothing recorded)."""
+    legs = {g.leg for g in worn_now if g.leg}
+    if not prescribed or not legs:
+        return ""
+    covered = {"left", "right"} if "both" in legs else legs
+    wanted = {"left", "right"} if prescribed == "both" else {prescribed}
+    missing = sorted(wanted - covered)
+    if not missing:
+        return ""
+    where = f"the {' and '.join(missing)} leg{'s' if len(missing) > 1 else ''}"
+    return f"prescribed for {where}, but no garment is recorded there (garments on: {', '.join(sorted(legs))})"
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _versions(rxs: list[s.PrescriptionOut], kind: str | None) -> tuple[RxVersion, ...]:
+    """Every usable version of the patient's prescription of ``kind``, oldest first (unusable ones are gaps)."""
+    out = []
+    for rx in sorted(rxs, key=lambda r: r.valid_from):
+        if rx.garment_kind != kind:
+            continue
+        try:
+            out.append(RxVersion(rx.id, rx.valid_from, rx.valid_to, _sock(rx) if kind == "sock" else _boot(rx)))
+        except ValueError:
+            continue  # reported for the current version in problems; an old broken one leaves its days unjudged
+    return tuple(out)
 
 
 def _current(rxs: list[s.PrescriptionOut], today: date) -> list[s.PrescriptionOut]:

@@ -29,7 +29,7 @@ class MonitorSettings(BaseSettings):
     full_every_s: float = Field(default=3600.0, gt=0, description="Seconds between full re-reads of every patient's window; in between, only the days that received data since the last evaluation are re-read (the ingester's receipts).")
     days_back: int = Field(default=30, ge=8, le=90, description="Local days evaluated each time (a past day that receives late store-and-forward data is re-read, and its flags follow).")
     resolve_after_days: int = Field(default=2, ge=1, le=14, description="Hysteresis: clear days in a row before an episode resolves (a value hovering at a threshold opens one episode, not fifty).")
-    silence_guard_fraction: float = Field(default=0.5, gt=0, le=1, description="If more than this share of monitored devices went silent at once (an ingest or database outage, not the patients), silence flags are held back and the gap is logged.")
+    pipeline_healthy_share: float = Field(default=0.9, gt=0, le=1, description="Share of a span (a day, or the silence allowance for today) the pipeline must have been healthy in (the ingester's heartbeat or any patient's readings stored for that hour) for missing data to be the patients'; below it, silence, under-use and missed-session alerts are held back as an outage.")
     lease_s: float = Field(default=30.0, gt=1, description="Seconds a replica's lease lasts; only the holder evaluates and sends, another replica takes over when it lapses.")
     replica_id: str | None = Field(default=None, description="This replica's name in the lease (default: host name and process id).")
     smtp_host: str = Field(default="127.0.0.1", description="SMTP server for alert e-mails.")

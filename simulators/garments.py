@@ -103,6 +103,9 @@ class SockPlan:
     battery: Battery
     charge_until_ms: int | None = None
     transport: Transport = field(default_factory=Transport)
+    stop_ms: int | None = None  # the garment sends nothing from then on (lost charger, taken off for good)
+    # The physio's changes: from day index i of the period on, this prescription (a new version) applies.
+    changes: tuple[tuple[int, SockPrescription], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +131,8 @@ class BootPlan:
     prescription: BootPrescription
     sessions: tuple[Session, ...]
     skin_c: float
+    changes: tuple[tuple[int, BootPrescription], ...] = ()
+    heartbeat: bool = True  # a status every 4 hours; False: the boot speaks only during sessions
 
 
 class _Sender:
@@ -207,7 +212,8 @@ def sock_items(device_id: str, plan: SockPlan, period: Period, rng: random.Rando
     t = period.start_ms + rng.randrange(0, SOCK_PERIOD_MS)
     day_index, next_midnight = 0, period.day_bounds(period.days[0]).end_ms
     walking = False
-    while t < period.end_ms:
+    until = period.end_ms if plan.stop_ms is None else min(period.end_ms, plan.stop_ms)
+    while t < until:
         while t >= next_midnight and day_index + 1 < len(period.days):
             day_index += 1
             next_midnight = period.day_bounds(period.days[day_index]).end_ms
@@ -279,7 +285,8 @@ def boot_items(device_id: str, plan: BootPlan, period: Period, rng: random.Rando
         battery.drain(STATUS_EVERY_MS / 3_600_000, False)
         if battery.level < 30:
             battery.charge()
-        yield from sender.send(sender.status(heartbeat, battery_pct=battery.pct), heartbeat)
+        if plan.heartbeat:
+            yield from sender.send(sender.status(heartbeat, battery_pct=battery.pct), heartbeat)
         heartbeat += STATUS_EVERY_MS
 
 

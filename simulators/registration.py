@@ -87,15 +87,36 @@ def _patient_and_garment(
     plan, _ = fleet.plan(device)
     rx = plan.prescription
     zones = list(rx.zones if isinstance(rx, SockPrescription) else rx.chambers)
-    registry.create_patient(actor, s.PatientIn(clinic=clinic, code=device.patient, physio=physio,
-                                               display_name=f"Demo client {device.rank + 1}"))  # fmt: skip
+    if device.garment == 0:
+        registry.create_patient(actor, s.PatientIn(clinic=clinic, code=device.patient, physio=physio,
+                                                   display_name=f"Demo client {device.rank + 1}"))  # fmt: skip
     creds = registry.create_device(actor, s.DeviceIn(device_id=device.device_id, clinic=clinic,
                                                      kind=device.scenario.kind, zones=zones,
                                                      firmware=FIRMWARE, serial=f"SIM-{device.device_id}",
                                                      gateway=gateway))  # fmt: skip
     out.devices[device.device_id] = creds.password
-    registry.assign(actor, s.AssignmentIn(device_id=device.device_id, patient=device.patient, valid_from=since))
-    registry.prescribe(actor, prescription_for(device.patient, rx, since.date()))
+    late = device.scenario.assigned_from_day
+    start = since if not late else datetime.fromtimestamp(
+        fleet.period.day_bounds(fleet.period.days[late]).start_ms / 1000, UTC)  # fmt: skip
+    registry.assign(actor, s.AssignmentIn(device_id=device.device_id, patient=device.patient, valid_from=start,
+                                          leg=device.leg))  # fmt: skip
+    if device.garment > 0:
+        return  # the patient's other garment: one patient, one prescription
+    legs = device.scenario.legs
+    # Prescribed from the period's first day: the days before are not the patient's to judge.
+    initial = prescription_for(device.patient, rx, fleet.period.days[0])
+    if legs:
+        initial = initial.model_copy(update={"legs": "both" if len(legs) > 1 else legs[0]})
+    version = registry.prescribe(actor, initial)
+    for first, changed in plan.changes:  # the physio's later changes: new versions from their day
+        effective = fleet.period.days[first]
+        fields = prescription_for(device.patient, changed, effective).model_dump(include=_VERSIONED)
+        version = registry.update_prescription(actor, version.id,
+                                               s.PrescriptionUpdate(effective_from=effective, **fields))  # fmt: skip
+
+
+_VERSIONED: Final = {"class_system", "class_name", "zones", "wear_hours_per_day", "wear_days_per_week",
+                     "sessions_per_week", "session_min_minutes", "session_max_minutes", "max_chamber_mmhg"}  # fmt: skip
 
 
 def prescription_for(patient: str, rx: SockPrescription | BootPrescription, valid_from: date) -> s.PrescriptionIn:

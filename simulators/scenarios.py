@@ -17,7 +17,7 @@ import heapq
 import json
 import random
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -35,7 +35,20 @@ from simulators.garments import (
     plan_sessions,
     sock_items,
 )
-from simulators.groundtruth import FORMAT, MODES, Mode, Stored, evaluate_days, flags_as_of, rules, store
+from simulators.groundtruth import (
+    FORMAT,
+    MODES,
+    Mode,
+    Stored,
+    emails,
+    episodes,
+    evaluate_days,
+    evaluate_legs,
+    flags_as_of,
+    rules,
+    store,
+    stored_from,
+)
 from simulators.physiology import (
     DAY_MS,
     Battery,
@@ -60,12 +73,20 @@ Plan = SockPlan | BootPlan
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    """A named clinical or transport situation for one garment."""
+    """A named clinical or transport situation for one patient: one garment, or one per leg (``legs``).
+
+    ``build`` returns the patient's plan, or one plan per entry of ``legs`` (``("left", "right")``: a stocking
+    on each leg). ``legs`` ``None``: one garment whose leg is not recorded in the registry.
+    """
 
     name: str
     kind: Kind
     description: str
-    build: Callable[[random.Random, Period], Plan]
+    build: Callable[[random.Random, Period], Plan | tuple[Plan, ...]]
+    legs: tuple[str, ...] | None = None
+    # The garment's assignment is recorded only from local midnight of this day of the period (0: before it):
+    # what it sent before is stored unassigned until re-attributed.
+    assigned_from_day: int = 0
 
 
 # --- socks ----------------------------------------------------------------------------------------------------------
@@ -140,6 +161,73 @@ def _silent(rng: random.Random, period: Period) -> Plan:
     # An old cell drains in about two days once the patient stops charging it.
     return _sock(rng, period, battery=Battery(level=rng.uniform(80, 100), use_per_h=3.0, idle_per_h=1.5),
                  charge_until_ms=stop)  # fmt: skip
+
+
+def _rolled_then_silent(rng: random.Random, period: Period) -> Plan:
+    # Rolled down every day, then at 14:00 six days before the end the garment stops sending for good.
+    days = _complete_days(period)
+    stop = local_wall_ms(days[max(0, len(days) - 6)], 14 * 60, period.tz)
+    plan = _sock(rng, period, rolled=lambda: rng.uniform(60, 150))
+    return replace(plan, stop_ms=stop)
+
+
+def _stops_sending(rng: random.Random, period: Period) -> Plan:
+    # Worn as prescribed, then from local noon five days before the end nothing arrives (holidays, a lost charger).
+    days = _complete_days(period)
+    return replace(_sock(rng, period), stop_ms=local_wall_ms(days[max(0, len(days) - 5)], 12 * 60, period.tz))
+
+
+def _rx_lowered(rng: random.Random, period: Period) -> Plan:
+    # Worn 4.5-5.5 h of 8 h; a week in, the physio lowers the target to 4 h (the client changes nothing).
+    plan = _sock(rng, period, hours=(4.5, 5.5))
+    return replace(plan, changes=((7, replace(plan.prescription, wear_hours_per_day=4.0)),))
+
+
+def _rx_raised(rng: random.Random, period: Period) -> Plan:
+    # Worn 8.75-10.5 h of 8 h; on day 9 the physio raises the target to 10 h: under-use from then on only.
+    plan = _sock(rng, period)
+    return replace(plan, changes=((9, replace(plan.prescription, wear_hours_per_day=10.0)),))
+
+
+def _shifted(day: WearDay, rng: random.Random) -> WearDay:
+    """The other leg's stocking: donned and doffed a minute or three after the first."""
+    def move(span: Interval) -> Interval:
+        return Interval(span.start_ms + rng.randrange(60_000, 180_000), span.end_ms + rng.randrange(0, 180_000))
+    return WearDay(tuple(move(span) for span in day.on), ())
+
+
+def _bilateral(rng: random.Random, period: Period) -> tuple[Plan, Plan]:
+    # A stocking on each leg, both worn 6.5-7.5 h a day (8 h prescribed: under-use, however the legs add up);
+    # the right one's top rolls down on most days.
+    left = _sock(rng, period, hours=(6.5, 7.5))
+    rolled = [rng.uniform(45, 120) if rng.random() < 0.6 else 0.0 for _ in period.days]
+    right_days = []
+    for day, minutes in zip(left.wear, rolled, strict=True):
+        moved = _shifted(day, rng)
+        right_days.append(WearDay(moved.on, _rolled_in(rng, moved, minutes)))
+    fit = fit_in_class(rng, left.prescription.pressure_class)
+    right = SockPlan(left.prescription, fit, tuple(right_days), Battery(level=rng.uniform(60, 100)))
+    return left, right
+
+
+def _rolled_in(rng: random.Random, day: WearDay, minutes: float) -> tuple[Interval, ...]:
+    if minutes <= 0:
+        return ()
+    spans = sorted(day.on, key=lambda s: s.start_ms - s.end_ms)
+    for span in spans:
+        room = span.end_ms - span.start_ms - int(minutes * 60_000) - 600_000
+        if room > 0:
+            begin = span.start_ms + 300_000 + int(rng.uniform(0.3, 1.0) * room)
+            return (Interval(begin, begin + int(minutes * 60_000)),)
+    return ()
+
+
+def _boot_three_a_week(rng: random.Random, period: Period) -> Plan:
+    # Three sessions a week (days 0, 2 and 4 of each week) and no status between them: the protocol asks none.
+    plan = _boot(rng, period, on_day=lambda rx, i: i % 7 in (0, 2, 4))
+    assert isinstance(plan, BootPlan)
+    rx = replace(plan.prescription, sessions_per_week=3)
+    return replace(plan, prescription=rx, heartbeat=False)
 
 
 def _offline_backfill(rng: random.Random, period: Period) -> Plan:
@@ -232,6 +320,28 @@ SCENARIOS: Final[dict[str, Scenario]] = {
                  _boot_missed),
     )
 }  # fmt: skip
+# Situations the first library did not cover (issue 11); graded by tests/integration/test_clinical_graded.py.
+CLINICAL_SCENARIOS: Final[dict[str, Scenario]] = {
+    s.name: s
+    for s in (
+        Scenario("rolled_then_silent", "sock", "rolled down every day, then nothing from 14:00 six days before "
+                 "the end (a problem followed by silence)", _rolled_then_silent),
+        Scenario("stops_sending", "sock", "worn as prescribed, then nothing from noon five days before the end",
+                 _stops_sending),
+        Scenario("rx_lowered", "sock", "worn 4.5-5.5 h of 8 h; from day 7 the prescription asks 4 h (a new "
+                 "version): the under-use episode ends by the change, not by the client", _rx_lowered),
+        Scenario("rx_raised", "sock", "worn 8.75-10.5 h of 8 h; from day 9 the prescription asks 10 h: "
+                 "under-use only on days judged against the new version", _rx_raised),
+        Scenario("registered_late", "sock", "worn as prescribed from the first day, but its assignment was "
+                 "recorded from day 4: the first days' readings are unassigned until re-attributed", _compliant,
+                 assigned_from_day=4),
+        Scenario("boot_three_a_week", "boot", "three sessions a week and no status message between them: the "
+                 "days between are rest days, not silence", _boot_three_a_week),
+        Scenario("bilateral", "sock", "a stocking on each leg, both worn 6.5-7.5 h a day of 8 h (wear is their "
+                 "union, not the sum); the right one rolls down on most days", _bilateral, ("left", "right")),
+    )
+}  # fmt: skip
+ALL_SCENARIOS: Final[dict[str, Scenario]] = {**SCENARIOS, **CLINICAL_SCENARIOS}
 
 DEFAULT_MIX: Final[dict[str, float]] = {
     "compliant": 4, "under_use": 1, "worn_out": 1, "too_tight": 1, "rolled_down": 1, "silent": 1,
@@ -297,13 +407,15 @@ def _epoch_ms(end: datetime | int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Device:
-    """One garment of the fleet and the patient wearing it."""
+    """One garment of the fleet and the patient wearing it (``garment``: which of the patient's, on ``leg``)."""
 
     device_id: str
     patient: str
     scenario: Scenario
     seed: str
     rank: int
+    leg: str | None = None
+    garment: int = 0
 
 
 class Fleet:
@@ -317,7 +429,10 @@ class Fleet:
     def plan(self, device: Device) -> tuple[Plan, Iterator[Item]]:
         """The device's plan and its items, regenerated from its seed (nothing is kept in memory)."""
         rng = random.Random(device.seed)
-        plan = device.scenario.build(rng, self.period)
+        built = device.scenario.build(rng, self.period)
+        plan = built[device.garment] if isinstance(built, tuple) else built
+        if device.garment:  # the patient's other garments: their own random stream after the shared plan
+            rng = random.Random(f"{device.seed}/garment{device.garment}")
         if isinstance(plan, SockPlan):
             return plan, sock_items(device.device_id, plan, self.period, rng)
         return plan, boot_items(device.device_id, plan, self.period, rng)
@@ -351,25 +466,46 @@ class Fleet:
             "end_ms": self.period.end_ms,
             "days": [d.isoformat() for d in self.period.days],
             "rules": rules(),
-            "patients": [self._patient_truth(d, mode) for d in self.devices],
+            "patients": [self._patient_truth(group, mode) for group in self.patients()],
         }
+
+    def patients(self) -> list[tuple[Device, ...]]:
+        """Each patient's garments, in fleet order."""
+        groups: dict[str, list[Device]] = {}
+        for device in self.devices:
+            groups.setdefault(device.patient, []).append(device)
+        return [tuple(group) for group in groups.values()]
 
     def write_ground_truth(self, path: str | Path, mode: Mode = "backfill") -> None:
         """Write :meth:`ground_truth` as indented JSON."""
         Path(path).write_text(json.dumps(self.ground_truth(mode), indent=1) + "\n")
 
-    def _patient_truth(self, device: Device, mode: Mode) -> dict[str, Any]:
+    def _patient_truth(self, devices: tuple[Device, ...], mode: Mode) -> dict[str, Any]:
+        device = devices[0]
         plan, items_iter = self.plan(device)
         items = list(items_iter)
         stored = store(items, device.scenario.kind, mode, self.period)
+        if len(devices) > 1:
+            assert isinstance(plan, SockPlan)
+            legs = [(device.leg or "", stored)]
+            legs += [(d.leg or "", store(list(self.plan(d)[1]), d.scenario.kind, mode, self.period))
+                     for d in devices[1:]]  # fmt: skip
+            days = evaluate_legs(legs, self.period, plan.prescription, plan.changes)
+        else:
+            days = evaluate_days(stored, self.period, plan.prescription, plan.changes)
         return {
             "patient": device.patient,
             "device_id": device.device_id,
+            "devices": [{"device_id": d.device_id, "leg": d.leg} for d in devices],
             "kind": device.scenario.kind,
             "scenario": device.scenario.name,
             "timezone": self.period.tz.key,
             "prescription": _prescription(plan),
-            "days": evaluate_days(stored, self.period, plan.prescription),
+            "prescriptions": [{"from": self.period.days[first].isoformat(), **_prescription_of(rx)}
+                              for first, rx in ((0, plan.prescription), *plan.changes)],
+            "days": days,
+            "episodes": (found := episodes(days)),
+            "emails": emails(found),
             "rejections": dict(sorted(stored.rejections.items())),
             "transport": self._transport(device, plan, items, stored),
         }
@@ -390,11 +526,17 @@ class Fleet:
                               "late_messages": sum(1 for i in items if i.publish_at_ms >= offline.end_ms
                                                    and _made_at(i) < offline.end_ms),
                               "flags_before_upload": flags_as_of(items, "sock", self.period, plan.prescription,
-                                                                 offline.end_ms)}  # fmt: skip
+                                                                 offline.end_ms, plan.changes)}  # fmt: skip
         if transport.skew_ms:
             out["clock_skew"] = {"skew_ms": transport.skew_ms, "skewed_until_ms": transport.skew_until_ms}
         if stored.bad_payloads:
             out["bad_payloads"] = stored.bad_payloads
+        late = device.scenario.assigned_from_day
+        if late:
+            start = self.period.day_bounds(self.period.days[late]).start_ms
+            before = evaluate_days(stored_from(stored, start), self.period, plan.prescription, plan.changes)
+            out["assigned_late"] = {"assigned_from_ms": start, "flags_before_reattribution": {
+                d["date"]: d["flags"] for d in before if d["complete"]}}  # fmt: skip
         return out
 
 
@@ -406,7 +548,10 @@ def _made_at(item: Item) -> int:
 
 
 def _prescription(plan: Plan) -> dict[str, Any]:
-    rx = plan.prescription
+    return _prescription_of(plan.prescription)
+
+
+def _prescription_of(rx: SockPrescription | BootPrescription) -> dict[str, Any]:
     if isinstance(rx, SockPrescription):
         band = rx.pressure_class
         return {"garment_kind": "sock", "garment": rx.garment, "class": rx.compression_class,
@@ -463,13 +608,13 @@ def build_fleet(
     if end is None:
         raise ValueError("end is required: the scenarios never read the clock")
     weights = dict(mix if mix is not None else DEFAULT_MIX)
-    unknown = (set(weights) | set(scenarios or ())) - set(SCENARIOS)
+    unknown = (set(weights) | set(scenarios or ())) - set(ALL_SCENARIOS)
     if unknown:
         raise ValueError(f"unknown scenarios: {sorted(unknown)}")
     rng = random.Random(f"fleet/{seed}")
     if scenarios is None:
-        sock_names = allocate(socks, {n: w for n, w in weights.items() if SCENARIOS[n].kind == "sock"})
-        boot_names = allocate(boots, {n: w for n, w in weights.items() if SCENARIOS[n].kind == "boot"})
+        sock_names = allocate(socks, {n: w for n, w in weights.items() if ALL_SCENARIOS[n].kind == "sock"})
+        boot_names = allocate(boots, {n: w for n, w in weights.items() if ALL_SCENARIOS[n].kind == "boot"})
         if len(sock_names) < socks or len(boot_names) < boots:
             raise ValueError("the mix has no scenario for one of the requested kinds")
         rng.shuffle(sock_names)
@@ -481,13 +626,16 @@ def build_fleet(
 def _devices(names: list[str], rng: random.Random, seed: int) -> tuple[Device, ...]:
     numbers = {"sock": 0, "boot": 0}
     codes: set[str] = set()
-    devices = []
-    for rank, name in enumerate(names):
-        scenario = SCENARIOS[name]
-        numbers[scenario.kind] += 1
-        device_id = f"{scenario.kind}-{numbers[scenario.kind]:04d}"
+    devices: list[Device] = []
+    for name in names:
+        scenario = ALL_SCENARIOS[name]
         code = _patient_code(rng, codes)
-        devices.append(Device(device_id, code, scenario, f"{seed}/{device_id}/{name}", rank))
+        seed_of: str | None = None
+        for garment, leg in enumerate(scenario.legs or (None,)):
+            numbers[scenario.kind] += 1
+            device_id = f"{scenario.kind}-{numbers[scenario.kind]:04d}"
+            seed_of = seed_of or f"{seed}/{device_id}/{name}"  # one plan for all the patient's garments
+            devices.append(Device(device_id, code, scenario, seed_of, len(devices), leg, garment))
     return tuple(devices)
 
 
@@ -505,6 +653,12 @@ def every_scenario(seed: int = 1, days: int = 14, end: datetime | int | None = N
     return build_fleet(seed=seed, days=days, end=end, tz=tz, scenarios=list(SCENARIOS))
 
 
+def small_clinic(seed: int = 1, days: int = 14, end: datetime | int | None = None, tz: str = DEFAULT_TZ) -> Fleet:
+    """Twelve patients of whom seven stop sending five days before the end (holidays, a lost charger): with the
+    pipeline working, each of the seven is a silence to report, however many they are."""
+    return build_fleet(seed=seed, days=days, end=end, tz=tz, scenarios=["compliant"] * 5 + ["stops_sending"] * 7)
+
+
 def build_scenario(
     name: str, seed: int = 1, days: int = 14, end: datetime | int | None = None, tz: str = DEFAULT_TZ
 ) -> Fleet:
@@ -514,4 +668,4 @@ def build_scenario(
 
 def list_scenarios() -> list[tuple[str, str, str]]:
     """(name, kind, one-line description) of every scenario, for ``--list-scenarios``."""
-    return [(s.name, s.kind, s.description) for s in SCENARIOS.values()]
+    return [(s.name, s.kind, s.description) for s in ALL_SCENARIOS.values()]

@@ -27,7 +27,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from devices.registry import schemas as s
 from devices.registry.db import make_engine, migrate, session_factory
-from devices.registry.errors import ForbiddenError, RegistryError, ThrottledError
+from devices.registry.errors import ForbiddenError, InvalidError, RegistryError, ThrottledError
 from devices.registry.guards import BearerFirst, SecurityHeaders
 from devices.registry.logins import LoginGuard
 from devices.registry.service import BOOTSTRAP_INGESTER_TOKEN_NAME, UNKNOWN_ADDRESS, Actor, Registry
@@ -196,6 +196,19 @@ def _garment_routes(r: APIRouter) -> None:
     def update_device(device_id: str, body: s.DeviceUpdate, reg: Reg, who: Who) -> s.DeviceOut:
         """Change a garment's zones, firmware, serial or gateway (admin)."""
         return reg.update_device(who, device_id, body)
+
+    @r.post("/devices/{device_id}/reattributions", tags=["devices"], status_code=201)
+    def reattribute(device_id: str, body: s.ReattributionIn, reg: Reg, who: Who) -> s.ReattributionOut:
+        """Give the device's stored readings of a period to a patient (audited; asking again returns the same
+        request). The monitor rewrites the readings and recomputes those days; ``state`` says when it has."""
+        if body.device_id != device_id:
+            raise InvalidError("device_id in the body differs from the path")
+        return reg.request_reattribution(who, body)
+
+    @r.get("/reattributions", tags=["devices"])
+    def list_reattributions(reg: Reg, who: Who, state: str | None = None) -> list[s.ReattributionOut]:
+        """Re-attributions of stored readings, optionally only ``pending`` or ``done`` ones."""
+        return reg.list_reattributions(who, state)
 
     for kind in ("device", "gateway"):
         _credential_routes(r, kind)

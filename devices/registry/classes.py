@@ -27,6 +27,7 @@ CLASS_TABLES: Final[dict[str, dict[str, tuple[float, float]]]] = {
 # this ankle pressure; above 1.3 the arteries may be calcified and the index unreliable.
 ABPI_NO_COMPRESSION: Final = 0.6
 ABPI_REDUCED_ONLY: Final = 0.8
+ABPI_UNRELIABLE_ABOVE: Final = 1.3  # incompressible (calcified) arteries: the index says nothing about perfusion
 REDUCED_COMPRESSION_MAX_MMHG: Final = 25.0
 
 ContraindicationKind = Literal["abpi", "decompensated_heart_failure", "untreated_dvt", "severe_arterial_disease"]
@@ -99,6 +100,10 @@ def conflicts(contraindications: list[tuple[str, float | None]], garment_kind: s
 
 
 def _abpi_finding(abpi: float, garment_kind: str, band: Band | None) -> Finding | None:
+    if abpi > ABPI_UNRELIABLE_ABOVE:
+        return Finding("abpi", f"ABPI {abpi:.2f} is above {ABPI_UNRELIABLE_ABOVE}: the arteries cannot be compressed "
+                       "(calcified) and the ABPI is not reliable; assess perfusion otherwise (toe pressure / TBPI, "
+                       "duplex) before compression")  # fmt: skip
     if abpi < ABPI_NO_COMPRESSION:
         return Finding("abpi", f"ABPI {abpi:.2f} is below {ABPI_NO_COMPRESSION}: no compression")
     if abpi < ABPI_REDUCED_ONLY:

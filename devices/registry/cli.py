@@ -163,6 +163,12 @@ def _actor() -> Actor:
     return _state().actor
 
 
+def current_registry() -> tuple[Registry, Actor]:
+    """The registry and actor of the running ``compression devices`` command (for commands that other components
+    add to this group: ``compression devices reattribute`` rewrites InfluxDB, which this package never touches)."""
+    return _registry(), _actor()
+
+
 # --- output ---------------------------------------------------------------------------------------------------------
 
 
@@ -571,12 +577,15 @@ time_help = "ISO 8601 time with offset or Z, e.g. 2026-11-26T08:00:00Z"
 @click.argument("patient")
 @click.option("--from", "valid_from", default=None, help=f"Start ({time_help}); default now.")
 @click.option("--to", "valid_to", default=None, help=f"End ({time_help}); default open-ended.")
-def assign(device_id: str, patient: str, valid_from: str | None, valid_to: str | None) -> None:
+@click.option("--leg", type=click.Choice(["left", "right", "both"]), default=None,
+              help="The leg the garment is worn on (both: a boot pair); each leg is judged apart.")  # fmt: skip
+def assign(device_id: str, patient: str, valid_from: str | None, valid_to: str | None, leg: str | None) -> None:
     """Give garment DEVICE_ID to PATIENT (refused if it overlaps the garment's history)."""
     data = s.AssignmentIn.model_validate(_given(device_id=device_id, patient=patient, valid_from=valid_from,
-                                                valid_to=valid_to))  # fmt: skip
+                                                valid_to=valid_to, leg=leg))  # fmt: skip
     out = _registry().assign(_actor(), data)
-    click.echo(f"assignment {out.id}: {out.device_id} -> {out.patient} from {out.valid_from.isoformat()}"
+    click.echo(f"assignment {out.id}: {out.device_id} -> {out.patient}" + (f" ({out.leg} leg)" if out.leg else "")
+               + f" from {out.valid_from.isoformat()}"
                + (f" to {out.valid_to.isoformat()}" if out.valid_to else ""))  # fmt: skip
 
 
@@ -715,12 +724,17 @@ def prescription_show(prescription_id: int, as_json: bool) -> None:
 @model_options(s.PrescriptionUpdate)
 @click.option("--open-ended", is_flag=True, help="Remove the end date (valid_to).")
 def prescription_update(prescription_id: int, open_ended: bool, **values: Any) -> None:
-    """Change prescription PRESCRIPTION_ID (only the options given); checked again like a new one."""
+    """Change prescription PRESCRIPTION_ID (only the options given); checked again like a new one.
+
+    A change of what is prescribed becomes a new version from --effective-from (default today); the old
+    version ends the day before, so past days keep the prescription they were judged against.
+    """
     given = _rx_values(values) | ({"valid_to": None} if open_ended else {})
-    if not given:
+    if not set(given) - {"effective_from"}:
         raise click.UsageError("nothing to change: give at least one option (see --help)")
     out = _registry().update_prescription(_actor(), prescription_id, s.PrescriptionUpdate.model_validate(given))
-    click.echo(f"prescription {out.id} for {out.patient}: {_rx_summary(out)}")
+    version = f" (new version from {out.valid_from}; #{out.supersedes} ends the day before)" if out.supersedes else ""
+    click.echo(f"prescription {out.id} for {out.patient}: {_rx_summary(out)}{version}")
 
 
 @devices.group()

@@ -31,6 +31,10 @@ class ContraindicatedError(ConflictError):
     """A prescription conflicts with a recorded contraindication and no override was given."""
 
 
+class ConfirmationNeededError(ConflictError):
+    """A change that can hide a safety alert (raising a boot's maximum pressure) was made without a reason."""
+
+
 class ForbiddenError(RegistryError):
     """The caller's role or clinic does not allow this."""
 

@@ -136,13 +136,19 @@ class Assignment(Base):
     patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
     valid_from: Mapped[datetime] = mapped_column(UTCDateTime())
     valid_to: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    # Where the garment is worn: "left" or "right" leg, "both" (a boot pair, a two-leg garment); None: not recorded.
+    leg: Mapped[str | None] = mapped_column(String(8), default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     device: Mapped[Device] = relationship()
     patient: Mapped[Patient] = relationship()
 
 
 class Prescription(Base):
-    """What a patient should wear, per garment kind, valid over a range of dates (inclusive)."""
+    """What a patient should wear, per garment kind, valid over a range of dates (inclusive).
+
+    One row is one *version*: a change makes a new row effective from a date and ends the previous one the
+    day before (``supersedes_id``), so every past day keeps the prescription it was judged against.
+    """
 
     __tablename__ = "prescriptions"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -167,6 +173,8 @@ class Prescription(Base):
     override_reason: Mapped[str | None] = mapped_column(Text, default=None)
     # Ids of the contraindications the override was given for (those that conflicted when the physio overrode).
     override_covers: Mapped[list[int] | None] = mapped_column(JSON, default=None)
+    legs: Mapped[str | None] = mapped_column(String(8), default=None)  # "left", "right", "both"; None: not said
+    supersedes_id: Mapped[int | None] = mapped_column(ForeignKey("prescriptions.id"), default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     patient: Mapped[Patient] = relationship()
     override_physio: Mapped[Physio | None] = relationship()
@@ -184,6 +192,28 @@ class Contraindication(Base):
     resolved_on: Mapped[date | None] = mapped_column(Date, default=None)
     note: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Reattribution(Base):
+    """A request to give a device's stored readings of a period to a patient (re-tagging them in InfluxDB).
+
+    ``state`` is ``pending`` until the readings were rewritten (``done``, with the number of ``points``).
+    """
+
+    __tablename__ = "reattributions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"), index=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id"))
+    valid_from: Mapped[datetime] = mapped_column(UTCDateTime())
+    valid_to: Mapped[datetime] = mapped_column(UTCDateTime())
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    requested_by: Mapped[str] = mapped_column(String(200))
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    done_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    points: Mapped[int] = mapped_column(Integer, default=0)
+    note: Mapped[str] = mapped_column(Text, default="")
+    device: Mapped[Device] = relationship()
+    patient: Mapped[Patient] = relationship()
 
 
 class ServiceAccount(Base):

@@ -38,6 +38,8 @@ def _display_text(value: str) -> str:
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
                  AfterValidator(_display_text)]  # fmt: skip
 GarmentKind = Literal["sock", "boot"]
+# Where a garment is worn, and which legs a prescription is for: a boot pair or a two-leg garment is "both".
+Leg = Literal["left", "right", "both"]
 Role = Literal["admin", "physio", "ingester"]
 ZoneName = Literal["foot", "ankle", "calf", "knee", "thigh"]
 SOCK_ZONES: tuple[str, ...] = ("ankle", "calf", "thigh")
@@ -212,6 +214,7 @@ class AssignmentIn(Model):
     patient: Identifier
     valid_from: Instant | None = Field(default=None, description="Default: now.")
     valid_to: Instant | None = None
+    leg: Leg | None = Field(default=None, description="Worn on the left or right leg, or both (a boot pair).")
 
 
 class AssignmentEnd(Model):
@@ -224,6 +227,7 @@ class AssignmentOut(Out):
     patient: str
     valid_from: datetime
     valid_to: datetime | None
+    leg: str | None = None
 
 
 class PrescriptionIn(Model):
@@ -244,6 +248,7 @@ class PrescriptionIn(Model):
     max_chamber_mmhg: float | None = Field(default=None, gt=0, le=200)
     out_of_range_tolerance_minutes: float = Field(default=30.0, ge=0, le=1440)
     max_silence_hours: float = Field(default=24.0, gt=0, le=24 * 14)
+    legs: Leg | None = Field(default=None, description="The legs the garment is prescribed for.")
     override_reason: str | None = Field(
         default=None, min_length=10, max_length=2000,
         description="Prescribe despite a contraindication: the physio's recorded reason.",
@@ -257,8 +262,13 @@ class PrescriptionIn(Model):
 
 
 class PrescriptionUpdate(Model):
-    """Fields a physio changes on an existing prescription (the rest stays)."""
+    """Fields a physio changes on an existing prescription (the rest stays).
 
+    A change of what is prescribed makes a new version effective from ``effective_from`` (default: today in
+    the clinic) and ends this one the day before; only ``valid_to`` alone ends this version in place.
+    """
+
+    effective_from: date | None = Field(default=None, description="First day the change applies; default today.")
     valid_to: date | None = None
     class_system: ClassSystem | None = None
     class_name: str | None = Field(default=None, max_length=16)
@@ -273,7 +283,11 @@ class PrescriptionUpdate(Model):
     max_chamber_mmhg: float | None = Field(default=None, gt=0, le=200)
     out_of_range_tolerance_minutes: float | None = Field(default=None, ge=0, le=1440)
     max_silence_hours: float | None = Field(default=None, gt=0, le=24 * 14)
+    legs: Leg | None = None
     override_reason: str | None = Field(default=None, min_length=10, max_length=2000)
+    confirm_reason: str | None = Field(
+        default=None, min_length=10, max_length=2000,
+        description="Raising a boot's maximum chamber pressure: why (recorded in the audit trail).")  # fmt: skip
 
 
 class PrescriptionOut(Out):
@@ -299,6 +313,39 @@ class PrescriptionOut(Out):
     override_reason: str | None
     override_covers: list[int] | None = Field(
         description="Ids of the contraindications the override was given for; a riskier change needs a new one.")
+    legs: str | None = None
+    supersedes: int | None = Field(default=None, description="The version this one replaced, if any.")
+
+
+class ReattributionIn(Model):
+    """Give a device's readings stored in ``[valid_from, valid_to)`` to ``patient`` (e.g. a garment that sent before
+    its assignment was recorded). The registry's assignments are made to say the same."""
+
+    device_id: Identifier
+    patient: Identifier
+    valid_from: Instant
+    valid_to: Instant
+
+    @model_validator(mode="after")
+    def _in_order(self) -> ReattributionIn:
+        if self.valid_to <= self.valid_from:
+            raise ValueError("valid_to must be after valid_from")
+        return self
+
+
+class ReattributionOut(Out):
+    id: int
+    device_id: str
+    patient: str
+    clinic: str
+    valid_from: datetime
+    valid_to: datetime
+    state: str = Field(description="pending until the stored readings were rewritten, then done.")
+    requested_by: str
+    requested_at: datetime
+    done_at: datetime | None
+    points: int = Field(description="Readings rewritten (done).")
+    note: str
 
 
 class ContraindicationIn(Model):

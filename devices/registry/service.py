@@ -13,6 +13,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, Literal, TypeVar
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -22,6 +23,7 @@ from devices.protocol import CHANNELS, TOPIC_ROOT
 from devices.registry import schemas as s
 from devices.registry.classes import Band, ClassError, Finding, band_for, conflicts
 from devices.registry.errors import (
+    ConfirmationNeededError,
     ConflictError,
     ContraindicatedError,
     ForbiddenError,
@@ -41,6 +43,7 @@ from devices.registry.models import (
     Patient,
     Physio,
     Prescription,
+    Reattribution,
     ServiceAccount,
     utcnow,
 )
@@ -551,11 +554,13 @@ class Registry:
             if data.valid_to is not None and data.valid_to <= start:
                 raise InvalidError("valid_to must be after valid_from")
             _no_overlap(session, device, start, data.valid_to)
-            assignment = Assignment(device=device, patient=patient, valid_from=start, valid_to=data.valid_to)
+            assignment = Assignment(device=device, patient=patient, valid_from=start, valid_to=data.valid_to,
+                                    leg=data.leg)  # fmt: skip
             session.add(assignment)
             session.flush()
             self._audit(session, actor, "create", "assignment", f"{data.device_id}->{data.patient}",
-                        {"id": assignment.id, "valid_from": start, "valid_to": data.valid_to})  # fmt: skip
+                        {"id": assignment.id, "valid_from": start, "valid_to": data.valid_to,
+                         "leg": data.leg})  # fmt: skip
             return _assignment_out(assignment)
 
     def end_assignment(self, actor: Actor, assignment_id: int, data: s.AssignmentEnd) -> s.AssignmentOut:
@@ -591,6 +596,91 @@ class Registry:
                 query = query.where(Patient.clinic_id == actor.clinic_id)
             return [_assignment_out(a) for a in session.scalars(query)]
 
+    # --- re-attribution of stored readings ----------------------------------------------------------------------
+
+    def request_reattribution(self, actor: Actor, data: s.ReattributionIn) -> s.ReattributionOut:
+        """Record that ``data.device_id``'s readings of the period belong to ``data.patient`` (audited, idempotent).
+
+        The assignments are made to agree first: an assignment of the device to the patient starting inside the
+        period is moved back to its start, or one is created for the period; another holder then is a conflict.
+        The stored readings are rewritten by whoever carries the request out (``compression devices reattribute``
+        or the monitor), which then marks it done.
+        """
+        with self._tx(actor, write=True) as session:
+            device = self._device(session, actor, data.device_id)
+            patient = self._patient(session, actor, data.patient)
+            if device.clinic_id != patient.clinic_id:
+                raise InvalidError(f"device {data.device_id} and patient {data.patient} are in different clinics")
+            same = session.scalars(select(Reattribution).where(
+                Reattribution.device_id == device.id, Reattribution.patient_id == patient.id,
+                Reattribution.valid_from == data.valid_from,
+                Reattribution.valid_to == data.valid_to)).first()  # fmt: skip
+            if same is not None:
+                return _reattribution_out(same)  # asked again: the same request
+            self._cover(session, actor, device, patient, data.valid_from, data.valid_to)
+            row = Reattribution(device=device, patient=patient, valid_from=data.valid_from, valid_to=data.valid_to,
+                                requested_by=actor.name)  # fmt: skip
+            session.add(row)
+            session.flush()
+            self._audit(session, actor, "reattribute", "device", data.device_id,
+                        {"id": row.id, "patient": data.patient, "valid_from": data.valid_from,
+                         "valid_to": data.valid_to})  # fmt: skip
+            return _reattribution_out(row)
+
+    def _cover(self, session: Session, actor: Actor, device: Device, patient: Patient, start: datetime,
+               end: datetime) -> None:  # fmt: skip
+        """Make the device's assignments say it was the patient's over ``[start, end)``."""
+        # Those overlapping the period, and the patient's one starting right at its end (to be moved back).
+        held = [a for a in session.scalars(select(Assignment).where(
+            Assignment.device_id == device.id, Assignment.valid_from <= end,
+            or_(Assignment.valid_to.is_(None), Assignment.valid_to > start))
+            .order_by(Assignment.valid_from)) if a.valid_from < end or a.patient_id == patient.id]  # fmt: skip
+        if any(a.patient_id != patient.id for a in held):
+            other = next(a for a in held if a.patient_id != patient.id)
+            raise ConflictError(f"device {device.device_id} is assigned to {other.patient.code} from "
+                                f"{other.valid_from.isoformat()} (assignment {other.id}): its readings then are "
+                                "that patient's; end or correct that assignment first")  # fmt: skip
+        if held and held[0].valid_from <= start:
+            return  # already the patient's over the whole period (assignments do not overlap)
+        if held:
+            first = held[0]
+            _no_overlap(session, device, start, first.valid_to, ignore=first.id)
+            self._audit(session, actor, "update", "assignment", f"{device.device_id}->{patient.code}",
+                        {"id": first.id, "before": {"valid_from": first.valid_from},
+                         "after": {"valid_from": start}})  # fmt: skip
+            first.valid_from = start
+            return
+        _no_overlap(session, device, start, end)
+        leg = session.scalars(select(Assignment.leg).where(Assignment.device_id == device.id,
+                                                           Assignment.patient_id == patient.id)).first()  # fmt: skip
+        row = Assignment(device=device, patient=patient, valid_from=start, valid_to=end, leg=leg)
+        session.add(row)
+        session.flush()
+        self._audit(session, actor, "create", "assignment", f"{device.device_id}->{patient.code}",
+                    {"id": row.id, "valid_from": start, "valid_to": end, "leg": leg})  # fmt: skip
+
+    def finish_reattribution(self, actor: Actor, row_id: int, points: int, note: str = "") -> s.ReattributionOut:
+        """Mark a re-attribution carried out: its readings were rewritten (audited)."""
+        with self._tx(actor, write=True) as session:
+            what = f"re-attribution {row_id}"
+            row = self._one(session, select(Reattribution).where(Reattribution.id == row_id), what)
+            _same_clinic(actor, row.patient.clinic_id, what)
+            row.state, row.done_at, row.points, row.note = "done", utcnow(), points, note
+            self._audit(session, actor, "reattributed", "device", row.device.device_id,
+                        {"id": row.id, "patient": row.patient.code, "points": points})  # fmt: skip
+            return _reattribution_out(row)
+
+    def list_reattributions(self, actor: Actor, state: str | None = None) -> list[s.ReattributionOut]:
+        """Re-attributions, oldest first, optionally only those in ``state`` (``pending``: still to carry out)."""
+        with self._tx(actor) as session:
+            query = select(Reattribution).join(Patient, Reattribution.patient_id == Patient.id).order_by(
+                Reattribution.id)  # fmt: skip
+            if state is not None:
+                query = query.where(Reattribution.state == state)
+            if actor.clinic_id is not None:
+                query = query.where(Patient.clinic_id == actor.clinic_id)
+            return [_reattribution_out(r) for r in session.scalars(query)]
+
     # --- prescriptions and contraindications --------------------------------------------------------------------
 
     def prescribe(self, actor: Actor, data: s.PrescriptionIn) -> s.PrescriptionOut:
@@ -609,19 +699,66 @@ class Registry:
             return _prescription_out(rx)
 
     def update_prescription(self, actor: Actor, rx_id: int, data: s.PrescriptionUpdate) -> s.PrescriptionOut:
-        """Change a prescription (e.g. the daily wear target); checked again like a new one."""
+        """Change a prescription (e.g. the daily wear target): a new version from ``effective_from``.
+
+        The version ``rx_id`` is never rewritten for days it already applied to: it ends the day before the
+        change and the returned new version (``supersedes`` = ``rx_id``) starts on it. A version that has not
+        started yet is changed in place, and so is a change of ``valid_to`` alone (ending the prescription).
+        Checked again like a new prescription.
+        """
         with self._tx(actor, write=True) as session:
             what = f"prescription {rx_id}"
             rx = self._one(session, select(Prescription).where(Prescription.id == rx_id), what)
             _same_clinic(actor, rx.patient.clinic_id, what)
-            changes = data.model_dump(exclude_unset=True, exclude={"override_reason"})
-            before = {key: getattr(rx, key) for key in changes}
-            dose = _dose(rx)
-            _apply_prescription(rx, changes)
-            self._check_prescription(session, actor, rx, data.override_reason, before=dose)
-            self._audit(session, actor, "update", "prescription", f"{rx.patient.code}#{rx.id}",
-                        {"before": before, "after": changes, "override_reason": data.override_reason})  # fmt: skip
-            return _prescription_out(rx)
+            changes = data.model_dump(exclude_unset=True, exclude={"override_reason", "effective_from",
+                                                                   "confirm_reason"})  # fmt: skip
+            effective = data.effective_from or clinic_today(rx.patient.clinic.timezone)
+            _confirmed_raise(rx, changes, data.confirm_reason)
+            confirm = data.confirm_reason
+            if set(changes) <= {"valid_to"} or effective <= rx.valid_from:
+                return self._edit_version(session, actor, rx, changes, effective, data.override_reason, confirm)
+            return self._new_version(session, actor, rx, changes, effective, data.override_reason, confirm)
+
+    def _edit_version(self, session: Session, actor: Actor, rx: Prescription, changes: dict[str, Any],
+                      effective: date, override: str | None, confirm: str | None) -> s.PrescriptionOut:  # fmt: skip
+        content = set(changes) - {"valid_to"}
+        if content and rx.valid_from < clinic_today(rx.patient.clinic.timezone):
+            raise InvalidError(f"prescription #{rx.id} applies since {rx.valid_from}: a change takes effect "
+                               "after that day (effective_from), so the days already judged keep their "
+                               "prescription")  # fmt: skip
+        before = {key: getattr(rx, key) for key in changes}
+        dose = _dose(rx)
+        _apply_prescription(rx, changes)
+        self._check_prescription(session, actor, rx, override, before=dose)
+        self._audit(session, actor, "update", "prescription", f"{rx.patient.code}#{rx.id}",
+                    {"before": before, "after": changes, "override_reason": override,
+                     "confirm_reason": confirm})  # fmt: skip
+        return _prescription_out(rx)
+
+    def _new_version(self, session: Session, actor: Actor, rx: Prescription, changes: dict[str, Any],
+                     effective: date, override: str | None, confirm: str | None) -> s.PrescriptionOut:  # fmt: skip
+        if rx.valid_to is not None and effective > rx.valid_to:
+            raise InvalidError(f"prescription #{rx.id} ended on {rx.valid_to}; effective_from {effective} is after")
+        before = {key: getattr(rx, key) for key in changes}
+        dose = _dose(rx)  # before rx ends: the new version runs to rx's end, so only a real change is riskier
+        new = Prescription(patient=rx.patient, garment_kind=rx.garment_kind, valid_from=effective,
+                           valid_to=rx.valid_to, zones=list(rx.zones), supersedes_id=rx.id,
+                           override_physio_id=rx.override_physio_id, override_reason=rx.override_reason,
+                           override_covers=rx.override_covers)  # fmt: skip
+        for key in (*_RX_FIELDS, "legs"):
+            if key != "valid_to":
+                setattr(new, key, getattr(rx, key))
+        _apply_prescription(new, changes)
+        rx.valid_to = effective - timedelta(days=1)
+        session.flush()
+        # Judged against the version it follows: the same dose needs no new override, a riskier one does.
+        self._check_prescription(session, actor, new, override, before=dose)
+        session.add(new)
+        session.flush()
+        self._audit(session, actor, "update", "prescription", f"{rx.patient.code}#{new.id}",
+                    {"supersedes": rx.id, "effective_from": effective, "before": before, "after": changes,
+                     "override_reason": override, "confirm_reason": confirm})  # fmt: skip
+        return _prescription_out(new)
 
     def _check_prescription(self, session: Session, actor: Actor, rx: Prescription, override: str | None,
                             before: Dose | None) -> None:  # fmt: skip
@@ -977,7 +1114,7 @@ def _no_overlap(session: Session, device: Device, start: datetime, end: datetime
 _RX_FIELDS: Final = (
     "valid_to", "class_system", "class_name", "ankle_min_mmhg", "ankle_max_mmhg", "zones", "wear_hours_per_day",
     "wear_days_per_week", "sessions_per_week", "session_min_minutes", "session_max_minutes", "max_chamber_mmhg",
-    "out_of_range_tolerance_minutes", "max_silence_hours",
+    "out_of_range_tolerance_minutes", "max_silence_hours", "legs",
 )  # fmt: skip
 
 
@@ -1008,6 +1145,19 @@ def _riskier(before: Dose, after: Dose) -> bool:
                                                                                    strict=True))  # fmt: skip
     longer = before.valid_to is not None and (after.valid_to is None or after.valid_to > before.valid_to)
     return more or longer or not after.zones <= before.zones
+
+
+def _confirmed_raise(rx: Prescription, changes: dict[str, Any], reason: str | None) -> None:
+    """Raising a boot's maximum chamber pressure can silence an over-pressure alert the registry cannot see (the
+    monitor's): it needs the physio's reason, kept in the audit trail."""
+    new = changes.get("max_chamber_mmhg")
+    if rx.garment_kind != "boot" or new is None or rx.max_chamber_mmhg is None or new <= rx.max_chamber_mmhg:
+        return
+    if not reason:
+        raise ConfirmationNeededError(
+            f"raising the boot's maximum chamber pressure from {rx.max_chamber_mmhg:g} to {new:g} mmHg needs a reason "
+            "(confirm_reason): check first that no over-pressure alert is open for this patient; the new maximum "
+            "applies from its effective date only")  # fmt: skip
 
 
 def _apply_prescription(rx: Prescription, values: dict[str, Any]) -> None:
@@ -1074,18 +1224,32 @@ def _patient_out(patient: Patient) -> s.PatientOut:
 
 def _assignment_out(assignment: Assignment) -> s.AssignmentOut:
     return s.AssignmentOut(id=assignment.id, device_id=assignment.device.device_id, patient=assignment.patient.code,
-                           valid_from=assignment.valid_from, valid_to=assignment.valid_to)  # fmt: skip
+                           valid_from=assignment.valid_from, valid_to=assignment.valid_to,
+                           leg=assignment.leg)  # fmt: skip
 
 
 def _prescription_out(rx: Prescription) -> s.PrescriptionOut:
     data = {key: getattr(rx, key) for key in s.PrescriptionOut.model_fields if hasattr(rx, key)}
-    data.update(patient=rx.patient.code, override_by=rx.override_physio.email if rx.override_physio else None)
+    data.update(patient=rx.patient.code, override_by=rx.override_physio.email if rx.override_physio else None,
+                supersedes=rx.supersedes_id)  # fmt: skip
     return s.PrescriptionOut.model_validate(data)
+
+
+def _reattribution_out(row: Reattribution) -> s.ReattributionOut:
+    return s.ReattributionOut(id=row.id, device_id=row.device.device_id, patient=row.patient.code,
+                              clinic=row.patient.clinic.code, valid_from=row.valid_from, valid_to=row.valid_to,
+                              state=row.state, requested_by=row.requested_by, requested_at=row.requested_at,
+                              done_at=row.done_at, points=row.points, note=row.note)  # fmt: skip
 
 
 def _contraindication_out(row: Contraindication, patient: str) -> s.ContraindicationOut:
     return s.ContraindicationOut(id=row.id, patient=patient, kind=row.kind, abpi=row.abpi, noted_on=row.noted_on,
                                  resolved_on=row.resolved_on, note=row.note)  # fmt: skip
+
+
+def clinic_today(timezone: str) -> date:
+    """Today's date in the clinic's time zone (a prescription change takes effect from a clinic day)."""
+    return datetime.now(ZoneInfo(timezone)).date()
 
 
 def today_utc() -> date:

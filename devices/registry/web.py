@@ -38,7 +38,13 @@ from pydantic import ValidationError
 
 from devices.registry import schemas as s
 from devices.registry.api import client_address
-from devices.registry.errors import ContraindicatedError, ForbiddenError, RegistryError, ThrottledError
+from devices.registry.errors import (
+    ConfirmationNeededError,
+    ContraindicatedError,
+    ForbiddenError,
+    RegistryError,
+    ThrottledError,
+)
 from devices.registry.models import utcnow
 from devices.registry.secrets import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH
 from devices.registry.service import SESSION_HOURS, Actor, Registry
@@ -252,6 +258,9 @@ def _changes_text(changes: Mapping[str, object]) -> str:
     before, after = changes.get("before"), changes.get("after")
     if isinstance(before, dict) and isinstance(after, dict):
         parts = [f"{LABELS.get(k, k)}: {_plain(before.get(k))} → {_plain(v)}" for k, v in after.items()]
+        if changes.get("supersedes"):
+            parts.append(f"new version from {_plain(changes.get('effective_from'))}, replacing "
+                         f"#{_plain(changes['supersedes'])}")  # fmt: skip
         if changes.get("override_reason"):
             parts.append(f"override: {changes['override_reason']}")
         return "; ".join(parts) or "no fields"
@@ -291,6 +300,7 @@ class FormState:
     values: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     needs_override: bool = False
+    needs_confirm: bool = False  # raising a boot's maximum pressure: the physio's reason
 
 
 def _clinic_zone(registry: Registry, actor: Actor) -> tuple[str, ZoneInfo]:
@@ -505,7 +515,11 @@ def _router(templates: Jinja2Templates) -> APIRouter:
         sent: dict[str, Any] = {key: str(form.get(key) or "").strip() for key in fields}
         sent["zones"] = [z for z in form.getlist("zones") if isinstance(z, str)]
         reason = str(form.get("override_reason") or "").strip()
-        state = FormState(values={**sent, "override_reason": reason}, needs_override=bool(reason))
+        effective = str(form.get("effective_from") or "").strip() or None
+        confirm = str(form.get("confirm_reason") or "").strip()
+        state = FormState(values={**sent, "override_reason": reason, "effective_from": effective or "",
+                                  "confirm_reason": confirm}, needs_override=bool(reason),
+                          needs_confirm=bool(confirm))  # fmt: skip
         back = f"{UI}/patients/{quote(rx.patient)}"
 
         missing = [LABELS[key] for key in fields if sent[key] == ""]
@@ -525,18 +539,25 @@ def _router(templates: Jinja2Templates) -> APIRouter:
             return _redirect(back, request, f"Prescription #{rx_id}: nothing changed.")
         if reason:
             changed["override_reason"] = reason
+        if confirm:
+            changed["confirm_reason"] = confirm
         try:
-            registry.update_prescription(actor, rx_id, s.PrescriptionUpdate.model_validate(changed))
+            saved = registry.update_prescription(actor, rx_id, s.PrescriptionUpdate.model_validate(
+                changed | ({"effective_from": effective} if effective else {})))  # fmt: skip
         except ValidationError as exc:  # the override reason's length
             state.errors = [_validation_message(error) for error in exc.errors(include_url=False)]
             return _patient_page(request, session, rx.patient, {rx_id: state}, 422)
         except RegistryError as exc:
             state.errors = [str(exc)]
             state.needs_override = state.needs_override or isinstance(exc, ContraindicatedError)
+            state.needs_confirm = state.needs_confirm or isinstance(exc, ConfirmationNeededError)
             return _patient_page(request, session, rx.patient, {rx_id: state}, exc.status)
         what = ", ".join(f"{LABELS[k].split(' (')[0].lower()} {_plain(v)}" for k, v in changed.items()
-                         if k != "override_reason")  # fmt: skip
-        return _redirect(back, request, f"Prescription #{rx_id} saved: {what}.")
+                         if k not in ("override_reason", "confirm_reason"))  # fmt: skip
+        if saved.supersedes is None:
+            return _redirect(back, request, f"Prescription #{rx_id} saved: {what}.")
+        return _redirect(back, request, f"Prescription #{saved.id} saved: {what}, from {saved.valid_from}. "
+                                        f"#{rx_id} stays as it was for the days before.")  # fmt: skip
 
     return router
 

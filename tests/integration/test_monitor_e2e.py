@@ -41,6 +41,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import func, select
 
+from compression.influxql import rows
 from compression.localservers import InfluxDB, free_port
 from devices.registry import schemas as s
 from devices.registry.db import make_engine, migrate, session_factory
@@ -89,7 +90,28 @@ class World:
     tmp: Path
 
 
+def receipts(lines: list[str]) -> list[str]:
+    """The ingester's ``receipt`` points for these readings (one per clinic, patient and hour): what it writes with
+    every stored message, and what tells the monitor the pipeline was working in those hours."""
+    hours: dict[tuple[str, int], None] = {}
+    for line in lines:
+        if line.startswith(("sample,", "event,")) and ",patient=" in line:
+            tags, _, rest = line.partition(" ")
+            patient = tags.split(",patient=")[1].split(",")[0]
+            hours[(patient, int(rest.rsplit(" ", 1)[1]) // 3_600_000_000_000 * 3_600_000_000_000)] = None
+    now_ms = int(time.time() * 1000)
+    return [f"receipt,clinic=bow,patient={p} received_ms={now_ms}i {hour}" for p, hour in hours]
+
+
+def heartbeats(until: datetime, days: int = DAYS + 8) -> list[str]:
+    """The ingester's heartbeat every 10 minutes for ``days`` up to ``until``: it was running, connected."""
+    end = int(until.timestamp()) * 10**9
+    step = 600 * 10**9
+    return [f"ingest_health,ingester=ingest-e2e connected=true {t}" for t in range(end - days * 144 * step, end, step)]
+
+
 def write_lines(url: str, database: str, lines: list[str]) -> None:
+    lines = lines + receipts(lines)
     for i in range(0, len(lines), 5000):
         body = "\n".join(lines[i : i + 5000]).encode()
         request = urllib.request.Request(f"{url}/write?db={database}&precision=ns", data=body, method="POST")
@@ -199,7 +221,7 @@ def world(influx: InfluxDB, tmp_path_factory: pytest.TempPathFactory) -> World:
         for code in sorted(BOOTS):
             lines += boot_lines(code, device_of(code), start)
     lines.append(overpressure("P-BOOT", device_of("P-BOOT"), now - timedelta(minutes=3)))
-    write_lines(influx.url, database, lines)
+    write_lines(influx.url, database, lines + heartbeats(now))
     late = overpressure("P-PUMP", device_of("P-PUMP"), now - timedelta(minutes=2))
     return World(influx.url, database, registry, tz, int(now.timestamp() * 1000), late, tmp)
 
@@ -370,7 +392,8 @@ async def test_smtp_down_then_back_every_mail_arrives_once(world: World, tmp_pat
 
 async def test_ingest_gap_opens_no_silence_storm(world: World, tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
-    """One garment silent: its episode opens. Then every garment's data stops at once: no silence alerts."""
+    """One garment silent: its episode opens. Then the pipeline stops (nothing stored from anyone, no heartbeat from
+    an ingester): an outage, no silence alerts."""
     caplog.set_level(logging.WARNING)
     zone = ZoneInfo(world.timezone)
     now = datetime.fromtimestamp(world.now_ms / 1000, UTC)
@@ -386,7 +409,7 @@ async def test_ingest_gap_opens_no_silence_storm(world: World, tmp_path: Path,
                 lines += sock_lines(code, device_of(code), start, 9, int(now.timestamp() * 1e9) - 60 * 10**9)
     database = world.database + "_gap"
     influx_query(world.influx_url, database, f'CREATE DATABASE "{database}"')
-    write_lines(world.influx_url, database, lines)
+    write_lines(world.influx_url, database, lines + heartbeats(now))  # then the ingester stops too
     gap_world = World(world.influx_url, database, registry, world.timezone, world.now_ms, "", tmp_path)
     with SmtpTestServer() as smtp:
         mon = Monitor(settings(gap_world, smtp, tmp_path / "monitor.db", digest_hour=23))
@@ -398,12 +421,82 @@ async def test_ingest_gap_opens_no_silence_storm(world: World, tmp_path: Path,
         for _ in range(2):
             assert await mon.evaluate_once(now_ms=later)
         assert await mon.send_due() == 0
-        assert "silence held back: 4 of 4 monitored patients went silent at once" in caplog.text
+        assert "silence held back for 4 patient(s): the pipeline was down" in caplog.text
         st = State(f"sqlite:///{tmp_path / 'monitor.db'}")
         with st.transaction() as session:
             assert [(e.patient, e.flag, e.open_key is not None) for e in session.scalars(select(Episode))] == [
                 ("G-4", "silent", True)]  # fmt: skip
         st.close()
+
+
+async def test_seven_of_twelve_silent_with_a_working_pipeline_are_each_reported(world: World, tmp_path: Path) -> None:
+    """A small clinic where seven of twelve stopped sending three days ago (holidays, a lost charger) while the
+    others' readings kept arriving: the pipeline works, so each of the seven is reported."""
+    zone = ZoneInfo(world.timezone)
+    now = datetime.fromtimestamp(world.now_ms / 1000, UTC)
+    today = now.astimezone(zone).date()
+    clinic = {f"S-{i:02d}": ANN for i in range(1, 13)}
+    quiet = {f"S-{i:02d}" for i in range(1, 8)}
+    registry = build_registry(tmp_path / "registry.db", world.timezone, today, clinic)
+    lines: list[str] = []
+    for back in range(DAYS, -1, -1):
+        day = today - timedelta(days=back)
+        start = datetime(day.year, day.month, day.day, tzinfo=zone)
+        for code in clinic:
+            if code not in quiet or back > 2:
+                lines += sock_lines(code, device_of(code), start, 9, int(now.timestamp() * 1e9) - 60 * 10**9)
+    database = world.database + "_small"
+    influx_query(world.influx_url, database, f'CREATE DATABASE "{database}"')
+    write_lines(world.influx_url, database, lines + heartbeats(now))
+    small = World(world.influx_url, database, registry, world.timezone, world.now_ms, "", tmp_path)
+    with SmtpTestServer() as smtp:
+        mon = Monitor(settings(small, smtp, tmp_path / "monitor.db", digest_hour=23))
+        assert await mon.evaluate_once(now_ms=world.now_ms)
+        await mon.send_due()
+        assert summary(smtp.received()) == [("opened", f"{code} Warning", ANN) for code in sorted(quiet)]
+        assert mon.counters.opened == 7
+
+
+async def test_a_reattribution_asked_through_the_api_is_carried_out_by_the_monitor(world: World,
+                                                                                   tmp_path: Path) -> None:  # fmt: skip
+    """A garment that sent for three days before its assignment was recorded: its readings are unassigned and the
+    patient's first days silent. Asked through the API (the registry service), the monitor rewrites the readings,
+    marks the request done, and judges those days on them."""
+    zone = ZoneInfo(world.timezone)
+    now = datetime.fromtimestamp(world.now_ms / 1000, UTC)
+    today = now.astimezone(zone).date()
+    registry = build_registry(tmp_path / "registry.db", world.timezone, today, {"L-1": ANN})
+    lines: list[str] = []
+    starts = {}
+    for back in range(DAYS, -1, -1):
+        day = today - timedelta(days=back)
+        starts[back] = start = datetime(day.year, day.month, day.day, tzinfo=zone)
+        day_lines = sock_lines("L-1", device_of("L-1"), start, 9, int(now.timestamp() * 1e9) - 60 * 10**9)
+        if 3 <= back <= 5:  # stored before the assignment was recorded: no patient, "unassigned"
+            day_lines = [ln.replace(",patient=L-1", "").replace("clinic=bow,", "attribution=unassigned,")
+                         for ln in day_lines]  # fmt: skip
+        lines += day_lines
+    database = world.database + "_late"
+    influx_query(world.influx_url, database, f'CREATE DATABASE "{database}"')
+    write_lines(world.influx_url, database, lines + heartbeats(now))
+    late = World(world.influx_url, database, registry, world.timezone, world.now_ms, "", tmp_path)
+    with SmtpTestServer() as smtp:
+        mon = Monitor(settings(late, smtp, tmp_path / "monitor.db", digest_hour=23))
+        assert await mon.evaluate_once(now_ms=world.now_ms)
+        flags = {r.stats.day: r.flags for r in mon._results["L-1"]}
+        assert [flags[today - timedelta(days=b)] for b in (5, 4, 3)] == [("silent",)] * 3
+        engine = make_engine(registry)
+        reg = Registry(session_factory(engine))
+        row = reg.request_reattribution(SYSTEM, s.ReattributionIn(
+            device_id=device_of("L-1"), patient="L-1", valid_from=starts[5], valid_to=starts[2]))  # fmt: skip
+        assert await mon.evaluate_once(now_ms=world.now_ms)
+        flags = {r.stats.day: r.flags for r in mon._results["L-1"]}
+        assert [flags[today - timedelta(days=b)] for b in (5, 4, 3)] == [("compliant",)] * 3
+        (done,) = reg.list_reattributions(SYSTEM)
+        assert (done.id, done.state, done.points) == (row.id, "done", 3 * 9 * 30)
+        engine.dispose()
+    left = rows(world.influx_url, database, "SELECT count(worn) FROM sample WHERE attribution = 'unassigned'")
+    assert left == []
 
 
 # --- subprocesses: kill -9 and restart; two replicas ------------------------------------------------------------

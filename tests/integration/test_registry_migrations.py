@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 TABLES = {
     "clinics", "physios", "patients", "gateways", "devices", "assignments", "prescriptions", "contraindications",
-    "service_accounts", "api_tokens", "audit",
+    "service_accounts", "api_tokens", "audit", "reattributions",
 }  # fmt: skip
 
 

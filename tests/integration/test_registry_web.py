@@ -144,7 +144,13 @@ def _login(page: Page, email: str, password: str) -> None:
 
 
 def _wear_target(site: Site) -> float | None:
-    return site.check.get_prescription(SYSTEM, site.sock_rx).wear_hours_per_day
+    return site.check.get_prescription(SYSTEM, site.sock_rx).wear_hours_per_day  # the first version
+
+
+def _current_rx(site: Site) -> int:
+    """Alice's newest sock prescription version (a change makes a new one)."""
+    return max((rx.valid_from, rx.id) for rx in site.check.list_prescriptions(SYSTEM, ALICE)
+               if rx.garment_kind == "sock")[1]  # fmt: skip
 
 
 def _rx_audit(site: Site, patient: str, rx_id: int) -> list[s.AuditOut]:
@@ -182,19 +188,30 @@ def test_physio_changes_the_daily_wear_target(page: Page, site: Site) -> None:
     target.fill("10")
     form.get_by_role("button", name="Save changes").click()
 
-    expect(page.get_by_role("status")).to_contain_text(f"Prescription #{site.sock_rx} saved: daily wear target 10")
+    # A new version from today; the old one keeps 8 h for the days before (it ends yesterday: no form any more).
+    (new_rx,) = [rx.id for rx in site.check.list_prescriptions(SYSTEM, ALICE) if rx.supersedes == site.sock_rx]
+    expect(page.get_by_role("status")).to_contain_text(f"Prescription #{new_rx} saved: daily wear target 10")
+    expect(page.get_by_role("status")).to_contain_text(f"#{site.sock_rx} stays as it was for the days before")
     expect(page).to_have_url(f"{site.url}/ui/patients/{ALICE}")  # redirected after the POST
-    expect(form.get_by_label(WEAR_TARGET)).to_have_value("10")
+    expect(page.locator(f"#rx-{new_rx} form").get_by_label(WEAR_TARGET)).to_have_value("10")
+    expect(page.locator(f"#rx-{new_rx}")).to_contain_text(f"(replaced #{site.sock_rx})")
+    expect(page.locator(f"#rx-{site.sock_rx}")).to_contain_text("8 h/day")
+    expect(page.locator(f"#rx-{site.sock_rx}")).to_contain_text("ended")
     expect(page.locator("table.audit")).to_contain_text("8 → 10")
+    expect(page.locator("table.audit")).to_contain_text(f"replacing #{site.sock_rx}")
     page.screenshot(path=str(SCREENSHOT), full_page=True)
+    for width in (1400, 390):  # the version history at a desktop's width and a phone's
+        page.set_viewport_size({"width": width, "height": 900})
+        page.screenshot(path=str(SCREENSHOT.with_name(f"registry-patient-{width}.png")), full_page=True)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width + 1, f"wider than {width} px"
 
-    assert _wear_target(site) == 10
-    updates = [e for e in _rx_audit(site, ALICE, site.sock_rx) if e.action == "update"]
-    assert len(updates) == 1
-    entry = updates[0]
+    assert _wear_target(site) == 8  # the old version is never rewritten
+    assert site.check.get_prescription(SYSTEM, new_rx).wear_hours_per_day == 10
+    (entry,) = [e for e in _rx_audit(site, ALICE, new_rx) if e.action == "update"]
     assert entry.actor.startswith(ANN)
     assert entry.changes["before"] == {"wear_hours_per_day": 8}
     assert entry.changes["after"] == {"wear_hours_per_day": 10}
+    assert entry.changes["supersedes"] == site.sock_rx
 
 
 def test_wrong_password_shows_an_error(page: Page, site: Site) -> None:
@@ -212,7 +229,7 @@ def test_a_post_without_the_csrf_token_is_refused(page: Page, site: Site) -> Non
     cookie = next(c for c in page.context.cookies() if c["name"] == "compression_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/" and not cookie["secure"]
     page.goto(f"/ui/patients/{ALICE}")
-    form = page.locator(f"#rx-{site.sock_rx} form")
+    form = page.locator(f"#rx-{_current_rx(site)} form")
     form.locator("input[name=csrf]").evaluate("input => input.remove()")
     form.get_by_label(WEAR_TARGET).fill("12")
     with page.expect_response(lambda r: r.request.method == "POST") as posted:
@@ -223,16 +240,16 @@ def test_a_post_without_the_csrf_token_is_refused(page: Page, site: Site) -> Non
     # A forged token (a form on another site cannot know the real one) is refused the same way.
     fields: dict[str, str | float | bool] = {"csrf": "0" * 64, "wear_hours_per_day": "12", "wear_days_per_week": "7",
               "out_of_range_tolerance_minutes": "30", "max_silence_hours": "24", "zones": "ankle"}  # fmt: skip
-    response = page.request.post(f"/ui/prescriptions/{site.sock_rx}", form=fields, max_redirects=0)
+    response = page.request.post(f"/ui/prescriptions/{_current_rx(site)}", form=fields, max_redirects=0)
     assert response.status == 403
     assert _wear_target(site) == before
 
 
 def test_an_impossible_target_shows_the_validation_message_and_changes_nothing(page: Page, site: Site) -> None:
-    before, entries = _wear_target(site), len(_rx_audit(site, ALICE, site.sock_rx))
+    before, entries = _wear_target(site), len(_rx_audit(site, ALICE, _current_rx(site)))
     _login(page, ANN, ANN_PASSWORD)
     page.goto(f"/ui/patients/{ALICE}")
-    form = page.locator(f"#rx-{site.sock_rx} form")
+    form = page.locator(f"#rx-{_current_rx(site)} form")
     form.get_by_label(WEAR_TARGET).fill("30")
     with page.expect_response(lambda r: r.request.method == "POST") as posted:
         form.get_by_role("button", name="Save changes").click()
@@ -240,7 +257,7 @@ def test_an_impossible_target_shows_the_validation_message_and_changes_nothing(p
     expect(form.get_by_role("alert")).to_contain_text(f"{WEAR_TARGET}: Input should be less than or equal to 24")
     expect(form.get_by_label(WEAR_TARGET)).to_have_value("30")  # what was typed stays, to be corrected
     assert _wear_target(site) == before
-    assert len(_rx_audit(site, ALICE, site.sock_rx)) == entries
+    assert len(_rx_audit(site, ALICE, _current_rx(site))) == entries
 
 
 def test_a_contraindication_asks_for_an_override_reason(page: Page, site: Site) -> None:
@@ -259,8 +276,9 @@ def test_a_contraindication_asks_for_an_override_reason(page: Page, site: Site) 
     form.get_by_label("Override reason").fill("vascular team cleared boot use on the right leg only")
     form.get_by_role("button", name="Save changes").click()
     expect(page.get_by_role("status")).to_contain_text("saved: sessions per week 6")
-    rx = site.check.get_prescription(SYSTEM, site.boot_rx)
+    (rx,) = [r for r in site.check.list_prescriptions(SYSTEM, CARL) if r.supersedes == site.boot_rx]
     assert (rx.sessions_per_week, rx.override_by) == (6, ANN)
+    assert site.check.get_prescription(SYSTEM, site.boot_rx).sessions_per_week == 5  # the days before keep 5
     assert rx.override_reason == "vascular team cleared boot use on the right leg only"
 
 

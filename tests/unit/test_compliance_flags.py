@@ -157,7 +157,8 @@ def test_boot_missed_sessions_window_starts_at_the_first_day_with_data() -> None
     assert [(d.sessions_in_window, d.sessions_required_in_window) for d in judged] == [
         (0, 0), (0, 0), (1, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7), (6, 7), (7, 7), (7, 7)]  # fmt: skip
     flags = [r.flags for r in flags_for(ctx(BOOT), judged)]
-    assert flags[:2] == [("silent",), ("silent",)]
+    # Nothing stored and never heard from while idle: rest days, not silence (nothing is required yet either).
+    assert flags[:2] == [("compliant",), ("compliant",)]
     assert flags[2] == ("compliant",)
     assert all(f == ("boot_missed_sessions",) for f in flags[3:10]) and flags[10:] == [("compliant",)] * 2
     # Fewer sessions a week: the requirement is pro rata, rounded down.
@@ -216,3 +217,32 @@ def test_query_texts_filter_codes_and_group_by_local_day() -> None:
         q.patient_filter([])
     with pytest.raises(ValueError):
         q.tz_clause("UTC') DROP")
+
+
+def test_a_boot_is_silent_only_if_it_reports_while_idle() -> None:
+    three = BootRx(3, 1200.0, 1800.0, 60.0, ("calf",))
+    session = {"points": 800, "sessions_started": 1, "session_durations_s": [1500.0]}
+    rest = {"points": 0, "samples": 0, "sessions_started": 0, "session_durations_s": []}
+    # Sessions on days 0, 2, 4 and nothing in between (no status messages): the days between are rest days.
+    plan = [session, rest, session, rest, session, rest, rest, session, rest]
+    days = with_windows(ctx(three), [boot_day(i, **v) for i, v in enumerate(plan)])
+    results = flags_for(ctx(three), days)
+    assert [r.flags for r in results] == [("compliant",)] * len(plan)
+    assert results[1].judged == frozenset({"boot_missed_sessions"})  # a rest day judges only the plan
+    # The same boot sending a status every few hours between sessions: a day without anything is silence.
+    idle = {"points": 6, "statuses": 6, "samples": 0, "sessions_started": 0, "session_durations_s": []}
+    plan = [session, idle, session, idle, rest]
+    days = with_windows(ctx(three), [boot_day(i, **v) for i, v in enumerate(plan)])
+    assert [r.flags for r in flags_for(ctx(three), days)][-1] == ("silent",)
+
+
+def test_a_prescription_for_both_legs_with_one_garment_is_a_registry_problem() -> None:
+    from monitor.model import Garment
+    from monitor.registry import _legs_problem
+
+    left, right, pair = Garment("s-1", "left", 0, None), Garment("s-2", "right", 0, None), Garment("b", "both", 0, None)
+    assert _legs_problem("both", [left]) == (
+        "prescribed for the right leg, but no garment is recorded there (garments on: left)")  # fmt: skip
+    assert _legs_problem("both", [left, right]) == _legs_problem("both", [pair]) == ""
+    assert _legs_problem("left", [right]).startswith("prescribed for the left leg")
+    assert _legs_problem(None, [left]) == _legs_problem("both", [Garment("s", "", 0, None)]) == ""  # not recorded

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from datetime import date, timedelta
 
-from monitor.episodes import Decision, Run, closed_unrecorded, reconcile, runs
+from monitor.episodes import Decision, Mark, Run, closed_unrecorded, reconcile, runs
 
 D0 = date(2026, 11, 1)
 
 
-def days(pattern: str, flag: str = "under_use") -> list[tuple[date, tuple[str, ...] | None]]:
-    """``x`` flagged, ``.`` clear, ``?`` not judged (incomplete)."""
-    out: list[tuple[date, tuple[str, ...] | None]] = []
+def days(pattern: str, flag: str = "under_use") -> list[Mark]:
+    """``x`` flagged, ``.`` clear, ``?`` not judged (incomplete), ``s`` silent (no data: judges only silence)."""
+    out: list[Mark] = []
     for i, c in enumerate(pattern):
-        out.append((D0 + timedelta(days=i), None if c == "?" else (flag,) if c == "x" else ("compliant",)))
+        day = D0 + timedelta(days=i)
+        if c == "s":
+            out.append(Mark(day, ("silent",), frozenset({"silent"})))
+        else:
+            out.append(Mark(day, None if c == "?" else (flag,) if c == "x" else ("compliant",)))
     return out
 
 
@@ -23,14 +27,14 @@ def d(i: int) -> date:
 
 def test_hovering_at_a_threshold_is_one_episode() -> None:
     assert runs(days("x.x.x.x.x"), "under_use", 2) == [Run("under_use", d(0), d(8), None)]
-    assert runs(days("x.x.x..x"), "under_use", 2) == [Run("under_use", d(0), d(4), d(5)),
+    assert runs(days("x.x.x..x"), "under_use", 2) == [Run("under_use", d(0), d(4), d(5), (d(5), d(6))),
                                                       Run("under_use", d(7), d(7), None)]  # fmt: skip
 
 
 def test_resolution_needs_enough_clear_days_and_ignores_unjudged_ones() -> None:
     assert runs(days("xx.?"), "under_use", 2) == [Run("under_use", d(0), d(1), None)]
-    assert runs(days("xx..?"), "under_use", 2) == [Run("under_use", d(0), d(1), d(2))]
-    assert runs(days("xx."), "under_use", 1) == [Run("under_use", d(0), d(1), d(2))]
+    assert runs(days("xx..?"), "under_use", 2) == [Run("under_use", d(0), d(1), d(2), (d(2), d(3)))]
+    assert runs(days("xx."), "under_use", 1) == [Run("under_use", d(0), d(1), d(2), (d(2),))]
     assert runs(days("...."), "under_use", 2) == []
 
 
@@ -52,3 +56,26 @@ def test_history_seen_for_the_first_time_is_recorded_once() -> None:
     found = runs(days("xx...x..x"), "under_use", 2)
     assert closed_unrecorded(found, []) == found[:2]
     assert closed_unrecorded(found, [d(0)]) == [found[1]]
+
+
+def test_silence_is_not_recovery() -> None:
+    # Rolled down for two days, then nothing from the garment: the run stays open, however long the silence.
+    assert runs(days("xxssssss", "rolled_down"), "rolled_down", 2) == [Run("rolled_down", d(0), d(1), None)]
+    # Silent days neither extend nor end it: readings showing it gone end it on the first of them.
+    assert runs(days("xxss..", "rolled_down"), "rolled_down", 2) == [
+        Run("rolled_down", d(0), d(1), d(4), (d(4), d(5)))]  # fmt: skip
+    # Flagged again after the silence: the same run, its last day moves.
+    assert runs(days("xxssx.", "rolled_down"), "rolled_down", 2) == [Run("rolled_down", d(0), d(4), None)]
+    # The silence is its own episode, ended by the first days with data.
+    assert runs(days("xxss..", "rolled_down"), "silent", 2) == [Run("silent", d(2), d(3), d(4), (d(4), d(5)))]
+
+
+def test_a_day_judges_only_what_its_data_can_show() -> None:
+    worn_nothing = Mark(d(2), ("under_use",), frozenset({"silent", "under_use"}))
+    series = [Mark(d(0), ("too_tight",)), Mark(d(1), ("too_tight",)), worn_nothing, worn_nothing._replace(day=d(3))]
+    # Two days with data but no wear: under-use, and no word on the pressure: too_tight stays open.
+    assert runs(series, "too_tight", 2) == [Run("too_tight", d(0), d(1), None)]
+    assert runs(series, "under_use", 2) == [Run("under_use", d(2), d(3), None)]
+    # Today (incomplete) extends with what it shows and ends nothing.
+    today = Mark(d(4), ("low_battery",), frozenset({"low_battery"}))
+    assert runs([*series, today], "too_tight", 1) == [Run("too_tight", d(0), d(1), None)]

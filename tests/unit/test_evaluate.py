@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+from monitor.compliance import outage_days
 from monitor.evaluate import Live, MailData, evaluate
 from monitor.model import DayResult, DayStats, PatientContext, SockRx
 from monitor.state import Episode, Outbox, State
@@ -27,7 +29,9 @@ def results(code: str, pattern: str) -> list[DayResult]:
     for i, c in enumerate(pattern):
         flags = ("silent",) if c == "s" else ("under_use",) if c == "x" else ("compliant",)
         last = i == len(pattern) - 1
-        out.append(DayResult(code, DayStats(D0 + timedelta(days=i), 0, 0, not last), None if last else flags))
+        judged = frozenset({"silent"}) if c == "s" else None  # a silent day judges nothing but silence
+        out.append(DayResult(code, DayStats(D0 + timedelta(days=i), 0, 0, not last), None if last else flags,
+                             judged))  # fmt: skip
     return out
 
 
@@ -40,7 +44,7 @@ def run(state: State, patterns: dict[str, str], contexts: list[PatientContext] |
     contexts = contexts or [ctx(code) for code in patterns]
     res = {code: results(code, p) for code, p in patterns.items()}
     live = {code: Live(D0 + timedelta(days=len(p) - 1)) for code, p in patterns.items()}
-    evaluate(state, contexts, res, live, resolve_after=2, silence_guard=0.5, mail_data=MailData())
+    evaluate(state, contexts, res, live, resolve_after=2, mail_data=MailData())
 
 
 def mails(state: State) -> list[str]:
@@ -78,11 +82,26 @@ def test_late_data_erasing_a_silent_day_resolves_it(state: State) -> None:
         assert "late" in episode.note
 
 
-def test_everyone_silent_at_once_is_an_outage_not_an_alert_storm(state: State) -> None:
-    run(state, {f"P{i}": "....s?" for i in range(5)})
+def test_many_silent_with_a_working_pipeline_are_each_reported(state: State) -> None:
+    # Seven of twelve quiet (holidays, a lost charger): each one is told, whatever the share.
+    run(state, {f"P{i}": "....s?" if i < 7 else ".....?" for i in range(12)})
+    assert mails(state) == sorted(f"opened:P{i}:silent" for i in range(7))
+
+
+def test_a_pipeline_outage_holds_silence_back(state: State) -> None:
+    # The days of an outage judge no missing data (compliance.outage_days): no silence opens, nothing resolves.
+    hours: set[int] = set()  # nothing seen working
+    def spanned(code: str) -> list[DayResult]:  # each day its own 24 hours
+        return [dataclasses.replace(r, stats=dataclasses.replace(r.stats, start_ms=i * 86_400_000,
+                                                                 end_ms=(i + 1) * 86_400_000))
+                for i, r in enumerate(results(code, "....ss?"))]  # fmt: skip
+
+    res = {code: outage_days(spanned(code), hours, 0.9) for code in ("P1", "P2")}
+    assert all(r.stats.pipeline_outage for r in res["P1"][:-1])
+    evaluate(state, [ctx("P1"), ctx("P2")], res, {c: Live(D0 + timedelta(days=6), silent_now=True, outage=True)
+                                                   for c in res}, resolve_after=2, mail_data=MailData())  # fmt: skip
     assert mails(state) == []
-    run(state, {"P0": "....s?", "P1": ".....?", "P2": ".....?", "P3": ".....?", "P4": ".....?"})
-    assert mails(state) == ["opened:P0:silent"]
+    assert Live(D0, silent_now=True, outage=True).flags() is None
 
 
 def test_no_physio_means_no_email_but_the_episode_is_kept(state: State) -> None:
@@ -90,3 +109,17 @@ def test_no_physio_means_no_email_but_the_episode_is_kept(state: State) -> None:
     assert mails(state) == []
     with state.transaction() as session:
         assert [e.open_key for e in session.scalars(select(Episode))] == ["P1:under_use"]
+
+
+def test_a_problem_followed_by_silence_is_not_resolved(state: State) -> None:
+    run(state, {"P1": "..xx?"})
+    run(state, {"P1": "..xxsss?"})  # the garment stops sending: silence opens, under-use stays open
+    assert mails(state) == ["opened:P1:silent", "opened:P1:under_use"]
+    run(state, {"P1": "..xxsss..?"})  # readings again, two days on target: both end, shown by data
+    assert mails(state) == ["opened:P1:silent", "opened:P1:under_use", "resolved:P1:silent",
+                            "resolved:P1:under_use"]  # fmt: skip
+    with state.transaction() as session:
+        ended = {e.flag: (e.end_day, e.note) for e in session.scalars(select(Episode))}
+        data = [o.data for o in session.scalars(select(Outbox)) if o.kind == "resolved"]
+    assert ended["under_use"] == (D0 + timedelta(7), "data") and ended["silent"] == (D0 + timedelta(7), "data")
+    assert {d["reason"] for d in data} == {"data"}

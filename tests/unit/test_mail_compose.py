@@ -125,6 +125,20 @@ def test_subject_triage_and_flag_in_words() -> None:
     assert "Sat 08 Nov 2025 00:00 MST" in resolved_text  # clinic local time
 
 
+def test_a_resolving_mail_says_what_shows_it_gone_or_that_the_prescription_changed() -> None:
+    shown = compose(episode("resolved", key="episode:12:resolved", ended_reason="data",
+                            evidence=("2025-11-10: worn 9.1 h, 0 min with calf above ankle",)))  # fmt: skip
+    for part in texts(shown).values():
+        assert "What shows it resolved" in part and "2025-11-10: worn 9.1 h, 0 min with calf above ankle" in part
+    why = ("the prescription changed on 2025-11-10: wear target 8 h -> 4 h",)
+    changed = compose(episode("resolved", key="episode:13:resolved", flag="under_use", ended_reason="prescription",
+                              evidence=why))  # fmt: skip
+    assert changed["Subject"] == "[Prescription changed] Under-use: PT-96965D (demo-clinic)"
+    text = texts(changed)["text/plain"]
+    assert "ended by a change of prescription, not by a change in wear" in text
+    assert "Ended:" in text and "Resolved:" not in text and "wear target 8 h -> 4 h" in text
+
+
 def test_dashboard_link_in_both_parts() -> None:
     link = "https://grafana.clinic.example/d/compression-patient/patient?var-patient=PT-96965D"
     assert dashboard_link(DASHBOARD, "PT-96965D") == link

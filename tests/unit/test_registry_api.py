@@ -661,7 +661,7 @@ def test_assign_and_end(world: World) -> None:
     created = world.ok("POST", "/assignments", "physio_a", status=201, json={
         "device_id": SOCK_A, "patient": PA, "valid_from": "2025-01-01T09:00:00+01:00"})  # fmt: skip
     assert created == {"id": created["id"], "device_id": SOCK_A, "patient": PA,
-                       "valid_from": "2025-01-01T08:00:00Z", "valid_to": None}  # fmt: skip
+                       "valid_from": "2025-01-01T08:00:00Z", "valid_to": None, "leg": None}  # fmt: skip
     assert world.audit_count() == before + 1
     clash = {"device_id": SOCK_A, "patient": PA, "valid_from": "2025-06-01T00:00:00Z"}
     world.refused("POST", "/assignments", "admin", 409, json=clash, match="end that first")
@@ -680,6 +680,41 @@ def test_assign_and_end(world: World) -> None:
     early = {"device_id": SOCK_A, "patient": PA, "valid_from": "2024-01-01T00:00:00Z", "valid_to": "2024-06-01T00:00Z"}
     world.ok("POST", "/assignments", json=early, status=201)
     world.refused("POST", "/assignments", "admin", 409, json=early | {"valid_to": "2025-01-02T00:00:00Z"})
+
+
+def test_reattribute_stored_readings(world: World) -> None:
+    """A garment that sent before its assignment was recorded: its readings of a period are given to the patient;
+    the assignments are made to agree; asking again is the same request; another holder then is a conflict."""
+    world.ok("POST", "/assignments", json={"device_id": SOCK_A, "patient": PA, "leg": "left",
+                                           "valid_from": "2025-01-10T00:00:00Z"}, status=201)  # fmt: skip
+    body = {"device_id": SOCK_A, "patient": PA, "valid_from": "2025-01-05T00:00:00Z",
+            "valid_to": "2025-01-10T00:00:00Z"}  # fmt: skip
+    before = world.audit_count()
+    row = world.ok("POST", f"/devices/{SOCK_A}/reattributions", "physio_a", json=body, status=201)
+    assert (row["state"], row["patient"], row["clinic"], row["points"]) == ("pending", PA, A, 0)
+    assert world.audit_count() == before + 2  # the assignment moved back to the 5th, and the request
+    held = [a for a in world.ok("GET", "/assignments", params={"device_id": SOCK_A}) if a["leg"] == "left"]
+    assert [a["valid_from"] for a in held] == ["2025-01-05T00:00:00Z"]
+    assert world.ok("POST", f"/devices/{SOCK_A}/reattributions", json=body, status=201) == row  # idempotent
+    assert world.ok("GET", "/reattributions", params={"state": "pending"}) == [row]
+    assert world.ok("GET", "/reattributions", "physio_b") == []  # another clinic's rows do not exist for Ben
+    world.refused("POST", f"/devices/{SOCK_A}/reattributions", "ingester", 403, json=body)
+    world.refused("POST", f"/devices/{SOCK_A}/reattributions", "physio_b", 404, json=body)
+    world.refused("POST", "/devices/SOCK-X-99/reattributions", "admin", 404, json=body | {"device_id": "SOCK-X-99"})
+    world.refused("POST", f"/devices/{SOCK_A}/reattributions", "admin", 422, match="after",
+                  json=body | {"valid_to": "2025-01-01T00:00:00Z"})  # fmt: skip
+    world.refused("POST", f"/devices/{SOCK_A}/reattributions", "admin", 422, match="differs",
+                  json=body | {"device_id": BOOT_A})  # fmt: skip
+    # Before any assignment: one is created for exactly the period.
+    earlier = body | {"valid_from": "2024-12-01T00:00:00Z", "valid_to": "2024-12-08T00:00:00Z"}
+    count = len(world.ok("GET", "/assignments", params={"device_id": SOCK_A}))
+    world.ok("POST", f"/devices/{SOCK_A}/reattributions", json=earlier, status=201)
+    made = world.ok("GET", "/assignments", params={"device_id": SOCK_A})
+    assert len(made) == count + 1 and {"2024-12-01T00:00:00Z"} <= {a["valid_from"] for a in made}
+    # Another patient held the garment then: their readings are theirs.
+    world.ok("POST", "/patients", json={"clinic": A, "code": "PA-002"}, status=201)
+    world.refused("POST", f"/devices/{SOCK_A}/reattributions", "admin", 409, match="assigned to PA-001",
+                  json=body | {"patient": "PA-002"})  # fmt: skip
 
 
 def test_assign_refusals(world: World) -> None:
@@ -737,7 +772,7 @@ def test_prescribe_sock_and_boot(world: World) -> None:
         "zones": ["ankle", "calf"], "wear_hours_per_day": 10.0, "wear_days_per_week": 7, "sessions_per_week": None,
         "session_min_minutes": None, "session_max_minutes": None, "max_chamber_mmhg": None,
         "out_of_range_tolerance_minutes": 30.0, "max_silence_hours": 24.0, "override_by": None,
-        "override_reason": None, "override_covers": None}  # fmt: skip
+        "override_reason": None, "override_covers": None, "legs": None, "supersedes": None}  # fmt: skip
     assert world.audit_count() == before + 1
     boot = world.ok("POST", "/prescriptions", json=_boot(), status=201)  # a boot beside a sock is fine
     assert (boot["garment_kind"], boot["zones"], boot["max_chamber_mmhg"], boot["class_system"]) == (
@@ -860,24 +895,54 @@ def test_list_and_get_prescriptions(world: World) -> None:
 
 def test_update_prescription(world: World) -> None:
     rx = world.ok("POST", "/prescriptions", json=_sock(), status=201)
+    # A change of what is prescribed is a new version from its effective date: the old one is never rewritten.
     updated = world.ok("PATCH", f"/prescriptions/{rx['id']}", "physio_a",
-                       json={"wear_hours_per_day": 12, "valid_to": "2025-12-31", "class_name": "1"})  # fmt: skip
-    assert updated == rx | {"wear_hours_per_day": 12.0, "valid_to": "2025-12-31", "class_name": "1",
-                            "ankle_min_mmhg": 18.0, "ankle_max_mmhg": 21.0}  # fmt: skip
+                       json={"wear_hours_per_day": 12, "valid_to": "2025-12-31", "class_name": "1",
+                             "effective_from": "2025-06-01"})  # fmt: skip
+    assert updated == rx | {"id": updated["id"], "wear_hours_per_day": 12.0, "valid_from": "2025-06-01",
+                            "valid_to": "2025-12-31", "class_name": "1", "ankle_min_mmhg": 18.0,
+                            "ankle_max_mmhg": 21.0, "supersedes": rx["id"]}  # fmt: skip
+    assert world.ok("GET", f"/prescriptions/{rx['id']}") == rx | {"valid_to": "2025-05-31"}
     entry = world.ok("GET", f"/patients/{PA}/audit", params={"limit": 1})[0]
-    assert entry["changes"]["before"] == {"wear_hours_per_day": 10.0, "valid_to": None, "class_name": "2"}
+    assert entry["changes"]["supersedes"] == rx["id"] and entry["changes"]["effective_from"] == "2025-06-01"
+    world.refused("PATCH", f"/prescriptions/{rx['id']}", "admin", 422, match="ended on 2025-05-31",
+                  json={"wear_hours_per_day": 9, "effective_from": "2025-07-01"})  # fmt: skip
+    world.refused("PATCH", f"/prescriptions/{rx['id']}", "admin", 422, match="days already judged",
+                  json={"wear_hours_per_day": 9, "effective_from": "2025-02-01"})  # fmt: skip
+    rx = updated
     path = f"/prescriptions/{rx['id']}"
     world.refused("PATCH", path, "admin", 422, json={"valid_to": "2025-01-01"}, match="before valid_from")
-    world.refused("PATCH", path, "admin", 422, json={"class_system": "uk", "class_name": "4"}, match="UK has")
-    world.refused("PATCH", path, "admin", 422, json={"zones": ["foot"]}, match="sock zones")
+    july = {"effective_from": "2025-07-01"}
+    world.refused("PATCH", path, "admin", 422, json={"class_system": "uk", "class_name": "4"} | july,
+                  match="UK has")  # fmt: skip
+    world.refused("PATCH", path, "admin", 422, json={"zones": ["foot"]} | july, match="sock zones")
     world.refused("PATCH", path, "admin", 422, json={"garment_kind": "boot"}, match="extra")
-    world.refused("PATCH", path, "admin", 422, json={"class_system": "explicit", "ankle_min_mmhg": None},
+    world.refused("PATCH", path, "admin", 422, json={"class_system": "explicit", "ankle_min_mmhg": None} | july,
                   match="explicit class needs")  # fmt: skip
     world.refused("PATCH", path, "physio_b", 404, json={"wear_hours_per_day": 1})
     world.refused("PATCH", path, "ingester", 403, json={"wear_hours_per_day": 1})
     world.refused("PATCH", "/prescriptions/999999", "admin", 404, json={"wear_hours_per_day": 1})
     world.ok("POST", "/prescriptions", json=_sock(valid_from="2026-01-01"), status=201)
     world.refused("PATCH", path, "admin", 409, json={"valid_to": None}, match="already has")
+
+
+def test_raising_a_boots_maximum_pressure_needs_a_reason(world: World) -> None:
+    """An over-pressure alert may be open (the registry cannot see the monitor's): raising the maximum is confirmed
+    with a reason, kept in the audit trail; lowering it is not."""
+    rx = world.ok("POST", "/prescriptions", json=_boot(), status=201)
+    path = f"/prescriptions/{rx['id']}"
+    raise_ = {"max_chamber_mmhg": 180, "effective_from": "2025-06-01"}
+    world.refused("PATCH", path, "physio_a", 409, json=raise_, match="needs a reason")
+    assert world.ok("GET", path)["max_chamber_mmhg"] == 40
+    world.refused("PATCH", path, "physio_a", 422, json=raise_ | {"confirm_reason": "short"}, match="at least 10")
+    why = "vascular surgeon asked for 180 mmHg for the arterial programme"
+    new = world.ok("PATCH", path, "physio_a", json=raise_ | {"confirm_reason": why})
+    assert (new["max_chamber_mmhg"], new["valid_from"], new["supersedes"]) == (180.0, "2025-06-01", rx["id"])
+    entry = world.ok("GET", f"/patients/{PA}/audit", params={"limit": 1})[0]
+    assert entry["changes"]["confirm_reason"] == why
+    lowered = world.ok("PATCH", f"/prescriptions/{new['id']}", json={"max_chamber_mmhg": 50,
+                                                                      "effective_from": "2025-07-01"})  # fmt: skip
+    assert lowered["max_chamber_mmhg"] == 50.0
 
 
 # --- contraindications -----------------------------------------------------------------------------------------------

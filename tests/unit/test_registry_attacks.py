@@ -138,29 +138,34 @@ def test_an_override_does_not_cover_a_contraindication_recorded_after_it(world: 
     path = f"/prescriptions/{rx['id']}"
     _contra(world, kind="untreated_dvt")  # new, absolute
     # The attack: an admin raises the boot to 150 mmHg without any override reason.
-    world.refused("PATCH", path, "admin", 409, json={"max_chamber_mmhg": 150}, match="deep-vein thrombosis")
-    world.refused("PATCH", path, "admin", 403, json={"max_chamber_mmhg": 150, "override_reason": "admin knows best"},
+    # (A raise of a boot's maximum needs a confirm_reason first: given, so that the contraindication is what refuses.)
+    raise_to_150 = {"max_chamber_mmhg": 150, "confirm_reason": "no over-pressure alert open"}
+    world.refused("PATCH", path, "admin", 409, json=raise_to_150, match="deep-vein thrombosis")
+    world.refused("PATCH", path, "admin", 403, json=raise_to_150 | {"override_reason": "admin knows best"},
                   match="only a physio")  # fmt: skip
     # Even a physio's harmless-looking change needs a new override once the new contraindication is there...
     world.refused("PATCH", path, "physio_a", 409, json={"sessions_per_week": 8}, match="override_reason")
     # ...and a change that makes it safer does not (stopping or lowering must never be blocked).
     lowered = world.ok("PATCH", path, "admin", json={"max_chamber_mmhg": 40})
     assert lowered["override_covers"] == rx["override_covers"]
-    assert world.ok("GET", path)["max_chamber_mmhg"] == 40
+    # A change is a new version (issue 11): the old one keeps its days, the new one holds the lower maximum.
+    assert world.ok("GET", f"/prescriptions/{lowered['id']}")["max_chamber_mmhg"] == 40
 
 
 def test_a_riskier_change_needs_a_new_physio_override(world: World) -> None:
     rx = _overridden_boot(world)
     path = f"/prescriptions/{rx['id']}"
-    for riskier in ({"max_chamber_mmhg": 150}, {"sessions_per_week": 14}, {"session_max_minutes": 120},
+    confirmed = {"confirm_reason": "no over-pressure alert open"}  # a raise of a boot's maximum needs one anyway
+    for riskier in ({"max_chamber_mmhg": 150} | confirmed, {"sessions_per_week": 14}, {"session_max_minutes": 120},
                     {"zones": ["foot", "ankle", "calf", "knee", "thigh"]}):  # fmt: skip
         world.refused("PATCH", path, "admin", 409, json=riskier, match="override")
         world.refused("PATCH", path, "physio_a", 409, json=riskier, match="override")
     reason = "Re-assessed 2025-02-10: 80 mmHg tolerated, vascular team agrees"
-    raised = world.ok("PATCH", path, "physio_a", json={"max_chamber_mmhg": 80, "override_reason": reason})
+    raised = world.ok("PATCH", path, "physio_a", json={"max_chamber_mmhg": 80, "override_reason": reason} | confirmed)
     assert (raised["max_chamber_mmhg"], raised["override_reason"], raised["override_by"]) == (80, reason, ANNA)
-    # Changes that are not riskier keep the override.
-    assert world.ok("PATCH", path, "admin", json={"out_of_range_tolerance_minutes": 20})["override_reason"] == reason
+    # Changes that are not riskier keep the override (on the version now in force).
+    latest = f"/prescriptions/{raised['id']}"
+    assert world.ok("PATCH", latest, "admin", json={"out_of_range_tolerance_minutes": 20})["override_reason"] == reason
 
 
 # --- finding 6 (API): changing a password -------------------------------------------------------------------------

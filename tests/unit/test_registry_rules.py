@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from devices.registry import schemas as s
+from devices.registry.classes import band_for, conflicts
 from devices.registry.db import make_engine, migrate, session_factory
 from devices.registry.errors import InvalidError
 from devices.registry.service import SYSTEM, Registry
@@ -50,3 +51,13 @@ def test_ending_an_assignment_is_in_the_patients_audit(registry: Registry) -> No
     registry.end_assignment(SYSTEM, held.id, s.AssignmentEnd(valid_to=start + timedelta(days=3)))
     actions = [(e.action, e.entity) for e in registry.patient_audit(SYSTEM, "PT-0001")]
     assert actions[:2] == [("end", "assignment"), ("create", "assignment")]
+
+
+def test_an_abpi_above_1_3_is_not_reliable_and_asks_for_another_assessment() -> None:
+    band = band_for("ral", "2", None, None)
+    (finding,) = conflicts([("abpi", 1.45)], "sock", band)
+    assert "above 1.3" in finding.explanation and "not reliable" in finding.explanation
+    assert "toe pressure" in finding.explanation
+    assert conflicts([("abpi", 1.45)], "boot", None)  # a boot too
+    assert conflicts([("abpi", 1.3)], "sock", band) == []  # at the bound: a normal index
+    assert conflicts([("abpi", 1.0)], "sock", band) == []

@@ -25,6 +25,7 @@ from ingest.decode import Decoder
 from ingest.encode import DEFAULT_MAX_WEAR_GAP_S, wear_seconds
 from simulators.garments import BOOT_PERIOD_MS, SockPlan
 from simulators.scenarios import (
+    CLINICAL_SCENARIOS,
     CLOCK_SKEW_MS,
     SCENARIOS,
     Fleet,
@@ -66,7 +67,7 @@ def flags_of(scenario: str) -> list[list[str]]:
 
 def test_every_scenario_has_a_one_line_description() -> None:
     listed = list_scenarios()
-    assert [name for name, _, _ in listed] == list(SCENARIOS)
+    assert [name for name, _, _ in listed] == list(SCENARIOS) + list(CLINICAL_SCENARIOS)
     for _, kind, description in listed:
         assert kind in ("sock", "boot") and description and "\n" not in description
     required = {"compliant", "under_use", "worn_out", "too_tight", "rolled_down", "boot_overpressure",
