@@ -66,7 +66,7 @@ class Graded:
 
 def new_names() -> Names:
     token = uuid.uuid4().hex[:8]
-    return Names(database=f"t_clinical_{token}", topic_root=f"test-{token}/garments/v1", client_id=f"ingest-{token}",
+    return Names(database=f"t_clinical_{token}", topic_root=f"test-{token}/garments/v1", client_id=f"ingest.{token}",
                  prefix=f"cln{token[:4]}")  # fmt: skip
 
 
