@@ -21,9 +21,11 @@ from pydantic_settings import BaseSettings
 
 from compression import logs
 from dashboards.cli import dashboards
-from devices.registry.cli import devices
+from devices.registry.cli import ServeExtras, devices
 from ingest.settings import IngestSettings, SettingsError
 from monitor.settings import MonitorSettings
+from records.api import installer_from_settings
+from records.cli import export, report_command
 from simulators.publisher import LoadSpec, Publisher, PublishReport, generate, publish_spread
 from simulators.run import RunOptions, RunReport, run_fleet
 from simulators.scenarios import DEFAULT_TZ, SCENARIOS, build_fleet, list_scenarios
@@ -34,13 +36,16 @@ F = typing.TypeVar("F", bound=Callable[..., Any])
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="compression-telemetry")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Telemetry platform for connected compression garments.
 
     Garments publish over MQTT (protocol v1); `ingest` stores every reading in
     InfluxDB and acknowledges it only once stored. Settings come from
     COMPRESSION_* environment variables (see .env.example); flags override them.
     """
+    # `compression devices serve` runs the registry with the FHIR export and the monthly reports (records/).
+    ctx.obj = ServeExtras((installer_from_settings(),))
 
 
 def _click_type(info: FieldInfo) -> Any:
@@ -312,6 +317,8 @@ def demo(days: int, live_minutes: float, data_dir: str, keep: bool) -> None:
 
 cli.add_command(devices)
 cli.add_command(dashboards)
+cli.add_command(export)
+cli.add_command(report_command)
 
 
 def main() -> None:
