@@ -108,6 +108,7 @@ def install(app: FastAPI, source: RecordSource, settings: RecordsSettings) -> Fa
     for kind in ("pdf", "csv"):
         _report_routes(router, source, kind)
     app.include_router(router)
+    app.state.records_source = source
     app.state.records_reports = f"{UI}/records/patients"  # the patient page shows its report button
     return app
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def _record(code: str, period: Period) -> tuple[PatientRecord, RecordsSettings]:
 
 def _write(out: str, data: bytes) -> None:
     if out == "-":
-        click.get_binary_stream("stdout").write(data)
+        sys.stdout.buffer.write(data)
         return
     Path(out).write_bytes(data)
     click.echo(f"wrote {out} ({len(data):,} bytes)", err=True)
