@@ -50,6 +50,7 @@ class MonthSummary:
 
     days_in_month: int
     days_complete: int
+    days_monitored: int  # complete days on which the patient held a garment
     data_days: int
     rtm_met: bool
     kind: str | None  # "sock", "boot" or None (no prescription in the month)
@@ -70,6 +71,11 @@ def _median(values: Sequence[float]) -> float | None:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
+def monitored(record: PatientRecord, d: DayFigures) -> bool:
+    """Did the patient hold a garment on ``d`` (days before the first or after the last are not missed days)?"""
+    return any(u.start < d.end and (u.end is None or u.end > d.start) for u in record.uses)
+
+
 def summarise(record: PatientRecord) -> MonthSummary:
     """The key figures of ``record`` (a month)."""
     days = list(record.days)
@@ -83,7 +89,8 @@ def summarise(record: PatientRecord) -> MonthSummary:
     ankles = [m for d in with_data if (m := d.median("ankle")) is not None]
     in_band = sum(1 for d in with_data if d.target_s is not None and not ({"too_tight", "too_loose"} & set(d.flags)))
     return MonthSummary(
-        days_in_month=record.period.length, days_complete=len(days), data_days=len(with_data),
+        days_in_month=record.period.length, days_complete=len(days),
+        days_monitored=sum(1 for d in days if monitored(record, d) or d.has_data), data_days=len(with_data),
         rtm_met=len(with_data) >= RTM_MIN_DAYS, kind=kind, target_days=target,
         wear_mean_h=sum(d.wear_s for d in with_data) / 3600 / len(with_data) if with_data else None,
         ankle_median_mmhg=_median(ankles), days_in_band=in_band, sessions=sum(d.sessions for d in with_data),
@@ -137,7 +144,7 @@ def _chart(record: PatientRecord, kind: str | None, what: str) -> bytes:
     if what == "wear":
         _wear_panel(ax, x, all_days, figures, record)
     else:
-        _pressure_panel(ax, x, all_days, figures, kind)
+        _pressure_panel(ax, x, all_days, figures, kind, record)
     ax.set_xlim(-0.6, len(x) - 0.4)
     ax.set_xticks(x[::2], [str(d.day) for d in all_days[::2]])
     ax.set_xlabel(record.period.start.strftime("%B %Y"), fontsize=7)
@@ -161,13 +168,14 @@ def _wear_panel(ax: object, x: list[int], all_days: list[date], figures: dict[da
 
     assert isinstance(ax, Axes)
     wear = [figures[d].wear_s / 3600 if d in figures and figures[d].has_data else 0.0 for d in all_days]
-    targets = [_hours(figures[d].target_s) if d in figures else None for d in all_days]
+    held = {d for d in all_days if d in figures and (monitored(record, figures[d]) or figures[d].has_data)}
+    targets = [_hours(figures[d].target_s) if d in held else None for d in all_days]
     colours = [_GREY if d not in figures or not figures[d].has_data
                else (_GREEN if targets[i] is None or wear[i] >= (targets[i] or 0) else _ORANGE)
                for i, d in enumerate(all_days)]  # fmt: skip
     ax.bar(x, wear, color=colours, width=0.75)
     for i, d in enumerate(all_days):
-        if d in figures and not figures[d].has_data:
+        if d in figures and not figures[d].has_data and monitored(record, figures[d]):
             ax.text(i, 0.05, "no data", rotation=90, ha="center", va="bottom", fontsize=5.5, color="#666")
     if any(t is not None for t in targets):
         line = [math.nan if t is None else t for t in targets]
@@ -175,14 +183,17 @@ def _wear_panel(ax: object, x: list[int], all_days: list[date], figures: dict[da
                 linestyle="--", linewidth=1.1, label="prescribed wear")  # fmt: skip
         ax.legend(loc="upper right", fontsize=7, frameon=False)
     ax.set_ylim(0, max([*wear, *(t or 0 for t in targets), 1.0]) * 1.25)
-    ax.set_title("Hours worn per day (green: target met, orange: below target, grey: no data)", fontsize=8)
+    ax.set_title("Hours worn per day (green: target met, orange: below target; 'no data': a garment, no reading)",
+                 fontsize=8)  # fmt: skip
 
 
-def _pressure_panel(ax: object, x: list[int], all_days: list[date], figures: dict[date, DayFigures],
-                    kind: str | None) -> None:  # fmt: skip
+def _pressure_panel(ax: object, x: list[int], all_days: list[date], every: dict[date, DayFigures],
+                    kind: str | None, record: PatientRecord) -> None:  # fmt: skip
     from matplotlib.axes import Axes
 
     assert isinstance(ax, Axes)
+    # The band is drawn on the days the patient held a garment only.
+    figures = {d: f for d, f in every.items() if monitored(record, f) or f.has_data}
     boot = kind == "boot"
     values = [(figures[d].peak_mmhg if boot else figures[d].median("ankle")) if d in figures else None
               for d in all_days]  # fmt: skip
@@ -323,9 +334,10 @@ def _heading(doc: FPDF, record: PatientRecord, s: MonthSummary) -> None:
 
 
 def _key_figures(doc: FPDF, record: PatientRecord, s: MonthSummary) -> None:
-    rtm = (f"meets the {RTM_MIN_DAYS}-day rule of remote monitoring" if s.rtm_met
-           else f"below the {RTM_MIN_DAYS} days remote monitoring needs")  # fmt: skip
-    rows = [("Days with data", f"{s.data_days} of {s.days_complete}", rtm)]
+    rtm = (f"meets remote monitoring's {RTM_MIN_DAYS} days" if s.rtm_met
+           else f"remote monitoring needs {RTM_MIN_DAYS}")  # fmt: skip
+    held = f"; garment held {s.days_monitored} of {s.days_complete} days" if s.days_monitored < s.days_complete else ""
+    rows = [("Days with data", f"{s.data_days} of {s.days_monitored}", rtm + held)]
     if s.kind == "sock":
         rows.append(("Days meeting the wear target", f"{s.target_days} of {s.data_days}", _targets(record)))
         rows.append(("Average wear on days with data", _words(s.wear_mean_h, "h"), ""))
@@ -337,10 +349,10 @@ def _key_figures(doc: FPDF, record: PatientRecord, s: MonthSummary) -> None:
     doc.set_fill_color(242, 245, 249)
     for label, value, note in rows:
         doc.set_font("DejaVu", size=9.5)
-        doc.cell(70, 6.5, label, fill=True)
+        doc.cell(66, 6.5, label, fill=True)
         doc.set_font("DejaVu", "B", 10.5)
-        doc.cell(32, 6.5, value, fill=True)
-        doc.set_font("DejaVu", size=8.5)
+        doc.cell(28, 6.5, value, fill=True)
+        doc.set_font("DejaVu", size=8)
         doc.cell(0, 6.5, note, fill=True, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
         doc.ln(0.6)
     doc.ln(2)
@@ -413,7 +425,8 @@ def _daily_table(doc: FPDF, record: PatientRecord) -> None:
         for d in record.days:
             flags = ", ".join(flag_title(f) for f in d.flags if f != "compliant") or ("–" if d.flags else "")
             if not d.has_data:
-                table.row((f"{d.day:%a %d}", "none", *("" for _ in head[2:-1]), flags))
+                none = "none" if monitored(record, d) else "no garment"
+                table.row((f"{d.day:%a %d}", none, *("" for _ in head[2:-1]), flags if none == "none" else ""))
             elif boot:
                 table.row((f"{d.day:%a %d}", str(d.points), str(d.sessions),
                            ", ".join(f"{s / 60:.0f}" for s in d.session_durations_s), _n(d.peak_mmhg, 0), flags))

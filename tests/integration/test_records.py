@@ -40,6 +40,7 @@ from devices.registry import schemas as s
 from devices.registry.api import create_app
 from devices.registry.db import make_engine, migrate, session_factory
 from devices.registry.service import SYSTEM, Registry
+from devices.registry.web import SESSION_COOKIE
 from monitor.app import Monitor
 from monitor.compliance import InfluxReader, day_stats
 from monitor.registry import load_contexts
@@ -50,7 +51,7 @@ from records.api import install
 from records.fhirread import expected_days, read_days
 from records.settings import RecordsSettings
 from records.sources import open_sources
-from simulators.registration import DEMO_CLINIC, register_fleet
+from simulators.registration import DEMO_CLINIC, DEMO_PASSWORD, register_fleet
 from simulators.run import RunOptions, gateway_plan, run_fleet
 from simulators.scenarios import Fleet, build_fleet
 from tests.integration.conftest import ROOT, Names, running, settings_for
@@ -282,7 +283,10 @@ def _text(pdf: Path) -> str:
 
 
 def test_the_monthly_report_shows_the_monitors_figures(clinic: Clinic, tmp_path: Path) -> None:
-    month = clinic.yesterday.replace(day=1)
+    # The month holding most of the simulated days (the screenshot shows more than a month's first days).
+    days = [clinic.start + timedelta(days=n) for n in range((clinic.yesterday - clinic.start).days + 1)]
+    month = max({d.replace(day=1) for d in days}, key=lambda m: sum(1 for d in days if d.replace(day=1) == m))
+    last = min(clinic.yesterday, (month + timedelta(days=31)).replace(day=1) - timedelta(days=1))
     sock = next(c for c in load_contexts(clinic.registry) if c.kind == "sock" and c.patient in clinic.patients)
     resp = _get(clinic, f"/records/patients/{sock.patient}/report.pdf", month=f"{month:%Y-%m}")
     assert resp.status_code == 200 and resp.headers["content-type"] == "application/pdf"
@@ -290,13 +294,14 @@ def test_the_monthly_report_shows_the_monitors_figures(clinic: Clinic, tmp_path:
     pdf.write_bytes(resp.content)
     with clinic.monitor.state.transaction() as session:
         rows = [d for d in session.scalars(select(DayFlags).where(DayFlags.patient == sock.patient))
-                if month <= d.day <= clinic.yesterday]  # fmt: skip
+                if month <= d.day <= last]  # fmt: skip
     assert sock.rx is not None
     target_s = sock.rx.wear_hours_per_day * 3600  # type: ignore[union-attr]
     with_data = [d for d in rows if d.flags != ["silent"]]
     met = sum(1 for d in with_data if d.wear_s >= target_s)
+    held = [d for d in rows if d.day >= clinic.start - timedelta(days=1)]  # the fleet got its garments the day before
     text = _text(pdf)
-    assert f"Days with data {len(with_data)} of {len(rows)}" in " ".join(text.split())
+    assert f"Days with data {len(with_data)} of {len(held)}" in " ".join(text.split())
     assert f"Days meeting the wear target {met} of {len(with_data)}" in " ".join(text.split())
     assert sock.patient in text
     # Page 1 at print size, for the README (and for a person to look at).
@@ -307,7 +312,8 @@ def test_the_monthly_report_shows_the_monitors_figures(clinic: Clinic, tmp_path:
     # The CSV: a row per complete day of the month, the monitor's wear.
     csv_resp = _get(clinic, f"/records/patients/{sock.patient}/report.csv", month=f"{month:%Y-%m}")
     lines = csv_resp.text.strip().splitlines()
-    assert len(lines) == 1 + len(rows)
+    days_in_csv = (last - month).days + 1
+    assert len(lines) == 1 + days_in_csv
     by_day = {line.split(",")[0]: line.split(",") for line in lines[1:]}
     for d in rows:
         assert float(by_day[d.day.isoformat()][2]) == pytest.approx(d.wear_s / 60, abs=0.05)
@@ -336,3 +342,21 @@ def _base_env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("COMPRESSION_")}
+
+
+def test_the_patient_page_has_the_report_button(clinic: Clinic) -> None:
+    physio = next(p for p in clinic.registry.list_physios(SYSTEM) if p.clinic == DEMO_CLINIC)
+    session = clinic.registry.login(physio.email, DEMO_PASSWORD)
+    code = next(p.code for p in clinic.registry.list_patients(SYSTEM, physio=physio.email))
+    clinic.client.cookies.set(SESSION_COOKIE, session)
+    try:
+        page = clinic.client.get(f"/ui/patients/{code}")
+        assert page.status_code == 200
+        assert f'action="/ui/records/patients/{code}/report.pdf"' in page.text
+        month = f"{clinic.yesterday:%Y-%m}"
+        pdf = clinic.client.get(f"/ui/records/patients/{code}/report.pdf", params={"month": month})
+        assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
+        assert clinic.client.get("/ui/records/patients/PT-OTHER/report.pdf", params={"month": month}).status_code == 404
+    finally:
+        clinic.client.cookies.clear()
+    assert clinic.client.get(f"/ui/records/patients/{code}/report.pdf", params={"month": month}).status_code == 404
