@@ -9,7 +9,7 @@ What goes in (docs/records.md):
   pressure per zone in ``mm[Hg]`` against the band, minutes above and below the band and with a reversed gradient,
   boot sessions and their lengths and the peak chamber pressure against the maximum; the day's flags as its
   ``interpretation``. Per-leg figures (issue 11) become member Observations with a ``bodySite``.
-- ``Flag`` per open episode; ``DeviceRequest`` per prescription version (``replaces`` the version before).
+- ``Flag`` per open episode; ``DeviceRequest`` per prescription version (``priorRequest``: the version before).
 
 The patient is never a resource here: every ``subject`` is a logical reference by the pseudonymous code under the
 clinic's identifier system (``RecordsSettings.patient_system``); a display name only where the clinic configured
@@ -251,7 +251,7 @@ def device_request(record: PatientRecord, p: PrescriptionVersion, subject: Json)
     if params:
         out["parameter"] = params
     if p.supersedes is not None and any(v.id == p.supersedes for v in record.prescriptions):
-        out["replaces"] = [{"reference": f"urn:uuid:{_id(record, 'rx', p.supersedes)}", "type": "DeviceRequest"}]
+        out["priorRequest"] = [{"reference": f"urn:uuid:{_id(record, 'rx', p.supersedes)}", "type": "DeviceRequest"}]
     return out
 
 
