@@ -251,7 +251,8 @@ def device_request(record: PatientRecord, p: PrescriptionVersion, subject: Json)
     if params:
         out["parameter"] = params
     if p.supersedes is not None and any(v.id == p.supersedes for v in record.prescriptions):
-        out["priorRequest"] = [{"reference": f"urn:uuid:{_id(record, 'rx', p.supersedes)}", "type": "DeviceRequest"}]
+        prior = f"urn:uuid:{_id(record, 'rx', p.supersedes)}"
+        out["priorRequest"] = [{"reference": prior, "type": "DeviceRequest"}]
     return out
 
 

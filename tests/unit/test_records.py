@@ -134,7 +134,8 @@ def test_legs_become_member_observations_and_versions_replace_each_other() -> No
     assert {m["reference"] for m in day21["hasMember"]} == {f"urn:uuid:{o['id']}" for o in legs
                                                            if fhir.day_of(o) == date(2025, 3, 21)}  # fmt: skip
     requests = {r["identifier"][0]["value"]: r for r in fhir.entries(bundle, "DeviceRequest")}
-    assert requests["12"]["priorRequest"] == [{"reference": f"urn:uuid:{requests['11']['id']}", "type": "DeviceRequest"}]
+    prior = [{"reference": f"urn:uuid:{requests['11']['id']}", "type": "DeviceRequest"}]
+    assert requests["12"]["priorRequest"] == prior
     assert requests["11"]["status"] == "completed" and requests["12"]["status"] == "active"
     # Days without data have no Observation; the silent episode is over, so only the open one is a Flag.
     assert len(observations) - len(legs) == 29
