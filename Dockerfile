@@ -41,6 +41,7 @@ COPY ingest/ ingest/
 COPY monitor/ monitor/
 COPY simulators/ simulators/
 COPY dashboards/ dashboards/
+COPY records/ records/
 # A regular (not editable) install into site-packages, then the sources go.
 RUN pip install --no-deps --no-build-isolation /tmp/src \
     && pip check \

@@ -20,9 +20,10 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 from dashboards.cli import dashboards
-from devices.registry.cli import devices
+from devices.registry.cli import ServeExtras, devices
 from ingest.settings import IngestSettings, SettingsError
 from monitor.settings import MonitorSettings
+from records.cli import export, report_command
 
 if typing.TYPE_CHECKING:
     from simulators.publisher import PublishReport
@@ -31,15 +32,25 @@ if typing.TYPE_CHECKING:
 F = typing.TypeVar("F", bound=Callable[..., Any])
 
 
+def _records_routes(app: Any) -> None:
+    """``compression devices serve`` adds the FHIR export and the reports (records/), imported only then."""
+    from records.api import installer_from_settings
+
+    installer_from_settings()(app)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="compression-telemetry")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Telemetry platform for connected compression garments.
 
     Garments publish over MQTT (protocol v1); `ingest` stores every reading in
     InfluxDB and acknowledges it only once stored. Settings come from
     COMPRESSION_* environment variables (see .env.example); flags override them.
     """
+    # `compression devices serve` runs the registry with the FHIR export and the monthly reports (records/).
+    ctx.obj = ServeExtras((_records_routes,))
 
 
 def _click_type(info: FieldInfo) -> Any:
@@ -362,6 +373,8 @@ def reattribute(device_id: str, valid_from: str, valid_to: str, patient: str) ->
 
 cli.add_command(devices)
 cli.add_command(dashboards)
+cli.add_command(export)
+cli.add_command(report_command)
 
 
 def main() -> None:

@@ -922,6 +922,15 @@ def broker_config(out: Path | None, check: bool) -> None:
         click.echo(f"wrote {path}")
 
 
+@dataclass(frozen=True)
+class ServeExtras:
+    """Routes that a command above the registry adds to the app ``serve`` runs, each an ``install(app)`` (the
+    ``compression`` command gives the FHIR export and reports of ``records/``). Found on the click context, so the
+    registry imports none of them."""
+
+    installers: tuple[Callable[[Any], None], ...] = ()
+
+
 @devices.command()
 @click.option("--host", default=None, help="Address to listen on [default: COMPRESSION_REGISTRY_HOST or 127.0.0.1].")
 @click.option("--port", type=int, default=None, help="Port [default: COMPRESSION_REGISTRY_PORT or 8070].")
@@ -938,6 +947,9 @@ def serve(host: str | None, port: int | None) -> None:
     settings = _state().settings()
     settings = settings.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
     app = app_from_settings(settings)
+    extras = click.get_current_context().find_object(ServeExtras)
+    for install in extras.installers if extras else ():
+        install(app)
     docs = ", OpenAPI /docs" if settings.api_docs else ""
     click.echo(f"registry on http://{settings.host}:{settings.port} (API /api/v1{docs}, web page /ui)", err=True)
     # proxy_headers off: the app itself believes X-Forwarded-* from COMPRESSION_REGISTRY_TRUSTED_PROXIES only.
