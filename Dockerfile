@@ -38,6 +38,7 @@ COPY ingest/ ingest/
 COPY monitor/ monitor/
 COPY simulators/ simulators/
 COPY dashboards/ dashboards/
+COPY workspace/ workspace/
 # A regular (not editable) install into site-packages, then the sources go.
 RUN pip install /tmp/src \
     && cd / \

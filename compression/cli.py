@@ -28,6 +28,7 @@ from simulators.publisher import LoadSpec, Publisher, PublishReport, generate, p
 from simulators.run import RunOptions, RunReport, run_fleet
 from simulators.scenarios import DEFAULT_TZ, SCENARIOS, build_fleet, list_scenarios
 from simulators.scenarios import every_scenario as every_scenario_fleet
+from workspace.cli import workspace
 
 F = typing.TypeVar("F", bound=Callable[..., Any])
 
@@ -310,6 +311,7 @@ def demo(days: int, live_minutes: float, data_dir: str, keep: bool) -> None:
 
 cli.add_command(devices)
 cli.add_command(dashboards)
+cli.add_command(workspace)
 
 
 def main() -> None:

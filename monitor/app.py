@@ -39,6 +39,7 @@ from sqlalchemy import select
 from devices.registry.db import make_engine, migrate, session_factory
 from devices.registry.service import Registry
 from ingest.encode import escape_key, escape_string
+from monitor import figures
 from monitor import queries as q
 from monitor.compliance import (
     WINDOW_DAYS,
@@ -341,6 +342,8 @@ class Monitor:
         outcome: Outcome = await asyncio.to_thread(
             evaluate, self.state, contexts, self._results, live, self.settings.resolve_after_days,
             self.settings.silence_guard_fraction, ChartMailData(self._results))  # fmt: skip
+        # The workspace's figures (monitor/figures.py): one row per patient, the numbers this evaluation used.
+        await asyncio.to_thread(figures.record, self.state, contexts, self._results, seen)
         self.counters.opened += len(outcome.opened)
         self.counters.resolved += len(outcome.resolved)
         for patient, flag in outcome.opened:

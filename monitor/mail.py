@@ -156,7 +156,7 @@ class EpisodeMail:
     """
 
     dedupe_key: str
-    kind: Literal["opened", "resolved"]
+    kind: Literal["opened", "resolved", "handed_over"]
     patient: str
     clinic: str
     timezone: str
@@ -169,6 +169,7 @@ class EpisodeMail:
     summary: tuple[str, ...] = ()
     chart: ChartSeries | None = None
     thread_key: str | None = None
+    episode_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
