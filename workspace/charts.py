@@ -86,7 +86,7 @@ class Frame:
     high: float
     left: int = 40
     right: int = 8
-    top: int = 10
+    top: int = 20
     bottom: int = 24
 
     def x(self, index: float, count: int) -> float:
@@ -129,7 +129,7 @@ def _axes(frame: Frame, days: Sequence[date], unit: str, ticks: Sequence[float])
                                    "class": "grid"}))  # fmt: skip
         marks.append(Mark("text", {"x": str(frame.left - 4), "y": _f(frame.y(tick) + 4), "class": "tick",
                                    "text-anchor": "end"}, f"{tick:g}"))  # fmt: skip
-    marks.append(Mark("text", {"x": "2", "y": "9", "class": "unit"}, unit))
+    marks.append(Mark("text", {"x": "2", "y": "11", "class": "unit"}, unit))
     every = 14 if frame.width < 500 and len(days) > 30 else 7
     for i, d in enumerate(days):
         if d.weekday() == 0 and (i % every < 7 or every == 7):
@@ -171,8 +171,11 @@ def _week_means(days: Sequence[ev.DayFigures]) -> list[tuple[int, int, float]]:
 def _wear_marks(frame: Frame, days: Sequence[ev.DayFigures], target: float | None) -> list[Mark]:
     n = len(days)
     width = max(1.0, frame.step(n) * 0.7)
+    begun = next((i for i, d in enumerate(days) if d.points > 0), n)
     marks = []
     for i, d in enumerate(days):
+        if i < begun:
+            continue  # before the first reading: no garment to measure yet
         hours = d.wear_s / 3600
         met = target is None or hours >= target
         css = "bar-today" if not d.complete else ("bar-none" if d.points == 0 else "bar-met" if met else "bar-short")
@@ -266,8 +269,10 @@ def ankle_chart(loaded: PatientSeries, rx: RxView | None) -> Chart:
     band = f" against the prescribed {rx.band.low_mmhg:g}-{rx.band.high_mmhg:g} mmHg" if rx and rx.band else ""
     outside = sum(1 for d in loaded.days if (m := loaded.ankle_median.get(d.day)) is not None and rx and rx.band
                   and not rx.band.low_mmhg <= m <= rx.band.high_mmhg)  # fmt: skip
+    long_out = sum(1 for d in loaded.days if d.above_range_s + d.below_range_s > SUSTAINED_S)
     return Chart("ankle", "Ankle pressure while worn (median and range)",
-                 f"Daily ankle pressure while worn{band}; the median was outside the band on {outside} day(s).",
+                 f"Daily ankle pressure while worn{band}; the median was outside the band on {outside} day(s), and "
+                 f"more than 30 worn minutes were outside it on {long_out} day(s).",
                  draw(WIDE), draw(NARROW),
                  Table("Ankle pressure per day (mmHg) and minutes outside the band",
                        ("Day", "Median", "Range", "Min above", "Min below"), tuple(rows)),

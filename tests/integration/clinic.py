@@ -9,6 +9,7 @@ registry's app with the workspace runs under uvicorn on a free port (a thread of
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 import uuid
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 
@@ -55,6 +57,19 @@ class Clinic:
     database: str
     registry: Registry  # its own engine, to check what the site wrote
     folder: Path
+
+
+def signed_in(url: str, email: str = PHYSIO1, password: str = PASSWORD) -> httpx.Client:
+    """An HTTP client signed in to the site as a physio (the sign-in form's CSRF cookie and field, then the form);
+    the caller closes it."""
+    client = httpx.Client(base_url=url, timeout=60)
+    form = client.get("/ui/login").text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', form)
+    assert csrf is not None
+    answer = client.post("/ui/login", data={"csrf": csrf.group(1), "email": email, "password": password,
+                                            "next": "/ui/"})  # fmt: skip
+    assert answer.status_code == 303, answer.text[:500]
+    return client
 
 
 def _monitor_settings(influx: InfluxDB, database: str, registry_url: str, folder: Path, smtp: SmtpTestServer,

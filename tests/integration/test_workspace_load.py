@@ -7,7 +7,6 @@ evaluations. The page is fetched signed in, as a browser would, whole clinic and
 
 from __future__ import annotations
 
-import re
 import statistics
 import threading
 import time
@@ -28,6 +27,7 @@ from devices.registry.settings import RegistrySettings
 from monitor import actions as acts
 from monitor.figures import PatientFigures
 from monitor.state import Episode, State
+from tests.integration.clinic import signed_in
 from workspace.app import create, open_state
 
 pytestmark = pytest.mark.integration
@@ -115,17 +115,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         engine.dispose()
 
 
-def signed_in(site: Site) -> httpx.Client:
-    client = httpx.Client(base_url=site.url, timeout=30)
-    form = client.get("/ui/login").text  # opens the client; the caller closes it
-    csrf = re.search(r'name="csrf" value="([^"]+)"', form)
-    assert csrf is not None
-    answer = client.post("/ui/login", data={"csrf": csrf.group(1), "email": ANN, "password": PASSWORD,
-                                            "next": "/ui/"})  # fmt: skip
-    assert answer.status_code == 303
-    return client
-
-
 def timed(client: httpx.Client, path: str, times: int = 5) -> tuple[float, str]:
     """The median of ``times`` fetches (seconds) and the last page."""
     spent, text = [], ""
@@ -139,7 +128,7 @@ def timed(client: httpx.Client, path: str, times: int = 5) -> tuple[float, str]:
 
 
 def test_today_loads_within_a_second_for_500_patients(site: Site, capsys: pytest.CaptureFixture[str]) -> None:
-    client = signed_in(site)
+    client = signed_in(site.url, ANN, PASSWORD)
     try:
         clinic, page = timed(client, "/ui/workspace/?scope=all")
         assert page.count('data-patient="') == PATIENTS
