@@ -346,7 +346,8 @@ def _under_use(case: Case) -> Evidence:
     lines = tuple(f"{_when(d.day)}: worn {_hours(d.wear_s)} of {target:g} h" for d in days)
     mean = sum(d.wear_s for d in days) / 3600 / len(days) if days else 0.0
     last = days[-1] if days else None
-    headline = (f"Worn {mean:.1f} h a day on average over {len(days)} day(s), against {target:g} h prescribed"
+    headline = (f"Worn {mean:.1f} h a day on average over the last {len(days)} complete day(s), against {target:g} h "
+                "prescribed"
                 + (f"; {_hours(last.wear_s)} on {_when(last.day)}." if last else "."))  # fmt: skip
     values = {"wear_h": round(last.wear_s / 3600, 2), "target_h": target} if last else {"target_h": target}
     return Evidence(UNDER_USE, headline, lines, NEXT_STEP[UNDER_USE], values)
@@ -438,10 +439,18 @@ def _session_words(s: SessionFacts, case: Case) -> str:
     return f"session at {_local_time(s.start_ms, case.timezone)}: {length}{chamber}{ended}"
 
 
+def _in_days(case: Case) -> list[SessionFacts]:
+    """The sessions that started on the case's days (the episode's, not the whole period measured)."""
+    if not case.days:
+        return list(case.measured.sessions)
+    start, end = case.days[0].start_ms, case.days[-1].end_ms
+    return [s for s in case.measured.sessions if start <= s.start_ms < end or not end]
+
+
 def _overpressure(case: Case) -> Evidence:
     assert isinstance(case.rx, BootRx)
     limit = case.rx.max_chamber_mmhg
-    over = [s for s in case.measured.sessions if s.peak is not None and s.peak[1] > limit]
+    over = [s for s in _in_days(case) if s.peak is not None and s.peak[1] > limit]
     lines = tuple(_session_words(s, case) + f" (prescribed maximum {limit:g} mmHg)" for s in over[-MAX_DAYS:])
     if not over:
         peak = max((d.peak_mmhg for d in case.days if d.peak_mmhg is not None), default=None)
@@ -464,7 +473,7 @@ def _session_length(case: Case, flag: str) -> Evidence:
     assert isinstance(case.rx, BootRx)
     short = flag == BOOT_SHORT_SESSIONS
     lo, hi = case.rx.session_min_s, case.rx.session_max_s
-    wrong = [s for s in case.measured.sessions if s.duration_s is not None
+    wrong = [s for s in _in_days(case) if s.duration_s is not None
              and (s.duration_s < lo if short else s.duration_s > hi)]  # fmt: skip
     plan = f"prescribed {lo / 60:g}-{hi / 60:g} min"
     lines = tuple(_session_words(s, case) + f" ({plan})" for s in wrong[-MAX_DAYS:])
