@@ -278,9 +278,15 @@ def _environment() -> Environment:
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
     env.filters["num"] = _num
     env.filters["changes"] = _changes_text
+    env.tests["about"] = _about  # a refusal's message names its field first: the form marks that field
     env.globals.update(LABELS=LABELS, INPUTS=INPUTS, UI=UI, CSRF_FIELD=CSRF_FIELD,
                        PASSWORD_MIN_LENGTH=PASSWORD_MIN_LENGTH, PASSWORD_MAX_LENGTH=PASSWORD_MAX_LENGTH)  # fmt: skip
     return env
+
+
+def _about(message: object, label: str) -> bool:
+    """Is the form's error ``message`` about the field labelled ``label`` (``"Label: what is wrong"``)?"""
+    return str(message).startswith(f"{label}:")
 
 
 def _local(zone: ZoneInfo) -> Callable[..., str]:

@@ -21,6 +21,7 @@ import pytest
 from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from devices.registry import schemas as s
 from devices.registry.service import SYSTEM
 from tests.integration.clinic import PASSWORD, PHYSIO1, PHYSIO2, Clinic
 from tests.integration.test_monitor_e2e import write_lines
@@ -256,3 +257,29 @@ def test_nothing_overflows_at_390_px_and_axe_finds_no_serious_violation(page: Pa
             serious = [v for v in results.response["violations"] if v.get("impact") in SERIOUS]
             found[f"{path} @ {width}"] = [f"{v['id']}: {v['help']} ({len(v['nodes'])})" for v in serious]
     assert {where: v for where, v in found.items() if v} == {}
+
+
+def test_an_e_mails_link_leads_through_sign_in_to_the_patients_page(page: Page, clinic: Clinic) -> None:
+    code = clinic.by_scenario["too_tight"]
+    page.goto(f"/ui/workspace/patients/{code}#episode-1")
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    page.get_by_label("E-mail").fill(PHYSIO2)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(f"{clinic.url}/ui/workspace/patients/{code}")
+    expect(page.get_by_role("heading", level=1)).to_contain_text(code)
+
+
+def test_a_contraindication_that_conflicts_with_the_prescription_is_shown_first(page: Page, clinic: Clinic) -> None:
+    code = clinic.by_scenario["boot_compliant"]
+    today = datetime.now(ZoneInfo(clinic.truth["timezone"])).date()
+    clinic.registry.add_contraindication(SYSTEM, s.ContraindicationIn(patient=code, kind="untreated_dvt",
+                                                                      noted_on=today, note="left calf"))  # fmt: skip
+    login(page)
+    page.goto(f"/ui/workspace/patients/{code}")
+    alert = page.get_by_role("region", name="Contraindication and current prescription conflict")
+    expect(alert).to_contain_text("untreated deep-vein thrombosis: compression may dislodge the clot")
+    expect(alert).to_contain_text("Boot: 7 sessions/week")
+    box = alert.bounding_box()
+    charts = page.get_by_role("heading", name="Charts").bounding_box()
+    assert box is not None and charts is not None and box["y"] < charts["y"]  # above the episodes and charts
