@@ -19,9 +19,9 @@ truth). All times are shown in the clinic's time zone.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any, Final
 from zoneinfo import ZoneInfo
 
@@ -541,22 +541,3 @@ def compose(case: Case) -> Evidence | None:
 def episode_days(days: Sequence[DayFigures], start: date, last: date) -> tuple[DayFigures, ...]:
     """The days of an episode (``start`` .. ``last``, inclusive), at most the newest :data:`MAX_DAYS`."""
     return tuple(d for d in days if start <= d.day <= last)[-MAX_DAYS:]
-
-
-async def gather(reader: InfluxReader, database: str, cases: Mapping[int, tuple[Case, str]],
-                 ) -> dict[int, Evidence]:  # fmt: skip
-    """Measure and compose several episodes' evidence (``cases``: id -> (case without measurements, patient))."""
-    out: dict[int, Evidence] = {}
-    for episode_id, (case, patient) in cases.items():
-        first, last = (case.days[0].day, case.days[-1].day) if case.days else (date.today(), date.today())
-        kind = "sock" if isinstance(case.rx, SockRx) else "boot" if isinstance(case.rx, BootRx) else None
-        measured = await measure(reader, database, patient, case.timezone, kind, first, last)
-        found = compose(Case(case.flag, case.timezone, case.rx, case.days, measured))
-        if found is not None:
-            out[episode_id] = found
-    return out
-
-
-def utc_ms(moment: datetime) -> int:
-    """Epoch milliseconds of an aware datetime."""
-    return int(moment.astimezone(UTC).timestamp() * 1000)

@@ -150,7 +150,10 @@ class PatientPages:
         """Record ``form`` on ``episode``; the flash message. :class:`~monitor.actions.ActionError` names the field
         at fault; another clinic's episode is not found."""
         registry = self.sources.registry
-        patient = await anyio.to_thread.run_sync(registry.get_patient, session.actor, episode.patient)
+        try:  # another clinic's episode is not found, in the same words as one that does not exist
+            patient = await anyio.to_thread.run_sync(registry.get_patient, session.actor, episode.patient)
+        except NotFoundError as exc:
+            raise NotFoundError(f"no episode {episode.id}") from exc
         if patient.clinic != episode.clinic:
             raise NotFoundError(f"no episode {episode.id}")
         clinic = await anyio.to_thread.run_sync(registry.get_clinic, session.actor, patient.clinic)

@@ -8,8 +8,7 @@ a one-shot flash message; a refused action re-renders the page with the field at
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import date, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final
 from urllib.parse import quote, urlencode
@@ -45,7 +44,6 @@ class Workspace:
 
     sources: Sources
     pages: PatientPages
-    today_cache: dict[str, Any] = field(default_factory=dict)
 
 
 def patient_path(code: str) -> str:
@@ -182,8 +180,3 @@ def _router(templates: Jinja2Templates) -> APIRouter:
 def _episode(ws: Workspace, episode_id: int) -> Episode | None:
     with ws.sources.state.transaction() as session:
         return session.scalars(select(Episode).where(Episode.id == episode_id)).first()
-
-
-def local_today(zone: ZoneInfo, now: datetime) -> date:
-    """The clinic's date now."""
-    return now.astimezone(zone).date()

@@ -7,6 +7,7 @@ evaluations. The page is fetched signed in, as a browser would, whole clinic and
 
 from __future__ import annotations
 
+import re
 import statistics
 import threading
 import time
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.integration
 
 PATIENTS = 500
 CLINIC, ANN, BOB, PASSWORD = "big", "ann@big.example", "bob@big.example", "lantern-quay-2029"
+OTHER, EVE = "small", "eve@small.example"  # another clinic's physio: sees nothing of "big"
 LIMIT_S = 1.0
 
 
@@ -48,6 +50,8 @@ def _seed_registry(registry: Registry, today: date) -> None:
         registry.create_clinic(SYSTEM, s.ClinicIn(code=CLINIC, name="Big Clinic", timezone="Europe/Berlin"))
         for email, name in ((ANN, "Ann Big"), (BOB, "Bob Big")):
             registry.create_physio(SYSTEM, s.PhysioIn(clinic=CLINIC, name=name, email=email, password=PASSWORD))
+        registry.create_clinic(SYSTEM, s.ClinicIn(code=OTHER, name="Small Clinic", timezone="Europe/Berlin"))
+        registry.create_physio(SYSTEM, s.PhysioIn(clinic=OTHER, name="Eve Small", email=EVE, password=PASSWORD))
         since = datetime.now(UTC) - timedelta(days=40)
         for n in range(PATIENTS):
             code, boot = f"BG-{n:04d}", n % 5 == 0
@@ -141,3 +145,26 @@ def test_today_loads_within_a_second_for_500_patients(site: Site, capsys: pytest
         print(f"\nToday, {PATIENTS} patients: whole clinic {clinic * 1000:.0f} ms, own {PATIENTS // 2} "
               f"{mine * 1000:.0f} ms, sorted by wear {sorted_ * 1000:.0f} ms (median of 5)")
     assert max(clinic, mine, sorted_) < LIMIT_S
+
+
+def test_another_clinics_physio_sees_nothing_of_this_clinic(site: Site) -> None:
+    with site.state.transaction() as session:
+        episode = session.query(Episode).first()
+        assert episode is not None
+        code, episode_id = episode.patient, episode.id
+    client = signed_in(site.url, EVE, PASSWORD)
+    try:
+        today = client.get("/ui/workspace/?scope=all")
+        assert today.status_code == 200 and "data-patient=" not in today.text and "BG-" not in today.text
+        page = client.get(f"/ui/workspace/patients/{code}")
+        assert page.status_code == 404 and "Client" not in page.text
+        form = client.get("/ui/workspace/").text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form)
+        assert csrf is not None
+        acted = client.post(f"/ui/workspace/episodes/{episode_id}/actions",
+                            data={"csrf": csrf.group(1), "kind": "note", "note": "not mine"})  # fmt: skip
+        assert acted.status_code == 404 and f"no episode {episode_id}" in acted.text and code not in acted.text
+    finally:
+        client.close()
+    assert acts.for_episodes(site.state, [episode_id])[episode_id] == [] or all(
+        a.by_email != EVE for a in acts.for_episodes(site.state, [episode_id])[episode_id])
