@@ -42,6 +42,7 @@ COPY monitor/ monitor/
 COPY simulators/ simulators/
 COPY dashboards/ dashboards/
 COPY records/ records/
+COPY workspace/ workspace/
 # A regular (not editable) install into site-packages, then the sources go.
 RUN pip install --no-deps --no-build-isolation /tmp/src \
     && pip check \

@@ -1,12 +1,12 @@
 # The two commands of the README. Each sets itself up on a fresh Debian/Ubuntu
 # machine (scripts/bootstrap: OS packages, .venv, the package), then runs.
-.PHONY: demo test lint bench bootstrap clean
+.PHONY: demo test lint bench bootstrap clean screenshots
 
 bootstrap:
 	@scripts/bootstrap
 
 demo: bootstrap
-	.venv/bin/compression demo
+	.venv/bin/compression demo --keep
 
 test: bootstrap
 	.venv/bin/ruff check .
@@ -19,6 +19,10 @@ lint: bootstrap
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 	.venv/bin/lint-imports
+
+# The README's pictures (docs/screenshots/): a demo run, then Today, a patient page and an alert e-mail in Chromium.
+screenshots: bootstrap
+	.venv/bin/python scripts/screenshots.py
 
 bench: bootstrap
 	.venv/bin/python bench/ingest_bench.py

@@ -24,6 +24,7 @@ from devices.registry.cli import ServeExtras, devices
 from ingest.settings import IngestSettings, SettingsError
 from monitor.settings import MonitorSettings
 from records.cli import export, report_command
+from workspace.cli import workspace
 
 if typing.TYPE_CHECKING:
     from simulators.publisher import PublishReport
@@ -309,8 +310,11 @@ def _simulate_load(mqtt_url: str, devices: int, messages: int, samples: int, rat
               help="Then the fleet goes on live for this long while the monitor runs its loop (0: no live phase).")
 @click.option("--data-dir", default="var/demo", show_default=True, help="Folder for the local servers' data.")
 @click.option("--keep/--no-keep", default=False,
-              help="Keep the servers and the registry web page (http://127.0.0.1:8070/ui) running (Ctrl-C stops).")
-def demo(days: int, live_minutes: float, data_dir: str, keep: bool) -> None:
+              help="Then keep the servers, the monitor's loop and the physios' workspace (registry pages and API, "
+                   "http://127.0.0.1:8070/ui/) running (Ctrl-C stops).")
+@click.option("--port", default=8070, show_default=True,
+              help="Port of the workspace (with --keep; the e-mails link to it).")
+def demo(days: int, live_minutes: float, data_dir: str, keep: bool, port: int) -> None:
     """Run the platform locally end to end and summarise what was stored, flagged and e-mailed.
 
     Starts Mosquitto, InfluxDB and an SMTP catcher as plain processes on free
@@ -322,7 +326,8 @@ def demo(days: int, live_minutes: float, data_dir: str, keep: bool) -> None:
     messages); runs the monitor (flags, episodes, e-mails to the catcher);
     then lets the fleet go on live for --live-minutes with the monitor's loop
     running. Prints what was stored and flagged next to the ground truth, and
-    where to look.
+    where to look. With --keep (make demo) it ends with the physios' workspace
+    running and prints its address and a physio's sign-in.
     """
     from compression.demo import run_demo
 
@@ -331,7 +336,8 @@ def demo(days: int, live_minutes: float, data_dir: str, keep: bool) -> None:
     from compression import logs
 
     logs.configure("WARNING")
-    sys.exit(run_demo(days=days, data_dir=data_dir, keep=keep, started=time.monotonic(), live_minutes=live_minutes))
+    sys.exit(run_demo(days=days, data_dir=data_dir, keep=keep, started=time.monotonic(), live_minutes=live_minutes,
+                      port=port))
 
 
 @devices.command("reattribute")
@@ -375,6 +381,7 @@ cli.add_command(devices)
 cli.add_command(dashboards)
 cli.add_command(export)
 cli.add_command(report_command)
+cli.add_command(workspace)
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from simulators.run import RunOptions, RunReport, gateway_plan, run_fleet
 from simulators.scenarios import Fleet, SimMessage, every_scenario
 
 DATABASE = "compression_demo"
+WORKSPACE_PORT = 8070  # the registry's web app with the physios' workspace (--port)
 INGEST_ACCOUNT = "svc.ingest"
 CONNECTIONS = 2
 
@@ -110,7 +111,7 @@ async def _stored(ingester: Ingester, readings: int) -> None:
 
 async def _run_phases(
     mq: Mosquitto, db: InfluxDB, fleet: Fleet, reg: DemoRegistry, options: RunOptions, catcher: MailCatcher,
-    root: Path, days: int, cutoff_ms: int,
+    root: Path, days: int, cutoff_ms: int, port: int = WORKSPACE_PORT,
 ) -> Phases:  # fmt: skip
     ingester = Ingester(_ingest_settings(mq, db, reg))
     task = asyncio.create_task(ingester.run())
@@ -127,7 +128,7 @@ async def _run_phases(
          f"deliberately malformed) in {backfill.seconds:.1f} s; the broker took {backfill.acked:,}")  # fmt: skip
     await _stored(ingester, _readings(fleet, lambda m: m.publish_at_ms <= cutoff_ms))
     _say(f"the monitor evaluates the clinic (e-mails to a local SMTP catcher on {catcher.url})")
-    monitor = await _first_round(root, db, reg, catcher, days)
+    monitor = await _first_round(root, db, reg, catcher, days, port)
     live = None
     if fleet.period.end_ms > cutoff_ms:
         live = await _live(fleet, options, monitor, cutoff_ms, catcher)
@@ -208,9 +209,11 @@ def _summary(db: InfluxDB, ingester: Ingester, truth: dict[str, Any], truth_path
     return 0 if ok else 1
 
 
-def run_demo(days: int, data_dir: str, keep: bool, started: float, live_minutes: float = 0.0) -> int:
+def run_demo(days: int, data_dir: str, keep: bool, started: float, live_minutes: float = 0.0,
+             port: int = WORKSPACE_PORT) -> int:  # fmt: skip
     """Local servers, a registered demo clinic, a backfill of one patient per scenario, then (``live_minutes``)
-    the fleet live with the monitor running; a summary of what was stored, flagged and e-mailed. 0 on success."""
+    the fleet live with the monitor running; a summary of what was stored, flagged and e-mailed. 0 on success.
+    ``keep``: then the physios' workspace on ``port`` and the monitor's loop go on until Ctrl-C."""
     root = Path(data_dir)
     _forget_previous_runs(root)
     _say(f"starting Mosquitto (as deployed: accounts and ACL from the registry, a device and a services listener) "
@@ -232,14 +235,14 @@ def run_demo(days: int, data_dir: str, keep: bool, started: float, live_minutes:
         fleet.write_ground_truth(truth_path)
         _say(f"simulating {len(fleet.devices)} patients, one per scenario: {days} days of history backfilled"
              + (f", then {live_minutes:g} min live" if live_minutes > 0 else ""))  # fmt: skip
-        phases = asyncio.run(_run_phases(mq, db, fleet, reg, options, catcher, root, days, now_ms))
+        phases = asyncio.run(_run_phases(mq, db, fleet, reg, options, catcher, root, days, now_ms, port))
         code = _summary(db, phases.ingester, truth, truth_path)
         code = code or (0 if _monitor_summary(phases.monitor, truth, catcher) else 1)
         _push_dashboards(db)
-        _look_at(db, reg, catcher, root)
+        _look_at(db, reg, catcher, root, port)
         _say(f"demo finished in {time.monotonic() - started:.1f} s")
         if keep:
-            _serve_registry(reg)
+            _serve_workspace(reg, phases.monitor, port)
             _wait_forever()
         return code
     finally:
@@ -248,13 +251,13 @@ def run_demo(days: int, data_dir: str, keep: bool, started: float, live_minutes:
         db.close()
 
 
-def _look_at(db: InfluxDB, reg: DemoRegistry, catcher: MailCatcher, root: Path) -> None:
+def _look_at(db: InfluxDB, reg: DemoRegistry, catcher: MailCatcher, root: Path, port: int) -> None:
     first = next(iter(reg.registered.physios))
     _say("what to look at:")
     click.echo(f"    e-mails (.eml, open in any mail client):  {catcher.folder}/")
     click.echo(f"    ground truth per patient and day:        {root / 'ground-truth.json'}")
     click.echo(f"    InfluxDB (--keep):   curl '{db.url}/query?db={DATABASE}&q=SELECT+*+FROM+flag_day+LIMIT+5'")
-    click.echo(f"    registry web page (--keep): http://127.0.0.1:8070/ui  log in as {first} / "
+    click.echo(f"    the physios' workspace (--keep): http://127.0.0.1:{port}/ui/  sign in as {first} / "
                f"{reg.registered.physios[first]}")  # fmt: skip
     click.echo(f"    the registry from the shell: compression devices --database-url {reg.url} patient list")
 
@@ -285,19 +288,27 @@ def _push_dashboards(db: InfluxDB) -> None:
         _say(f"dashboards: could not push to {url}: {exc}")
 
 
-def _serve_registry(reg: DemoRegistry) -> None:
-    """The registry's API and web page in the background while the servers are kept (Ctrl-C stops)."""
+def _serve_workspace(reg: DemoRegistry, monitor: Monitor, port: int) -> None:
+    """The physios' web app (the registry's API and pages with the workspace) and the monitor's loop, in the
+    background while the servers are kept (Ctrl-C stops): actions taken in the workspace reach the e-mails."""
     import threading
 
     import uvicorn
 
-    from devices.registry.api import create_app
     from devices.registry.settings import RegistrySettings
+    from workspace.app import create, open_state, reader_of
 
-    app = create_app(reg.registry, RegistrySettings(database_url=reg.url))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=8070, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    _say("servers still running, registry web page on http://127.0.0.1:8070/ui (Ctrl-C stops)")
+    settings = monitor.settings
+    app = create(reg.registry, open_state(settings.state_database_url), reader_of(settings), settings.influx_database,
+                 RegistrySettings(database_url=reg.url, port=port))  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, name="workspace", daemon=True).start()
+    loop = Monitor(settings)  # a new replica: the first one's loop has stopped
+    threading.Thread(target=lambda: asyncio.run(loop.run()), name="monitor", daemon=True).start()
+    first = next(iter(reg.registered.physios))
+    _say(f"servers still running; the monitor's loop goes on (Ctrl-C stops). The physios' workspace: "
+         f"http://127.0.0.1:{port}/ui/")  # fmt: skip
+    click.echo(f"    workspace: http://127.0.0.1:{port}/ui/  sign in as {first} / {reg.registered.physios[first]}")
 
 
 def _registry_summary(reg: DemoRegistry) -> None:
@@ -308,14 +319,16 @@ def _registry_summary(reg: DemoRegistry) -> None:
          "topics)")  # fmt: skip
 
 
-async def _first_round(root: Path, db: InfluxDB, reg: DemoRegistry, catcher: MailCatcher, days: int) -> Monitor:
+async def _first_round(root: Path, db: InfluxDB, reg: DemoRegistry, catcher: MailCatcher, days: int,
+                       port: int = WORKSPACE_PORT) -> Monitor:  # fmt: skip
     """The monitor's first evaluation over the backfilled clinic: queue and send (the digest is due at once)."""
     await asyncio.to_thread(_remove, root, "monitor.db*")
     settings = MonitorSettings(influx_url=db.url, influx_database=DATABASE, registry_database_url=reg.url,
                                state_database_url=f"sqlite:///{root / 'monitor.db'}", smtp_host=catcher.host,
                                smtp_port=catcher.port, smtp_tls="off", digest_hour=0, days_back=max(8, days + 1),
                                interval_s=15.0, safety_interval_s=5.0, lease_s=60.0,
-                               mail_from="Compression demo <monitor@demo-clinic.example>")  # fmt: skip
+                               mail_from="Compression demo <monitor@demo-clinic.example>",
+                               workspace_url=f"http://127.0.0.1:{port}")  # fmt: skip
     monitor = Monitor(settings)
     monitor.state.acquire_lease(monitor.replica, settings.lease_s)
     if not await monitor.evaluate_once():

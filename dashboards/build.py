@@ -68,6 +68,11 @@ def _transform(id_: str, options: dict[str, Any]) -> DataTransformerConfig:
     return DataTransformerConfig(id_val=id_, options=options)
 
 
+def _threshold(field: str, colour: str) -> dict[str, Any]:
+    """A "config from query results" mapping: ``field``'s value becomes a threshold step (a line) in ``colour``."""
+    return {"fieldName": field, "handlerKey": "threshold1", "handlerArguments": {"threshold": {"color": colour}}}
+
+
 def _cell(kind: str) -> DynamicConfigValue:
     return DynamicConfigValue(id_val="custom.cellOptions", value={"type": kind})
 
@@ -436,15 +441,17 @@ def patient() -> dict[str, Any]:
             ),
         ]
     )
+    # Grafana's "config from query results" knows one threshold handler, threshold1 (each field mapped to it
+    # adds a step, in its own colour); see dashboards/validate.py for the handler names of Grafana 11.6.
     config = _transform(
         "configFromData",
         {
             "configRefId": "BAND",
             "applyTo": {"id": "byFrameRefID", "options": "A"},
             "mappings": [
-                {"fieldName": "band_low", "handlerKey": "threshold1"},
-                {"fieldName": "band_high", "handlerKey": "threshold2"},
-                {"fieldName": "max_chamber_mmhg", "handlerKey": "threshold2"},
+                _threshold("band_low", "orange"),
+                _threshold("band_high", "red"),
+                _threshold("max_chamber_mmhg", "red"),
             ],
         },
     )
@@ -458,8 +465,9 @@ def patient() -> dict[str, Any]:
         .datasource(influx_ref())
         .unit("suffix: mmHg")
         .description(
-            "Mean pressure per zone over each interval, worn samples only; the shaded band is the "
-            "prescription's ankle band (socks) or maximum chamber pressure (boots), from patient_info."
+            "Mean pressure per zone over each interval, worn samples only; the dashed lines are the "
+            "prescription's ankle band (socks: orange its lower, red its upper bound) or maximum chamber pressure "
+            "(boots, red), from patient_info."
         )
         .targets(
             [
@@ -476,8 +484,11 @@ def patient() -> dict[str, Any]:
             ]
         )
         .with_transformation(config)
-        .thresholds(_thresholds([(None, "transparent"), (0, "green"), (1000, "red")]))
-        .thresholds_style(GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.LINE_AND_AREA))
+        .thresholds(_thresholds([(None, "transparent")]))  # replaced by the query's steps (no line without them)
+        .thresholds_style(GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.DASHED))
+        # Set, so that thresholds coming from the data do not turn the zones' colours to threshold colours
+        # (Grafana colours a field by its thresholds when it has thresholds and no colour mode).
+        .color_scheme(dash.FieldColor().mode(model.FieldColorModeId.PALETTE_CLASSIC))
         .span_nulls(False)
         .line_width(1)
     )
@@ -526,7 +537,7 @@ def patient() -> dict[str, Any]:
         .min(0)
         .description(
             "monitor.queries.daily_samples: sum(worn_s) per local day of the clinic, the monitor's wear; "
-            "the line is the prescribed hours (patient_info), red bars are under it."
+            "the dashed line is the prescribed hours a day (patient_info)."
         )
         .targets(
             [
@@ -543,14 +554,16 @@ def patient() -> dict[str, Any]:
                 {
                     "configRefId": "TARGET",
                     "applyTo": {"id": "byFrameRefID", "options": "A"},
-                    "mappings": [{"fieldName": "wear_target_h", "handlerKey": "threshold1"}],
+                    "mappings": [_threshold("wear_target_h", "dark-blue")],
                 },
             )
         )
         .draw_style(common.GraphDrawStyle.BARS)
         .fill_opacity(80)
-        .color_scheme(dash.FieldColor().mode(model.FieldColorModeId.THRESHOLDS))
-        .thresholds(_thresholds([(None, "red"), (1000, "green")]))
+        # Bars in one colour: the query's thresholds always start with Grafana's own green base step (11.6), so
+        # colouring by them could not make the days under the target stand out; the dashed line shows it.
+        .color_scheme(dash.FieldColor().mode(model.FieldColorModeId.FIXED).fixed_color("green"))
+        .thresholds(_thresholds([(None, "transparent")]))
         .thresholds_style(GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.DASHED))
     )
     sessions = (

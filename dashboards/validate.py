@@ -6,7 +6,8 @@
   resolves to a provisioned data source uid (or Grafana's built-in one);
 - every template variable a query, a variable or an annotation uses is
   defined, and defined before the variables that use it;
-- every panel other than a row has at least one query.
+- every panel other than a row has at least one query;
+- every "config from query results" (``configFromData``) mapping names a handler Grafana 11.6 has.
 """
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ SCHEMA_VERSION: Final = 41
 BUILTIN_UIDS: Final = frozenset({"-- Grafana --", "grafana"})
 # The data sources deploy/grafana/provisioning/datasources/influxdb.yaml defines (a unit test checks the file).
 PROVISIONED_UIDS: Final = frozenset({INFLUX_UID, PROMETHEUS_UID})
+# The handler keys of Grafana 11.6's "config from query results" transformation: configMapHandlers in
+# public/app/features/transformers/fieldToConfigMapping/fieldToConfigMapping.ts (read in grafana/grafana's source
+# of that time, the 12.0.0-pre main branch 11.6 was cut from). An unknown key is silently ignored by Grafana (no
+# handler: the field sets nothing), which is how a band's upper line mapped to "threshold2" never drew. There is
+# one threshold handler: each field mapped to threshold1 adds a step (colour: handlerArguments.threshold.color,
+# default red) after a green base step of Grafana's own.
+CONFIG_FROM_QUERY_HANDLERS: Final = frozenset({
+    "field.name", "field.value", "field.label", "__ignore", "max", "min", "unit", "decimals", "displayName", "color",
+    "threshold1", "mappings.value", "mappings.color", "mappings.text",
+})  # fmt: skip
 
 
 def panels(dashboard: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
@@ -88,4 +99,19 @@ def problems(dashboard: Mapping[str, Any], uids: set[str] | None = None) -> list
         missing = used_variables(text) - set(defined)
         if missing:
             out.append(f"{where} uses undefined variables {sorted(missing)}")
+    out += [f"panel {p.get('id')} {p.get('title')!r}: {problem}" for p in panels(dashboard)
+            for problem in config_mapping_problems(p)]  # fmt: skip
+    return out
+
+
+def config_mapping_problems(panel: Mapping[str, Any]) -> list[str]:
+    """Mappings of the panel's "config from query results" transformations to handlers Grafana 11.6 lacks."""
+    out = []
+    for t in panel.get("transformations") or []:
+        if t.get("id") != "configFromData":
+            continue
+        for m in (t.get("options") or {}).get("mappings") or []:
+            if m.get("handlerKey") not in CONFIG_FROM_QUERY_HANDLERS:
+                out.append(f"field {m.get('fieldName')!r} is mapped to {m.get('handlerKey')!r}, which Grafana 11.6's "
+                           "config from query results does not have (use threshold1 for every line)")
     return out

@@ -40,6 +40,7 @@ from devices.registry.db import make_engine, migrate, session_factory
 from devices.registry.service import SYSTEM, Actor, Registry
 from ingest.encode import escape_key, escape_string
 from ingest.reattribute import Influx, ReattributionError, reattribute, targets
+from monitor import figures
 from monitor import queries as q
 from monitor.compliance import (
     WINDOW_DAYS,
@@ -56,6 +57,7 @@ from monitor.compliance import (
     windowed,
 )
 from monitor.evaluate import Ending, Live, MailData, Outcome, evaluate
+from monitor.letters import Letters, also_to
 from monitor.mail import (
     FLAG_TITLE,
     ChartSeries,
@@ -217,6 +219,7 @@ class Monitor:
         self.reader = InfluxReader(settings.influx_url, settings.influx_username, settings.influx_password,
                                    settings.influx_token)  # fmt: skip
         self.sender = SmtpSender.from_settings(settings)
+        self.letters = Letters(self.state, self.reader, settings.influx_database)
         self.replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
         self.counters = Counters()
         self._stop = asyncio.Event()
@@ -434,6 +437,8 @@ class Monitor:
             log.warning("silence held back for %d patient(s): the pipeline was down for part of their silence (no "
                         "heartbeat from the ingester, nothing stored from anyone); alerts follow once it works "
                         "again", len(outcome.held_back))  # fmt: skip
+        # The workspace's figures (monitor/figures.py): one row per patient, the numbers this evaluation used.
+        await asyncio.to_thread(figures.record, self.state, contexts, self._results, seen)
         self.counters.opened += len(outcome.opened)
         self.counters.resolved += len(outcome.resolved)
         for patient, flag in outcome.opened:
@@ -654,12 +659,14 @@ class Monitor:
             rows.append(DigestRow(
                 patient=ctx.patient, kind=ctx.kind,
                 days_on_target=summary.target_days_7d if summary else None,
+                days_clear=figures.clear_days(results)[0] if results else None,
                 days_judged=summary.judged_7d if summary else 7,
                 wear_hours=round(last.wear_s / 3600, 2) if last else None,
                 target_hours=ctx.rx.wear_hours_per_day if isinstance(ctx.rx, SockRx) else None,
                 open_flags=tuple(sorted(e.flag for e in mine if e.open_key)),
                 opened=tuple(sorted(e.flag for e in mine if e.opened_at >= since and e.notified)),
-                resolved=tuple(sorted(e.flag for e in mine if e.resolved_at and e.resolved_at >= since)),
+                resolved=tuple(sorted(e.flag for e in mine if e.resolved_at and e.resolved_at >= since
+                                      and e.notified)),  # history recorded without e-mail is no change
                 notes=tuple(notes), chart=chart_series(ctx, results)))  # fmt: skip
         return rows
 
@@ -679,7 +686,8 @@ class Monitor:
             rows = await asyncio.to_thread(self.state.claim_due, self.replica, 1, claim_s)
             if not rows:
                 break
-            row = rows[0]
+            # The evidence and what physios did about the episode (monitor/letters.py), looked up once and kept.
+            row = await self.letters.enrich(rows[0], self._contexts, self._results)
             try:
                 message = await asyncio.to_thread(self._compose, row)
             except Exception as exc:  # noqa: BLE001 (logged with its traceback once per cause) a row that cannot become an e-mail: kept as failed, the others go on
@@ -688,7 +696,7 @@ class Monitor:
                 continue
             try:
                 # The envelope recipient is the outbox row's (the registry's checked address), given explicitly.
-                await self.sender.send(message, [row.recipient])
+                await self.sender.send(message, [row.recipient, *also_to(row)])
             except MailError as exc:
                 delay = next_attempt(row.attempts + 1)
                 await asyncio.to_thread(self.state.mark_retry, row.id, str(exc), delay, not exc.temporary)
@@ -707,10 +715,12 @@ class Monitor:
         return sent
 
     def _compose(self, row: Outbox) -> Any:
-        sender, url = self.settings.mail_from, self.settings.dashboard_url
+        sender, url, page = self.settings.mail_from, self.settings.dashboard_url, self.settings.workspace_url
         if row.kind == "digest":
-            return compose_digest(msgspec.convert(row.data["mail"], DigestMail), sender=sender, dashboard_url=url)
-        return compose_episode(msgspec.convert(row.data["mail"], EpisodeMail), sender=sender, dashboard_url=url)
+            return compose_digest(msgspec.convert(row.data["mail"], DigestMail), sender=sender, dashboard_url=url,
+                                  workspace_url=page)  # fmt: skip
+        return compose_episode(msgspec.convert(row.data["mail"], EpisodeMail), sender=sender, dashboard_url=url,
+                               workspace_url=page)  # fmt: skip
 
 
 _tag = escape_key  # the ingester's line-protocol escaping, one definition for every writer

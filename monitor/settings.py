@@ -41,6 +41,7 @@ class MonitorSettings(BaseSettings):
     smtp_timeout_s: float = Field(default=30.0, gt=0, description="Seconds before an SMTP attempt is given up (and retried later).")
     mail_from: str = Field(default="Compression monitor <monitor@localhost>", description="From address of the alert e-mails.")
     dashboard_url: str = Field(default="http://127.0.0.1:3000", description="Grafana base URL for the links to a patient's dashboard in e-mails.")
+    workspace_url: str = Field(default="http://127.0.0.1:8070", description="Base URL of the physios' workspace (the registry's web app, compression workspace serve): e-mails link to the patient's page there, reached after sign-in.")
     digest_hour: int = Field(default=7, ge=0, le=23, description="Local hour (clinic time) at which each physio's daily digest is sent.")
     write_flags: bool = Field(default=True, description="Write episodes and daily flags to InfluxDB (measurements flag_episode and flag_day) for the dashboards.")
     log_level: str = Field(default="INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")

@@ -988,11 +988,20 @@ class Registry:
             # Keyed per entity: a device or gateway may carry the same code in another clinic.
             query = select(AuditEntry).where(or_(
                 and_(AuditEntry.entity == "patient", AuditEntry.key == code),
-                and_(AuditEntry.entity.in_(("prescription", "contraindication")),
+                and_(AuditEntry.entity.in_(("prescription", "contraindication", "episode")),
                      AuditEntry.key.startswith(f"{code}#", autoescape=True)),
                 and_(AuditEntry.entity == "assignment", AuditEntry.key.endswith(f"->{code}", autoescape=True)),
             )).order_by(AuditEntry.id.desc()).limit(limit)  # fmt: skip
             return [s.AuditOut.model_validate(e) for e in session.scalars(query)]
+
+    def record_episode_action(self, actor: Actor, code: str, episode: int, action: str,
+                              changes: dict[str, Any]) -> None:  # fmt: skip
+        """Audit what a physio did about one of the patient's monitor episodes (acknowledged, snoozed, noted,
+        handed over; the workspace keeps the action itself in the monitor's state): entity ``episode``, key
+        ``<patient>#<episode id>``, so :meth:`patient_audit` lists it. Another clinic's patient is not found."""
+        with self._tx(actor, write=True) as session:
+            self._patient(session, actor, code)
+            self._audit(session, actor, action, "episode", f"{code}#{int(episode)}", changes)
 
     # --- what the ingester and the broker need ------------------------------------------------------------------
 

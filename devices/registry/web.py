@@ -55,6 +55,10 @@ SESSION_COOKIE: Final = "compression_session"
 LOGIN_COOKIE: Final = "compression_login"  # double-submit CSRF value for the login form (no session yet)
 FLASH_COOKIE: Final = "compression_flash"
 CSRF_FIELD: Final = "csrf"
+# Where a physio lands after signing in: /ui/ sends her on to the app's home page (app.state.home_path: the
+# physios' workspace sets its Today page there), else to the patient list.
+HOME: Final = f"{UI}/"
+PATIENTS: Final = f"{UI}/patients"
 _CSRF_LABEL: Final = b"compression-registry-web/csrf/v1"
 _HERE: Final = Path(__file__).parent
 T = TypeVar("T")
@@ -152,7 +156,7 @@ def _web_session(request: Request) -> WebSession:
     session = _session_of(_registry(request), token) if token else None
     if session is None:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        raise _LoginRequiredError(target if request.method == "GET" else f"{UI}/patients")
+        raise _LoginRequiredError(target if request.method == "GET" else HOME)
     return session
 
 
@@ -214,7 +218,12 @@ def _safe_next(value: object) -> str:
     # Only our own pages: no scheme, no host, no protocol-relative "//evil".
     if isinstance(value, str) and value.startswith(f"{UI}/") and "//" not in value and "\\" not in value:
         return value
-    return f"{UI}/patients"
+    return HOME
+
+
+def _home_path(request: Request) -> str:
+    home = getattr(request.app.state, "home_path", None)
+    return home if isinstance(home, str) and home.startswith(f"{UI}/") else PATIENTS
 
 
 # --- formatting -------------------------------------------------------------------------------------------------------
@@ -278,9 +287,15 @@ def _environment() -> Environment:
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
     env.filters["num"] = _num
     env.filters["changes"] = _changes_text
+    env.tests["about"] = _about  # a refusal's message names its field first: the form marks that field
     env.globals.update(LABELS=LABELS, INPUTS=INPUTS, UI=UI, CSRF_FIELD=CSRF_FIELD,
                        PASSWORD_MIN_LENGTH=PASSWORD_MIN_LENGTH, PASSWORD_MAX_LENGTH=PASSWORD_MAX_LENGTH)  # fmt: skip
     return env
+
+
+def _about(message: object, label: str) -> bool:
+    """Is the form's error ``message`` about the field labelled ``label`` (``"Label: what is wrong"``)?"""
+    return str(message).startswith(f"{label}:")
 
 
 def _local(zone: ZoneInfo) -> Callable[..., str]:
@@ -352,13 +367,13 @@ def _router(templates: Jinja2Templates) -> APIRouter:
 
     @router.get(f"{UI}")
     @router.get(f"{UI}/")
-    def home() -> Response:
-        return _redirect(f"{UI}/patients")
+    def home(request: Request) -> Response:
+        return _redirect(_home_path(request))
 
     # --- login and logout ---
 
     @router.get(f"{UI}/login")
-    def login_form(request: Request, next: str = f"{UI}/patients") -> Response:
+    def login_form(request: Request, next: str = HOME) -> Response:
         token = request.cookies.get(SESSION_COOKIE)
         if token and _session_of(_registry(request), token) is not None:
             return _redirect(_safe_next(next))
@@ -434,7 +449,7 @@ def _router(templates: Jinja2Templates) -> APIRouter:
             except RegistryError as exc:
                 errors, status = [_password_sentence(exc)], exc.status
             else:
-                return _redirect(f"{UI}/patients", request, "Your password is changed. Every other session of "
+                return _redirect(HOME, request, "Your password is changed. Every other session of "
                                                             "yours is signed out.")  # fmt: skip
         return page(request, "password.html", {"errors": errors, "done": False}, status, session)
 
@@ -607,4 +622,18 @@ def _validation_message(error: Mapping[str, Any]) -> str:
     return f"{label}: {error.get('msg', 'not valid')}"
 
 
-__all__ = ["WebSession", "csrf_token", "mount", "rx_summary"]
+# For pages mounted beside these (the physios' workspace): the same sign-in, session cookie, CSRF token and
+# one-shot flash message.
+current_session = _web_session
+csrf_ok = _csrf_ok
+redirect = _redirect
+take_flash = _take_flash
+
+
+def forget_flash(response: Response, request: Request) -> None:
+    """Delete the flash cookie once its message is on a page."""
+    _delete_cookie(response, request, FLASH_COOKIE, path=UI)
+
+
+__all__ = ["CSRF_FIELD", "HOME", "UI", "WebSession", "csrf_ok", "csrf_token", "current_session", "forget_flash",
+           "mount", "redirect", "rx_summary", "take_flash"]

@@ -226,3 +226,7 @@ class IngestProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
+
+
+# The simulated clinic with the workspace served (tests/integration/clinic.py), shared by the workspace's tests.
+from tests.integration.clinic import clinic  # noqa: E402, F401

@@ -256,6 +256,8 @@ def test_an_impossible_target_shows_the_validation_message_and_changes_nothing(p
     assert posted.value.status == 422
     expect(form.get_by_role("alert")).to_contain_text(f"{WEAR_TARGET}: Input should be less than or equal to 24")
     expect(form.get_by_label(WEAR_TARGET)).to_have_value("30")  # what was typed stays, to be corrected
+    expect(form.get_by_label(WEAR_TARGET)).to_have_attribute("aria-invalid", "true")  # and the field is marked
+    expect(form.get_by_label("Wear days per week")).not_to_have_attribute("aria-invalid", "true")
     assert _wear_target(site) == before
     assert len(_rx_audit(site, ALICE, _current_rx(site))) == entries
 

@@ -258,3 +258,24 @@ def test_push_needs_credentials() -> None:
     assert result.exit_code == 2 and "--token" in result.output
     dry = CliRunner().invoke(cli, ["dashboards", "push", "--url", "http://127.0.0.1:9", "--dry-run"])
     assert dry.exit_code == 0 and "POST /api/folders/compression/permissions" in dry.output
+
+
+def test_band_maximum_and_target_lines_use_a_handler_grafana_has(generated: dict[str, dict[str, Any]]) -> None:
+    """Grafana 11.6's "config from query results" has one threshold handler, threshold1: a field mapped to
+    anything else (threshold2) sets nothing, and its line never draws. Each line is its own threshold1 step."""
+    patient = generated["patient"]
+    mappings = {m["fieldName"]: m for p in panels(patient) for t in p.get("transformations") or []
+                if t["id"] == "configFromData" for m in t["options"]["mappings"]}  # fmt: skip
+    assert set(mappings) == {"band_low", "band_high", "max_chamber_mmhg", "wear_target_h"}
+    assert {m["handlerKey"] for m in mappings.values()} == {"threshold1"}
+    colours = {name: m["handlerArguments"]["threshold"]["color"] for name, m in mappings.items()}
+    assert colours == {"band_low": "orange", "band_high": "red", "max_chamber_mmhg": "red",
+                       "wear_target_h": "dark-blue"}  # fmt: skip
+    broken = json.loads(json.dumps(patient))
+    for p in panels(broken):
+        for t in p.get("transformations") or []:
+            for m in t.get("options", {}).get("mappings") or []:
+                if m.get("fieldName") == "band_high":
+                    m["handlerKey"] = "threshold2"
+    assert any("'threshold2', which Grafana 11.6's config from query results does not have" in problem
+               for problem in problems(broken))  # fmt: skip

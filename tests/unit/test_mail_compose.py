@@ -122,7 +122,8 @@ def test_subject_triage_and_flag_in_words() -> None:
         assert "calf pressure above ankle pressure" in part and "30 minutes of wear" in part
     resolved_text = texts(resolved)["text/plain"]
     assert "Resolved:" in resolved_text and "Lasted:" in resolved_text and "3.0 days" in resolved_text
-    assert "Sat 08 Nov 2025 00:00 MST" in resolved_text  # clinic local time
+    # Flags judge whole local days: the first day flagged, not a midnight "start time" (the clinic's date).
+    assert "First day: Sat 08 Nov 2025\n" in resolved_text and "00:00" not in resolved_text
 
 
 def test_a_resolving_mail_says_what_shows_it_gone_or_that_the_prescription_changed() -> None:
