@@ -97,7 +97,7 @@ def _serve(app: Any, port: int) -> tuple[uvicorn.Server, threading.Thread]:
 def clinic(mosquitto: Mosquitto, influx: InfluxDB, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clinic]:
     token = uuid.uuid4().hex[:8]
     names = Names(database=f"t_workspace_{token}", topic_root=f"test-{token}/garments/v1",
-                  client_id=f"ingest-{token}", prefix=f"wsp{token[:4]}")  # fmt: skip
+                  client_id=f"ingest.{token}", prefix=f"wsp{token[:4]}")  # fmt: skip
     fleet = every_scenario(seed=1, days=DAYS, end=datetime.now(UTC))
     truth = fleet.ground_truth()
     options = RunOptions(mosquitto.url, connections=3, topic_root=names.topic_root, client_prefix=f"gw-{names.prefix}")
