@@ -29,6 +29,9 @@ from devices.registry.service import Registry
 from devices.registry.settings import RegistrySettings
 from monitor.app import Monitor
 from monitor.settings import MonitorSettings
+from records.api import install as install_records
+from records.settings import RecordsSettings
+from records.sources import open_sources
 from simulators.registration import DEMO_PASSWORD
 from simulators.run import RunOptions
 from simulators.scenarios import Fleet, every_scenario
@@ -125,6 +128,10 @@ def clinic(mosquitto: Mosquitto, influx: InfluxDB, tmp_path_factory: pytest.Temp
         state = open_state(settings.state_database_url)
         app = create(served, state, reader_of(settings), names.database,
                      RegistrySettings(database_url=registry_url, port=port))  # fmt: skip
+        # The monthly report and the FHIR export, as `compression workspace serve` installs them (records/).
+        records = open_sources(served, RecordsSettings(), reader_of(settings), names.database,
+                               settings.state_database_url)  # fmt: skip
+        install_records(app, records, RecordsSettings())
         server, thread = _serve(app, port)
         scenario = {p["patient"]: p["scenario"] for p in truth["patients"]}
         try:
@@ -134,6 +141,7 @@ def clinic(mosquitto: Mosquitto, influx: InfluxDB, tmp_path_factory: pytest.Temp
             server.should_exit = True
             thread.join(timeout=15)
             state.close()
+            records.monitor.state.close()
             mon.state.close()
             for engine in engines:
                 engine.dispose()

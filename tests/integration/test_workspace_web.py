@@ -10,6 +10,7 @@ another; a new urgent episode still alerts. At 390 px nothing overflows; axe-cor
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
@@ -23,7 +24,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from devices.registry import schemas as s
 from devices.registry.service import SYSTEM
-from tests.integration.clinic import PASSWORD, PHYSIO1, PHYSIO2, Clinic
+from tests.integration.clinic import PASSWORD, PHYSIO1, PHYSIO2, Clinic, signed_in
 from tests.integration.test_monitor_e2e import write_lines
 
 pytestmark = pytest.mark.integration
@@ -115,6 +116,7 @@ def test_a_patient_page_shows_the_evidence_of_each_open_episode(page: Page, clin
         for i in range(cards.count()):
             expect(cards.nth(i).locator(".evidence .headline")).to_contain_text("mmHg" if scenario != "under_use"
                                                                                  else "h")  # fmt: skip
+        assert not re.search(r"\bmmhg\b", page.locator("body").inner_text()), "the unit is written mmHg"
         shots(page, f"patient-{scenario}")
     urgent = page.locator("article.episode-card").first
     page.goto(f"/ui/workspace/patients/{clinic.by_scenario['boot_overpressure']}")
@@ -283,3 +285,19 @@ def test_a_contraindication_that_conflicts_with_the_prescription_is_shown_first(
     box = alert.bounding_box()
     charts = page.get_by_role("heading", name="Charts").bounding_box()
     assert box is not None and charts is not None and box["y"] < charts["y"]  # above the episodes and charts
+
+
+def test_the_patient_page_offers_the_monthly_report(clinic: Clinic) -> None:
+    """Issue 14's button: on the workspace's patient page, the month's report as PDF (and CSV) for that patient."""
+    code = clinic.by_scenario["under_use"]
+    client = signed_in(clinic.url)
+    try:
+        page = client.get(f"/ui/workspace/patients/{code}")
+        assert page.status_code == 200
+        assert f'action="/ui/records/patients/{code}/report.pdf"' in page.text
+        month = re.search(r'name="month" type="month" value="(\d{4}-\d{2})"', page.text)
+        assert month is not None
+        pdf = client.get(f"/ui/records/patients/{code}/report.pdf", params={"month": month.group(1)})
+        assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
+    finally:
+        client.close()
