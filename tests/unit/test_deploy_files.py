@@ -33,6 +33,7 @@ from devices.registry.broker import device_block
 from devices.registry.settings import RegistrySettings
 from ingest.settings import IngestSettings
 from monitor.settings import MonitorSettings
+from records.settings import RecordsSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -49,6 +50,7 @@ REGISTRY_FIELDS = RegistrySettings.model_fields
 REGISTRY_VARS = {f"COMPRESSION_REGISTRY_{name.upper()}": name for name in REGISTRY_FIELDS}
 MONITOR_FIELDS = MonitorSettings.model_fields
 MONITOR_VARS = {f"COMPRESSION_MONITOR_{name.upper()}": name for name in MONITOR_FIELDS}
+RECORDS_VARS = {f"COMPRESSION_RECORDS_{name.upper()}": name for name in RecordsSettings.model_fields}
 GRAFANA_PROVISIONING = ROOT / "deploy" / "grafana" / "provisioning"
 # The secrets that docker-compose.yml requires (${VAR:?...}) and .env.example leaves empty.
 REQUIRED_SECRETS = (
@@ -103,7 +105,8 @@ def test_every_setting_is_in_env_example_and_nothing_else() -> None:
     assert sorted(set(SETTING_VARS) - documented) == [], "settings missing from .env.example"
     assert sorted(set(REGISTRY_VARS) - documented) == [], "registry settings missing from .env.example"
     assert sorted(set(MONITOR_VARS) - documented) == [], "monitor settings missing from .env.example"
-    unread = documented - set(SETTING_VARS) - set(REGISTRY_VARS) - set(MONITOR_VARS)
+    assert sorted(set(RECORDS_VARS) - documented) == [], "records settings missing from .env.example"
+    unread = documented - set(SETTING_VARS) - set(REGISTRY_VARS) - set(MONITOR_VARS) - set(RECORDS_VARS)
     assert sorted(unread) == [], "variables that no setting reads"
     assert not set(SETTING_VARS) & set(REGISTRY_VARS), "one variable read by two settings classes"
     assert not (set(SETTING_VARS) | set(REGISTRY_VARS)) & set(MONITOR_VARS), "one variable read by two classes"
@@ -343,7 +346,8 @@ def test_compose_gives_the_registry_and_the_monitor_their_settings(compose: dict
     # The registry's container serves the workspace too: it reads the monitor's state database and InfluxDB.
     workspace = {f"COMPRESSION_MONITOR_{k}" for k in ("STATE_DATABASE_URL", "INFLUX_URL", "INFLUX_DATABASE",
                                                       "INFLUX_USERNAME", "INFLUX_PASSWORD")}  # fmt: skip
-    assert sorted(k for k in registry if k not in REGISTRY_VARS and k not in workspace) == []
+    assert sorted(set(RECORDS_VARS) - set(registry)) == [], "the FHIR export's settings never reach the registry"
+    assert sorted(k for k in registry if k not in REGISTRY_VARS and k not in workspace and k not in RECORDS_VARS) == []
 
 
 def test_compose_gives_no_secret_a_default() -> None:
