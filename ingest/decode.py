@@ -12,6 +12,7 @@ from typing import Final
 from devices.protocol import (
     ProtocolError,
     TimeWindow,
+    Topic,
     decode_event,
     decode_status,
     decode_telemetry,
@@ -28,6 +29,9 @@ from ingest.encode import (
 )
 
 UNKNOWN_DEVICE: Final = "_invalid"
+# Valid topics remembered with their device and channel (a fleet has a few per device); the memo is
+# emptied when it reaches this size, so that no sender can make it grow without bound.
+TOPIC_MEMO: Final = 50_000
 
 
 @dataclass(slots=True)
@@ -57,6 +61,16 @@ class Decoder:
         # Dead letters are stamped with the receive time; a counter keeps two
         # rejections in the same nanosecond from overwriting each other.
         self._tiebreak = 0
+        self._topics: dict[str, Topic] = {}
+
+    def _where(self, topic: str) -> Topic:
+        where = self._topics.get(topic)
+        if where is None:
+            where = parse_topic(topic, self._config.topic_root)  # raises ProtocolError: not remembered
+            if len(self._topics) >= TOPIC_MEMO:
+                self._topics.clear()
+            self._topics[topic] = where
+        return where
 
     def decode(self, topic: str, payload: bytes, received_ns: int, retained: bool = False) -> Decoded:
         """Decode one message; rejections become dead-letter lines.
@@ -67,7 +81,7 @@ class Decoder:
         never makes a silent garment look alive ("last seen", the monitor's silence, the dashboards' state).
         """
         try:
-            where = parse_topic(topic, self._config.topic_root)
+            where = self._where(topic)
         except ProtocolError as exc:
             return self._reject(UNKNOWN_DEVICE, "unknown", exc, topic.encode(), received_ns)
         try:
