@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 import msgspec
@@ -112,14 +112,9 @@ def wear_seconds(times_ms: Sequence[int], kind: str, max_gap_s: float) -> list[f
     return gaps
 
 
-_ZONE_KEYS: Final = {zone: f"{zone}_mmhg=" for zone in ("foot", "ankle", "calf", "knee", "thigh")}
-# msgspec writes the shortest round-tripping form of a float, like repr(), but
-# for a whole message in one C call: about a quarter of repr()'s cost here.
-_FLOATS: Final = msgspec.json.Encoder()
-
-
-def _float_texts(values: list[float]) -> list[str]:
-    return _FLOATS.encode(values).decode()[1:-1].split(",")
+# msgspec writes the shortest round-tripping form of a float, like repr(), but for a whole message in one C
+# call: about a quarter of repr()'s cost here.
+_JSON: Final = msgspec.json.Encoder()
 
 
 def telemetry_lines(message: Telemetry, max_gap_s: float = DEFAULT_MAX_WEAR_GAP_S) -> list[str]:
@@ -127,6 +122,13 @@ def telemetry_lines(message: Telemetry, max_gap_s: float = DEFAULT_MAX_WEAR_GAP_
 
     Device ids and zones were validated against the protocol's patterns, so
     they need no escaping here. Values are finite (validated ranges).
+
+    The text is made per message, not per value: one msgspec call writes every
+    sample's pressures as JSON objects (``{"ankle":22.8,"calf":17.1}``), which
+    two replacements and a split turn into each sample's fields
+    (``ankle_mmhg=22.8,calf_mmhg=17.1``: zone names are the protocol's
+    literals, and a float's text has no quote, brace or comma); another call
+    writes the wear spans and skin temperatures (``null`` for none).
     """
     samples = message.samples
     if not samples:
@@ -136,16 +138,17 @@ def telemetry_lines(message: Telemetry, max_gap_s: float = DEFAULT_MAX_WEAR_GAP_
         samples = sorted(samples, key=_sample_time)
         times = [s.t for s in samples]
     spans = wear_seconds(times, message.kind, max_gap_s)
-    values: list[float] = []
-    for sample, span in zip(samples, spans, strict=True):
-        values.extend(sample.pressure_mmhg.values())
-        values.append(span)
-        if sample.skin_temp_c is not None:
-            values.append(sample.skin_temp_c)
-    texts = iter(_float_texts(values))
+    pressures = _JSON.encode([s.pressure_mmhg for s in samples]).decode()[2:-2]
+    fields = pressures.replace('":', "_mmhg=").replace('"', "").split("},{")
+    texts = _JSON.encode(spans + [s.skin_temp_c for s in samples]).decode()[1:-1].split(",")
+    n = len(samples)
     head = f"{SAMPLE},device={message.device_id},kind={message.kind} "
-    seq = f"seq={message.seq}i "
-    lines = [_sample_line(head, sample, texts, seq) for sample in samples]
+    tail = f",seq={message.seq}i "
+    lines = [
+        f"{head}{zones}{',' if zones else ''}worn={'true,worn_s=' + span if sample.worn else 'false,worn_s=0.0'}"
+        f"{'' if skin == 'null' else ',skin_temp_c=' + skin}{tail}{t}000000"
+        for zones, sample, span, skin, t in zip(fields, samples, texts[:n], texts[n:], times, strict=True)
+    ]
     if message.battery_pct is not None:
         last = lines[-1]
         cut = last.rindex(" ")
@@ -155,16 +158,6 @@ def telemetry_lines(message: Telemetry, max_gap_s: float = DEFAULT_MAX_WEAR_GAP_
 
 def _sample_time(sample: Sample) -> int:
     return sample.t
-
-
-def _sample_line(head: str, sample: Sample, texts: Iterator[str], seq: str) -> str:
-    parts = [_ZONE_KEYS[zone] + next(texts) for zone in sample.pressure_mmhg]
-    span = next(texts)
-    parts.append("worn=true,worn_s=" + span if sample.worn else "worn=false,worn_s=0.0")
-    if sample.skin_temp_c is not None:
-        parts.append("skin_temp_c=" + next(texts))
-    parts.append(seq)
-    return f"{head}{','.join(parts)}{sample.t}000000"
 
 
 _EVENT_FIELDS: Final = (
