@@ -1208,6 +1208,10 @@ _STAGES: list[tuple[str, Callable[[str], bool]]] = [
         lambda s: "Client.loop_read" in s and "properties.py" in s,
     ),
     ("paho: socket reads + packet parsing (loop_read, excluding the handler)", lambda s: "Client.loop_read" in s),
+    (
+        "MQTT receive: socket reads + PUBLISH parsing (FastPathClient, MqttConsumer._read, excluding the handler)",
+        lambda s: "MqttConsumer._read" in s,
+    ),
     ("acks: MqttConsumer.ack + paho PUBACK writes", lambda s: "MqttConsumer.ack" in s or "Client.loop_write" in s),
     ("InfluxDB writes (ingest/write.py, aiohttp)", lambda s: "aiohttp" in s or "ingest/write.py" in s),
     ("metrics endpoint", lambda s: "_metrics_handler" in s),
