@@ -117,11 +117,15 @@ def wear_seconds(times_ms: Sequence[int], kind: str, max_gap_s: float) -> list[f
 _JSON: Final = msgspec.json.Encoder()
 
 
-def telemetry_lines(message: Telemetry, max_gap_s: float = DEFAULT_MAX_WEAR_GAP_S) -> list[str]:
+def telemetry_lines(
+    message: Telemetry, max_gap_s: float = DEFAULT_MAX_WEAR_GAP_S, series: str | None = None
+) -> list[str]:
     """One ``sample`` point per valid sample of a telemetry message (the hot path).
 
     Device ids and zones were validated against the protocol's patterns, so
     they need no escaping here. Values are finite (validated ranges).
+    ``series``: the series key to write instead of ``sample,device=...,kind=...``
+    (the same with the registry's tags, from :func:`attribute_telemetry`).
 
     The text is made per message, not per value: one msgspec call writes every
     sample's pressures as JSON objects (``{"ankle":22.8,"calf":17.1}``), which
@@ -142,7 +146,7 @@ def telemetry_lines(message: Telemetry, max_gap_s: float = DEFAULT_MAX_WEAR_GAP_
     fields = pressures.replace('":', "_mmhg=").replace('"', "").split("},{")
     texts = _JSON.encode(spans + [s.skin_temp_c for s in samples]).decode()[1:-1].split(",")
     n = len(samples)
-    head = f"{SAMPLE},device={message.device_id},kind={message.kind} "
+    head = f"{series or _sample_series(message)} "
     tail = f",seq={message.seq}i "
     lines = [
         f"{head}{zones}{',' if zones else ''}worn={'true,worn_s=' + span if sample.worn else 'false,worn_s=0.0'}"
@@ -158,6 +162,10 @@ def telemetry_lines(message: Telemetry, max_gap_s: float = DEFAULT_MAX_WEAR_GAP_
 
 def _sample_time(sample: Sample) -> int:
     return sample.t
+
+
+def _sample_series(message: Telemetry) -> str:
+    return f"{SAMPLE},device={message.device_id},kind={message.kind}"
 
 
 _EVENT_FIELDS: Final = (
@@ -294,6 +302,22 @@ def _tag_name(part: str) -> str:
     return part.partition("=")[0]
 
 
+def attribute_telemetry(message: Telemetry, attributions: Attributions) -> tuple[str, Unattributed] | None:
+    """Before encoding: the series key, with who held the device, of a message whose samples all fall in one
+    stretch of its device's history (the usual case), and what went unattributed; its lines are then written
+    with that key at once instead of being rewritten by :func:`attribute`. None when the message has no sample
+    or a boundary falls inside it: then :func:`attribute` tags the encoded lines sample by sample.
+    """
+    if not message.samples:
+        return None
+    times = [s.t for s in message.samples]
+    who = attributions.lookup(message.device_id, min(times))
+    if not who.holds(max(times)):
+        return None
+    key = _tagged_key(_sample_series(message), who)
+    return key, (_NONE if who.reason is None else ((SAMPLE, message.device_id, who.reason, len(times)),))
+
+
 # --- receipts: which patient-hours got data, for the monitor's incremental evaluation --------------------------------
 
 RECEIPT: Final = "receipt"
@@ -318,16 +342,25 @@ def receipt_lines(lines: list[str], samples: int, received_ms: int) -> list[str]
     else:
         return []
     out: list[str] = []
+    seen = tags = None
     for text in candidates:
         key = text[: text.index(" ")]
-        at = key.find(",patient=")
-        if at < 0:
+        if key != seen:  # a message's first and last sample usually share their series
+            seen, tags = key, _receipt_tags(key)
+        if tags is None:
             continue  # not attributed: the monitor cannot use it
-        clinic = key.find(",clinic=")
-        patient = key[at + 9 :].split(",", 1)[0]
-        tags = f"clinic={key[clinic + 8 :].split(',', 1)[0]},patient={patient}" if clinic >= 0 else f"patient={patient}"
         hour = int(text[text.rindex(" ") + 1 :]) // _HOUR_NS * _HOUR_NS
         line = f"{RECEIPT},{tags} received_ms={received_ms}i {hour}"
         if line not in out:
             out.append(line)
     return out
+
+
+def _receipt_tags(key: str) -> str | None:
+    """``clinic=...,patient=...`` of an attributed series key (None if it names no patient)."""
+    at = key.find(",patient=")
+    if at < 0:
+        return None
+    clinic = key.find(",clinic=")
+    patient = key[at + 9 :].split(",", 1)[0]
+    return f"clinic={key[clinic + 8 :].split(',', 1)[0]},patient={patient}" if clinic >= 0 else f"patient={patient}"
