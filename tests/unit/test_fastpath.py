@@ -214,3 +214,13 @@ def test_pubacks_are_the_packets_paho_sends() -> None:
     mids = [1, 2, 300, 65_535]
     assert puback_packets(mids) == b"".join(struct.pack("!BBH", 0x40, 2, mid) for mid in mids)
     assert puback_packets([]) == b""
+
+
+def test_the_paho_internals_the_fast_path_relies_on_are_there() -> None:
+    """A paho upgrade that renames these breaks the fast path: this says which (the lock pins paho-mqtt 2.2.0)."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="t.internals", protocol=paho.MQTTv5)
+    for name in ("_sock_recv", "_sock_close", "_packet_queue", "_packet_read", "loop_read"):
+        assert callable(getattr(client, name)), name
+    for name in ("_sock", "_protocol", "_msgtime_mutex", "_last_bytes_received", "_out_packet"):
+        assert hasattr(client, name), name
+    assert hasattr(paho.MQTTMessage(), "_topic")
