@@ -1282,6 +1282,8 @@ def environment() -> dict[str, Any]:
         return ((out.stdout or out.stderr).strip().splitlines() or ["?"])[0]
 
     git = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    if git.startswith("fatal"):
+        git = f"none ({REPO} is not a git checkout)"
     dirty = subprocess.run(
         ["git", "-C", str(REPO), "status", "--porcelain", "--", "ingest", "compression", "simulators", "devices"],
         capture_output=True,
