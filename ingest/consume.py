@@ -323,6 +323,8 @@ class MqttConsumer:
             self._loop.remove_writer(sock)
 
     def _read(self) -> None:
+        if self._paused:
+            return  # a call scheduled before the pause (or the shutdown) began
         client = self._client
         reads = 0
         while client.parse(self._deliver):
