@@ -502,14 +502,40 @@ def scalar_timeout(url: str, database: str, q: str, timeout: float) -> float:
 class IngesterProcess:
     """``compression ingest`` as a child process with a unique database and client id."""
 
-    def __init__(self, bench: Bench, label: str) -> None:
+    def __init__(self, bench: Bench, label: str, consumer: str = "ingest") -> None:
         self.bench = bench
+        self.consumer = consumer
         tag = uuid.uuid4().hex[:6]
         self.database = f"bench_{label}_{tag}"
-        self.client_id = f"bench.ingest-{label}-{tag}"
+        self.client_id = f"bench.{consumer}-{label}-{tag}"
         self.metrics_port = free_port()
-        self.log_path = bench.run_dir / f"ingest-{label}-{tag}.log"
-        argv = [
+        self.log_path = bench.run_dir / f"{consumer}-{label}-{tag}.log"
+        argv = self._minimal_argv(bench) if consumer == "minimal" else self._ingest_argv(bench)
+        self.argv = argv
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        bench.rss.watch("ingester", self.proc.pid)
+
+    def _minimal_argv(self, bench: Bench) -> list[str]:
+        """The bench's minimal consumer (bench/minimal_consumer.py): the comparison, never production."""
+        return [
+            sys.executable,
+            str(REPO / "bench" / "minimal_consumer.py"),
+            "--mqtt-url",
+            bench.mq.url,
+            "--influx-url",
+            bench.db.url,
+            "--influx-database",
+            self.database,
+            "--mqtt-client-id",
+            self.client_id,
+            "--mqtt-topic-root",
+            TOPIC_ROOT,
+        ]
+
+    def _ingest_argv(self, bench: Bench) -> list[str]:
+        """``compression ingest`` with the bench's servers and every other setting at its default."""
+        return [
             str(COMPRESSION_BIN),
             "ingest",
             "--mqtt-url",
@@ -528,13 +554,9 @@ class IngesterProcess:
             "--log-level",
             "INFO",
             "--dead-letter-file",
-            str(bench.run_dir / f"dead-letter-{tag}.jsonl"),
+            str(bench.run_dir / f"dead-letter-{self.database}.jsonl"),
             *bench.args.ingest_arg,
         ]
-        self.argv = argv
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-        bench.rss.watch("ingester", self.proc.pid)
 
     @property
     def pid(self) -> int:
@@ -561,6 +583,8 @@ class IngesterProcess:
     def metrics(self) -> dict[str, float]:
         """The ingester's Prometheus metrics (unlabelled and labelled samples by full name)."""
         out: dict[str, float] = {}
+        if self.consumer != "ingest":
+            return out
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
                 text = resp.read().decode()
@@ -701,17 +725,20 @@ class Bench:
         )
 
     # -- throughput ------------------------------------------------------------
-    def throughput(self, kind: str, label: str, profile: bool = False) -> dict[str, Any]:
-        """One fast run: publish the whole load, wait until InfluxDB holds every sample."""
+    def throughput(self, kind: str, label: str, profile: bool = False, consumer: str = "ingest") -> dict[str, Any]:
+        """One fast run: publish the whole load, wait until InfluxDB holds every sample.
+
+        ``consumer``: ``ingest`` (the ingester) or ``minimal`` (bench/minimal_consumer.py, the comparison).
+        """
         args = self.args
         spec = self.spec
         total = spec.total_samples
         count = args.paho_publishers if kind == "paho" else 1
         say(
-            f"throughput [{label}]: {spec.devices} devices x {spec.messages} messages x {spec.samples} samples "
-            f"= {total:,} samples, {count} {kind} publisher process(es)"
+            f"throughput [{label}, {consumer}]: {spec.devices} devices x {spec.messages} messages x {spec.samples} "
+            f"samples = {total:,} samples, {count} {kind} publisher process(es)"
         )
-        ingester = IngesterProcess(self, label)
+        ingester = IngesterProcess(self, label, consumer)
         pool: PublisherPool | None = None
         spy: subprocess.Popen[bytes] | None = None
         try:
@@ -778,6 +805,7 @@ class Bench:
         seconds = done_at - first
         result = {
             "label": label,
+            "consumer": consumer,
             "publisher": kind,
             "publisher_processes": count,
             "samples": total,
@@ -1180,14 +1208,33 @@ _STAGES: list[tuple[str, Callable[[str], bool]]] = [
         lambda s: "Client.loop_read" in s and "properties.py" in s,
     ),
     ("paho: socket reads + packet parsing (loop_read, excluding the handler)", lambda s: "Client.loop_read" in s),
+    (
+        "MQTT receive: socket reads + PUBLISH parsing (FastPathClient, MqttConsumer._read, excluding the handler)",
+        lambda s: "MqttConsumer._read" in s,
+    ),
     ("acks: MqttConsumer.ack + paho PUBACK writes", lambda s: "MqttConsumer.ack" in s or "Client.loop_write" in s),
     ("InfluxDB writes (ingest/write.py, aiohttp)", lambda s: "aiohttp" in s or "ingest/write.py" in s),
     ("metrics endpoint", lambda s: "_metrics_handler" in s),
 ]
 
 
-def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
+_MINIMAL_STAGES: list[tuple[str, Callable[[str], bool]]] = [
+    ("start-up imports", lambda s: "importlib" in s),
+    ("on_message: msgspec decode (no schema)", lambda s: "on_message" in s and "msgspec" in s),
+    ("on_message: line formatting (sample_lines)", lambda s: "sample_lines" in s),
+    ("on_message: batching (Sink.add)", lambda s: "Sink.add" in s),
+    ("on_message: other", lambda s: "main.<locals>.on_message" in s),
+    ("paho: PUBACK writes", lambda s: "_send_puback" in s or "loop_write" in s),
+    ("paho: socket reads + packet parsing (loop_read, excluding on_message)", lambda s: "Client.loop_read" in s),
+    ("paho: select() and loop_forever", lambda s: "loop_forever" in s),
+    ("InfluxDB writes (writer threads, http.client)", lambda s: "Sink._writer" in s),
+    ("flush timer thread", lambda s: "Sink._timer" in s),
+]
+
+
+def summarize_profile(path: Path, top: int = 15, consumer: str = "ingest") -> dict[str, Any]:
     """Share of samples per stage and the hottest frames (self time) of a py-spy raw profile."""
+    stage_list = _STAGES if consumer == "ingest" else _MINIMAL_STAGES
     stages: collections.Counter[str] = collections.Counter()
     self_time: collections.Counter[str] = collections.Counter()
     total = 0
@@ -1197,7 +1244,7 @@ def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
             continue
         n = int(n_text)
         total += n
-        stage = next((name for name, match in _STAGES if match(stack)), "event loop, timers, other")
+        stage = next((name for name, match in stage_list if match(stack)), "event loop, timers, other")
         stages[stage] += n
         self_time[_short_frame(stack.split(";")[-1])] += n
     return {
@@ -1235,6 +1282,8 @@ def environment() -> dict[str, Any]:
         return ((out.stdout or out.stderr).strip().splitlines() or ["?"])[0]
 
     git = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    if git.startswith("fatal"):
+        git = f"none ({REPO} is not a git checkout)"
     dirty = subprocess.run(
         ["git", "-C", str(REPO), "status", "--porcelain", "--", "ingest", "compression", "simulators", "devices"],
         capture_output=True,
@@ -1296,6 +1345,7 @@ def results_table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(
             (f"Ingester peak RSS, {label}", f"{rss:.1f} MB", f"< {TARGET_RSS_MB:g} MB", _ok(rss < TARGET_RSS_MB))
         )
+    rows += _minimal_rows(phases)
     raw = phases.get("raw") or []
     if raw:
         raw_rate = statistics.median(x["samples_per_s"] for x in raw)
@@ -1348,6 +1398,49 @@ def results_table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _minimal_rows(phases: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The minimal consumer's runs and the ingester's ratios to them (same invocation, rounds back to back)."""
+    mine, theirs = phases.get("throughput_raw") or [], phases.get("throughput_minimal") or []
+    if not mine or not theirs:
+        return []
+    rates = [x["samples_per_s"] for x in theirs]
+    cpu = [x["ingester_cpu_us_per_sample"] for x in theirs]
+    lost = sum(abs(x["lost"]) for x in theirs)
+    pairs = list(zip(mine, theirs, strict=False))
+    cpu_ratio = statistics.median(x["ingester_cpu_us_per_sample"] for x in mine) / statistics.median(cpu)
+    rate_ratio = statistics.median(x["samples_per_s"] for x in mine) / statistics.median(rates)
+    each_cpu = " / ".join(f"{a['ingester_cpu_us_per_sample'] / b['ingester_cpu_us_per_sample']:.2f}" for a, b in pairs)
+    each_rate = " / ".join(f"{a['samples_per_s'] / b['samples_per_s']:.2f}" for a, b in pairs)
+    return [
+        (
+            f"Minimal consumer, end to end, raw-socket publisher (median of {len(theirs)}: "
+            f"{' / '.join(f'{v:,.0f}' for v in rates)})",
+            f"{statistics.median(rates):,.0f} samples/s",
+            "-",
+            "-",
+        ),
+        (
+            "Minimal consumer CPU per sample",
+            f"{statistics.median(cpu):.1f} us ({' / '.join(f'{v:.1f}' for v in cpu)})",
+            "-",
+            "-",
+        ),
+        ("Loss, minimal consumer (acks before writing)", f"{lost} of {sum(x['samples'] for x in theirs):,}", "-", "-"),
+        (
+            f"Ingester / minimal consumer, CPU per sample (medians; per round {each_cpu})",
+            f"{cpu_ratio:.2f}",
+            "<= 1",
+            _ok(cpu_ratio <= 1.0),
+        ),
+        (
+            f"Ingester / minimal consumer, end-to-end samples/s (medians; per round {each_rate})",
+            f"{rate_ratio:.2f}",
+            "-",
+            "-",
+        ),
+    ]
+
+
 def missed_targets(r: dict[str, Any]) -> bool:
     """True if any row failed its target."""
     return any(met == "**NO**" for *_, met in results_table(r))
@@ -1380,7 +1473,7 @@ def markdown(r: dict[str, Any], command: str) -> str:
     lines += ["", "| Metric | Measured | Target | Met |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in results_table(r)]
     cpu_rows = []
-    for name in ("throughput_paho", "throughput_raw"):
+    for name in ("throughput_paho", "throughput_raw", "throughput_minimal"):
         for x in r["phases"].get(name) or []:
             c = x["cpu_seconds"]
             cpu_rows.append(
@@ -1396,7 +1489,8 @@ def markdown(r: dict[str, Any], command: str) -> str:
             "CPU seconds per process over each throughput run (first publish to all samples queryable; "
             "`other` = the rest of the shared machine, kernel included):",
             "",
-            "| Run | Wall s | Ingester (user + system) | Publishers | Mosquitto | influxd | Bench poller | Other "
+            "| Run | Wall s | Ingester or minimal consumer (user + system) | Publishers | Mosquitto | influxd "
+            "| Bench poller | Other "
             "| Machine busy |",
             "|---|---|---|---|---|---|---|---|---|",
             *cpu_rows,
@@ -1450,14 +1544,17 @@ def markdown(r: dict[str, Any], command: str) -> str:
             f"it is restarted mid-run) used "
             f"{out['cpu_seconds']['other'] / max(out['cpu_seconds']['wall'], 1e-9):.2f} CPUs during the run.",
         ]
-    prof = r.get("profile")
-    if prof:
+    for key, who in (("profile", "ingester"), ("profile_minimal", "minimal consumer")):
+        prof = r.get(key)
+        if not prof:
+            continue
         lines += [
             "",
-            f"Profile (py-spy, 200 Hz, {prof['samples']} samples of the ingester during a throughput run "
-            f"with the {prof['publisher']} publisher; raw data in `{prof['path']}`):",
+            f"Profile of the {who} (py-spy, 200 Hz, {prof['samples']} samples during a throughput run "
+            f"with the {prof['publisher']} publisher: {prof['samples_per_s']:,.0f} samples/s, "
+            f"{prof['cpu_us_per_sample']:.1f} us/sample; raw data in `{prof['path']}`):",
             "",
-            "| Stage | Share of ingester CPU samples |",
+            f"| Stage | Share of the {who}'s CPU samples |",
             "|---|---|",
         ]
         lines += [f"| {name} | {share * 100:.1f} % |" for name, share in prof["stages"]]
@@ -1542,6 +1639,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra argument for `compression ingest` (repeatable), e.g. --ingest-arg=--mqtt-protocol "
         "--ingest-arg=3.1.1",
     )
+    p.add_argument(
+        "--minimal",
+        choices=("on", "off"),
+        default="on",
+        help="run bench/minimal_consumer.py beside the ingester in every raw-publisher throughput round, "
+        "alternating which goes first, and report the ratios (%(default)s)",
+    )
     p.add_argument("--keep-data", action="store_true", help="keep the servers' data folders")
     return p.parse_args(argv)
 
@@ -1564,6 +1668,13 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.repeat):
             if "throughput" not in args.skip:
                 for kind in kinds:
+                    if kind == "raw" and args.minimal == "on":
+                        # The ingester and the minimal consumer back to back, the order alternating per round.
+                        pair = [("ingest", "throughput_raw", "raw"), ("minimal", "throughput_minimal", "minimal")]
+                        for consumer, phase, name in pair if i % 2 == 0 else pair[::-1]:
+                            run = bench.throughput(kind, f"{name}-{i + 1}", consumer=consumer)
+                            phases.setdefault(phase, []).append(run)
+                        continue
                     phases.setdefault(f"throughput_{kind}", []).append(bench.throughput(kind, f"{kind}-{i + 1}"))
             if "raw" not in args.skip:
                 phases.setdefault("raw", []).append(bench.raw_write(f"raw-write-{i + 1}"))
@@ -1577,18 +1688,24 @@ def main(argv: list[str] | None = None) -> int:
                 say("py-spy not installed in the venv (.venv/bin/pip install py-spy): no profile")
             else:
                 kind = kinds[-1]
-                say("a target was missed: profiling the ingester with py-spy during one more throughput run")
-                run = bench.throughput(kind, f"profile-{kind}", profile=True)
-                summary = summarize_profile(Path(run["profile"]))
-                r["profile"] = {
-                    **summary,
-                    "path": run["profile"],
-                    "publisher": kind,
-                    "samples_per_s": run["samples_per_s"],
-                    "cpu_us_per_sample": run["ingester_cpu_us_per_sample"],
-                }
-                for name, share in summary["stages"]:
-                    say(f"    {share * 100:5.1f} %  {name}")
+                say("profiling the ingester with py-spy during one more throughput run")
+                consumers = [("profile", "ingest")]
+                if kind == "raw" and args.minimal == "on":
+                    consumers.append(("profile_minimal", "minimal"))
+                for key, consumer in consumers:
+                    run = bench.throughput(kind, f"{key.replace('_', '-')}-{kind}", profile=True, consumer=consumer)
+                    summary = summarize_profile(Path(run["profile"]), consumer=consumer)
+                    r[key] = {
+                        **summary,
+                        "path": run["profile"],
+                        "publisher": kind,
+                        "consumer": consumer,
+                        "samples_per_s": run["samples_per_s"],
+                        "cpu_us_per_sample": run["ingester_cpu_us_per_sample"],
+                    }
+                    say(f"  profile of the {consumer} consumer:")
+                    for name, share in summary["stages"]:
+                        say(f"    {share * 100:5.1f} %  {name}")
         completed = True
     finally:
         bench.close()

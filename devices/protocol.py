@@ -267,9 +267,9 @@ def decode_telemetry(
     Raises :class:`ProtocolError` when the whole message is rejected; otherwise
     returns the valid samples (possibly none) and a rejection per bad sample.
     """
+    judged: list[Sample | SampleRejection] | None = None
     try:
         message = _decode(payload, _TELEMETRY_DECODER)
-        judged: list[Sample | SampleRejection] = list(message.samples)
     except ProtocolError as whole:
         if whole.reason in ("not_json", "payload_too_large", TOO_DEEP):
             raise
@@ -280,6 +280,11 @@ def decode_telemetry(
                             envelope.battery_pct)  # fmt: skip
     if message.device_id != expected_device_id:
         raise ProtocolError("device_id_mismatch", "payload device_id differs from the topic's")
+    if judged is None:
+        times = [sample.t for sample in message.samples]
+        if min(times) >= now_ms - window.max_age_ms and max(times) <= now_ms + window.max_future_ms:
+            return TelemetryResult(message=message, rejected=())  # the usual case: every sample in the window
+        judged = list(message.samples)
     return _apply_time_window(message, judged, now_ms, window)
 
 

@@ -62,17 +62,19 @@ class Ingester:
 
     # -- the message path -------------------------------------------------
     def _on_message(self, topic: str, payload: bytes, entry: Entry, retained: bool = False) -> None:
+        enrichment = self.enrichment
+        attributions = enrichment.attributions if enrichment is not None else None  # one cache for the message
         try:
-            decoded = self._decoder.decode(topic, payload, time.time_ns(), retained)
+            decoded = self._decoder.decode(topic, payload, time.time_ns(), retained, attributions)
         except Exception as exc:  # noqa: BLE001 (a bug: logged once per kind with its traceback, dead-lettered)
             self._log_internal_error("decoder", topic, exc)
             decoded = self._decoder.internal_error(topic, payload, time.time_ns(), exc)
         counter = self._received.get(topic.rsplit("/", 1)[-1]) or self._received["unknown"]
         counter.inc()
-        enrichment = self.enrichment
-        if enrichment is not None and enrichment.attributions is not None:
+        if enrichment is not None and attributions is not None:
             try:
-                unattributed = attribute(decoded.lines, decoded.samples, enrichment.attributions)
+                unattributed = (decoded.unattributed if decoded.attributed
+                                else attribute(decoded.lines, decoded.samples, attributions))  # fmt: skip
             except Exception as exc:  # noqa: BLE001 (as above)
                 self._log_internal_error("enrichment", topic, exc)
                 decoded = self._decoder.internal_error(topic, payload, time.time_ns(), exc)

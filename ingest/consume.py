@@ -19,7 +19,9 @@ import asyncio
 import logging
 import socket
 import ssl
+import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,49 +42,179 @@ log = logging.getLogger(__name__)
 # (topic, payload, entry to acknowledge, retained): ``retained`` is the MQTT retain flag on delivery, set only when
 # the broker hands over its stored retained message (a new subscription), never for a message published live.
 MessageHandler = Callable[[str, bytes, Entry, bool], None]
-# paho reads one packet per loop_read(); reading a bounded burst per wake-up
-# saves an event-loop round trip per message.
-READS_PER_WAKEUP = 64
+# Socket reads (64 KiB each, about 50 telemetry messages) per wake-up of the reader, at most: a burst is read
+# without an event-loop round trip per read, and the writers and timers still get their turn.
+READS_PER_WAKEUP = 8
 
 
 class BrokerError(ConnectionError):
     """The broker could not be reached or refused us."""
 
 
-class BufferedClient(paho.Client):
-    """paho's client with buffered socket reads.
+# What the fast path hands on per PUBLISH: topic, payload, packet id (0 for QoS 0), QoS, retain flag; it
+# returns False to stop reading (the window is full).
+Deliver = Callable[[str, bytes, int, int, bool], bool]
 
-    paho reads each packet with three to four unbuffered ``recv`` calls (one
-    byte of command, the length bytes one by one, the body). Measured in the
-    benchmark, socket reads were a third of the ingester's CPU. This reads up
-    to 64 KiB at a time and serves paho from the buffer; the buffer is dropped
-    with its socket, so no byte of one connection reaches the next.
+_PUBACK_HEAD = 0x4002_0000  # PUBACK, remaining length 2: with the packet id, one big-endian 32-bit word
+
+
+def puback_packets(mids: list[int]) -> bytes:
+    """PUBACKs for ``mids`` (QoS 1 packet ids), in order, as one write.
+
+    Four bytes each, the same for MQTT 3.1.1 and 5: MQTT 5 allows a PUBACK
+    without reason code and properties when the reason is Success (0x00),
+    which is also what paho sends.
+    """
+    return struct.pack(f"!{len(mids)}I", *[_PUBACK_HEAD | mid for mid in mids])
+
+
+class FastPathClient(paho.Client):
+    """paho's client with our own read path for the packets that are the load: PUBLISH at QoS 0 and 1.
+
+    paho's receive path cost about half of the ingester's CPU (docs/benchmarks.md):
+    three or four ``recv`` calls per packet, its read state machine, an
+    ``MQTTMessage``, topic matching against callbacks, and with MQTT 5 a
+    ``Properties`` object per PUBLISH. Here the socket is read 64 KiB at a
+    time, whole PUBLISH packets are split out of that buffer and handed on as
+    (topic, payload, packet id, QoS, retain): the fixed header, the topic, the
+    packet id, the MQTT 5 property block skipped by its length (the ingester
+    uses no PUBLISH property; it announces no Topic Alias Maximum, so the
+    broker sends no topic alias), the payload.
+
+    Every other packet (CONNACK, SUBACK, PINGRESP, a broker's DISCONNECT, a
+    QoS 2 PUBLISH) and anything this parser does not fully understand goes
+    to paho unchanged and in order: paho reads it through ``_sock_recv``,
+    which serves only those bytes, so paho keeps the connection's state, the
+    keepalive, reconnection and its error handling. A read error or the end
+    of the stream is passed to paho the same way. The buffer belongs to one
+    socket and is dropped with it: no byte of one connection reaches the next.
     """
 
     READ_SIZE = 65_536
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._rbuf = b""
-        self._rpos = 0
+        self._drop_buffers()
 
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._rpos >= len(self._rbuf):
-            chunk = super()._sock_recv(self.READ_SIZE)
-            if not chunk:
-                return chunk  # connection closed: paho handles the empty read
-            self._rbuf, self._rpos = chunk, 0
-        out = self._rbuf[self._rpos : self._rpos + bufsize]
-        self._rpos += len(out)
-        return out
+    def _drop_buffers(self) -> None:
+        self._rbuf = b""  # read from the socket, parsed up to _rpos
+        self._rpos = 0
+        self._to_paho = b""  # one whole packet for paho's own reader
+        self._read_failure: OSError | EOFError | None = None  # a read error, or the end of the stream, for paho
 
     def _sock_close(self) -> None:
-        self._rbuf, self._rpos = b"", 0
+        self._drop_buffers()
         super()._sock_close()
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        """paho's reads: only the bytes handed to it, then the failure met by :meth:`fill`, if any."""
+        data = self._to_paho
+        if data:
+            self._to_paho = data[bufsize:]
+            return data[:bufsize]
+        failure = self._read_failure
+        if failure is None:
+            raise BlockingIOError
+        if isinstance(failure, EOFError):
+            return b""  # the broker closed the connection: paho's "connection lost"
+        raise failure
+
+    def fill(self) -> bool:
+        """Read what the socket holds (up to 64 KiB) behind the unparsed rest; False when nothing came.
+
+        A read error or the end of the stream is handed to paho, which closes
+        the connection and calls ``on_disconnect``; then this returns False too.
+        """
+        if self._sock is None:
+            return False
+        try:
+            chunk = super()._sock_recv(self.READ_SIZE)  # paho's: maps SSL want-read/write to BlockingIOError
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self._fail(exc)
+            return False
+        if not chunk:
+            self._fail(EOFError())
+            return False
+        rest = self._rbuf[self._rpos :] if self._rpos < len(self._rbuf) else b""
+        self._rbuf = rest + chunk if rest else chunk
+        self._rpos = 0
+        with self._msgtime_mutex:
+            self._last_bytes_received = time.monotonic()  # paho's keepalive: the broker is alive
+        return True
+
+    def _fail(self, failure: OSError | EOFError) -> None:
+        self._read_failure = failure
+        super().loop_read()  # paho meets it in _packet_read: MQTT_ERR_CONN_LOST, close, on_disconnect
 
     def has_buffered(self) -> bool:
         """True if bytes already read from the socket wait to be parsed."""
         return self._rpos < len(self._rbuf)
+
+    def _to_paho_now(self, packet: bytes) -> None:
+        """Let paho read and handle one packet (it may call back, disconnect, close the socket)."""
+        self._to_paho = packet
+        while self._to_paho and self._sock is not None:
+            super().loop_read()
+        self._to_paho = b""
+
+    def parse(self, deliver: Deliver) -> bool:
+        """Hand on every whole packet in the buffer, in order; False when reading must stop.
+
+        It stops when ``deliver`` says so (the window is full; the rest stays
+        buffered for the next call) or when the connection is gone.
+        """
+        buf, pos = self._rbuf, self._rpos
+        end = len(buf)
+        v5 = self._protocol == paho.MQTTv5
+        while pos < end:
+            first = buf[pos]
+            at, length, shift = pos + 1, 0, 0
+            while at < end:  # remaining length: 1-4 bytes, 7 bits each, little end first
+                byte = buf[at]
+                length |= (byte & 0x7F) << shift
+                at += 1
+                if byte < 0x80 or shift == 21:
+                    break
+                shift += 7
+            else:
+                break  # the fixed header is not complete yet
+            if buf[at - 1] >= 0x80:  # a fifth length byte: malformed; paho's way, a lost connection
+                self._fail(ConnectionError("malformed packet from the broker (remaining length over 4 bytes)"))
+                return False
+            stop = at + length
+            if stop > end:
+                break  # the packet is not complete yet
+            self._rpos = stop
+            if (first & 0xF6) in (0x30, 0x32) and length >= 2:  # PUBLISH at QoS 0 or 1 (any dup, retain)
+                topic_end = at + 2 + (buf[at] << 8 | buf[at + 1])
+                body = topic_end + 2 if first & 0x02 else topic_end
+                if v5 and body < stop:
+                    props, shift = 0, 0
+                    while body < stop:
+                        byte = buf[body]
+                        props |= (byte & 0x7F) << shift
+                        body += 1
+                        if byte < 0x80 or shift == 21:
+                            break
+                        shift += 7
+                    body = body + props if byte < 0x80 else stop + 1
+                elif v5:
+                    body = stop + 1  # no property length: malformed
+                if body <= stop and (v5 or topic_end > at + 2):
+                    topic = buf[at + 2 : topic_end].decode("utf-8", "replace")
+                    mid = buf[topic_end] << 8 | buf[topic_end + 1] if first & 0x02 else 0
+                    if not deliver(topic, buf[body:stop], mid, first >> 1 & 3, bool(first & 1)):
+                        return False
+                    pos = stop
+                    continue
+            self._to_paho_now(buf[pos:stop])  # any other packet, or one we do not fully understand
+            if self._sock is None:
+                return False
+            pos = stop
+        self._rpos = pos
+        return True
 
 
 class MqttConsumer:
@@ -108,10 +240,10 @@ class MqttConsumer:
         metrics.inflight.set_function(lambda: self.unacked)
 
     # -- set-up ---------------------------------------------------------
-    def _make_client(self) -> BufferedClient:
+    def _make_client(self) -> FastPathClient:
         s = self._settings
         v5 = s.mqtt_protocol == "5"
-        client = BufferedClient(
+        client = FastPathClient(
             CallbackAPIVersion.VERSION2,
             client_id=s.mqtt_client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
@@ -191,21 +323,29 @@ class MqttConsumer:
             self._loop.remove_writer(sock)
 
     def _read(self) -> None:
-        before = -1
+        if self._paused:
+            return  # a call scheduled before the pause (or the shutdown) began
+        client = self._client
         reads = 0
-        while reads < READS_PER_WAKEUP and not self._paused and self._received != before:
-            before = self._received
-            self._client.loop_read()
+        while client.parse(self._deliver):
+            if reads == READS_PER_WAKEUP or not client.fill():
+                break
             reads += 1
-        if self._paused or self._sock is None:
-            return
-        # Bytes already read (into our buffer, or decrypted inside an SSL socket)
-        # do not make the socket readable again: come back for them.
+        else:
+            return  # paused at the window, or the connection is gone
+        # Bytes decrypted inside an SSL socket do not make it readable again: come back for them.
         sock = self._sock
-        if self._client.has_buffered() or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+        if isinstance(sock, ssl.SSLSocket) and sock.pending() and not self._paused:
             self._loop.call_soon(self._read)
 
-    _received = 0
+    def _deliver(self, topic: str, payload: bytes, mid: int, qos: int, retained: bool) -> bool:
+        """One PUBLISH from the fast path: count it against the window, hand it on; False: stop reading."""
+        if qos:
+            self.unacked += 1
+            if self.unacked > self._window:
+                self._set_paused(True)
+        self._handler(topic, payload, Entry(mid, qos, self.generation), retained)
+        return not self._paused
 
     # -- MQTT callbacks ---------------------------------------------------
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
@@ -237,13 +377,9 @@ class MqttConsumer:
         self._disconnected.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        self._received += 1
-        entry = Entry(message.mid, message.qos, self.generation)
-        if message.qos > 0:
-            self.unacked += 1
-            if self.unacked > self._window:
-                self._set_paused(True)
-        self._handler(message.topic, bytes(message.payload), entry, bool(message.retain))
+        # Only what the fast path leaves to paho: a QoS 2 PUBLISH (we subscribe at QoS 1, so none is expected).
+        topic = message._topic.decode("utf-8", "replace")  # message.topic raises on invalid UTF-8
+        self._deliver(topic, bytes(message.payload), message.mid, message.qos, bool(message.retain))
 
     # -- flow control -----------------------------------------------------
     def _set_paused(self, paused: bool) -> None:
@@ -267,20 +403,31 @@ class MqttConsumer:
     def ack(self, entries: list[Entry]) -> None:
         """Acknowledge written messages, in order; skip those of a lost connection."""
         current = self.generation if self._connected.is_set() else -1
+        mids: list[int] = []
         acked = skipped = 0
         for entry in entries:
-            if entry.qos == 0:
+            if entry.qos == 1 and entry.generation == current:
+                mids.append(entry.mid)
+            elif entry.qos == 0:
                 continue
-            if entry.generation != current:
+            elif entry.generation != current:
                 skipped += 1
-                continue
-            self._client.ack(entry.mid, entry.qos)
-            acked += 1
+            else:  # QoS 2, left to paho (PUBCOMP), in its place among the PUBACKs
+                acked += self._send_pubacks(mids) + 1
+                mids = []
+                self._client.ack(entry.mid, entry.qos)
+        acked += self._send_pubacks(mids)
         self.unacked -= acked
         self._metrics.acked.inc(acked)
         self._metrics.ack_skipped.inc(skipped)
         if self._paused and self.unacked <= self._window and not self._shutting_down:
             self._set_paused(False)
+
+    def _send_pubacks(self, mids: list[int]) -> int:
+        """Queue the PUBACKs of ``mids`` as one packet write behind what paho already queued; how many."""
+        if mids:
+            self._client._packet_queue(PacketTypes.PUBACK << 4, puback_packets(mids), 0, 0)
+        return len(mids)
 
     # -- lifecycle --------------------------------------------------------
     async def run(self) -> None:

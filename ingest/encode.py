@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 import msgspec
@@ -112,21 +112,27 @@ def wear_seconds(times_ms: Sequence[int], kind: str, max_gap_s: float) -> list[f
     return gaps
 
 
-_ZONE_KEYS: Final = {zone: f"{zone}_mmhg=" for zone in ("foot", "ankle", "calf", "knee", "thigh")}
-# msgspec writes the shortest round-tripping form of a float, like repr(), but
-# for a whole message in one C call: about a quarter of repr()'s cost here.
-_FLOATS: Final = msgspec.json.Encoder()
+# msgspec writes the shortest round-tripping form of a float, like repr(), but for a whole message in one C
+# call: about a quarter of repr()'s cost here.
+_JSON: Final = msgspec.json.Encoder()
 
 
-def _float_texts(values: list[float]) -> list[str]:
-    return _FLOATS.encode(values).decode()[1:-1].split(",")
-
-
-def telemetry_lines(message: Telemetry, max_gap_s: float = DEFAULT_MAX_WEAR_GAP_S) -> list[str]:
+def telemetry_lines(
+    message: Telemetry, max_gap_s: float = DEFAULT_MAX_WEAR_GAP_S, series: str | None = None
+) -> list[str]:
     """One ``sample`` point per valid sample of a telemetry message (the hot path).
 
     Device ids and zones were validated against the protocol's patterns, so
     they need no escaping here. Values are finite (validated ranges).
+    ``series``: the series key to write instead of ``sample,device=...,kind=...``
+    (the same with the registry's tags, from :func:`attribute_telemetry`).
+
+    The text is made per message, not per value: one msgspec call writes every
+    sample's pressures as JSON objects (``{"ankle":22.8,"calf":17.1}``), which
+    two replacements and a split turn into each sample's fields
+    (``ankle_mmhg=22.8,calf_mmhg=17.1``: zone names are the protocol's
+    literals, and a float's text has no quote, brace or comma); another call
+    writes the wear spans and skin temperatures (``null`` for none).
     """
     samples = message.samples
     if not samples:
@@ -136,16 +142,17 @@ def telemetry_lines(message: Telemetry, max_gap_s: float = DEFAULT_MAX_WEAR_GAP_
         samples = sorted(samples, key=_sample_time)
         times = [s.t for s in samples]
     spans = wear_seconds(times, message.kind, max_gap_s)
-    values: list[float] = []
-    for sample, span in zip(samples, spans, strict=True):
-        values.extend(sample.pressure_mmhg.values())
-        values.append(span)
-        if sample.skin_temp_c is not None:
-            values.append(sample.skin_temp_c)
-    texts = iter(_float_texts(values))
-    head = f"{SAMPLE},device={message.device_id},kind={message.kind} "
-    seq = f"seq={message.seq}i "
-    lines = [_sample_line(head, sample, texts, seq) for sample in samples]
+    pressures = _JSON.encode([s.pressure_mmhg for s in samples]).decode()[2:-2]
+    fields = pressures.replace('":', "_mmhg=").replace('"', "").split("},{")
+    texts = _JSON.encode(spans + [s.skin_temp_c for s in samples]).decode()[1:-1].split(",")
+    n = len(samples)
+    head = f"{series or _sample_series(message)} "
+    tail = f",seq={message.seq}i "
+    lines = [
+        f"{head}{zones}{',' if zones else ''}worn={'true,worn_s=' + span if sample.worn else 'false,worn_s=0.0'}"
+        f"{'' if skin == 'null' else ',skin_temp_c=' + skin}{tail}{t}000000"
+        for zones, sample, span, skin, t in zip(fields, samples, texts[:n], texts[n:], times, strict=True)
+    ]
     if message.battery_pct is not None:
         last = lines[-1]
         cut = last.rindex(" ")
@@ -157,14 +164,8 @@ def _sample_time(sample: Sample) -> int:
     return sample.t
 
 
-def _sample_line(head: str, sample: Sample, texts: Iterator[str], seq: str) -> str:
-    parts = [_ZONE_KEYS[zone] + next(texts) for zone in sample.pressure_mmhg]
-    span = next(texts)
-    parts.append("worn=true,worn_s=" + span if sample.worn else "worn=false,worn_s=0.0")
-    if sample.skin_temp_c is not None:
-        parts.append("skin_temp_c=" + next(texts))
-    parts.append(seq)
-    return f"{head}{','.join(parts)}{sample.t}000000"
+def _sample_series(message: Telemetry) -> str:
+    return f"{SAMPLE},device={message.device_id},kind={message.kind}"
 
 
 _EVENT_FIELDS: Final = (
@@ -301,6 +302,22 @@ def _tag_name(part: str) -> str:
     return part.partition("=")[0]
 
 
+def attribute_telemetry(message: Telemetry, attributions: Attributions) -> tuple[str, Unattributed] | None:
+    """Before encoding: the series key, with who held the device, of a message whose samples all fall in one
+    stretch of its device's history (the usual case), and what went unattributed; its lines are then written
+    with that key at once instead of being rewritten by :func:`attribute`. None when the message has no sample
+    or a boundary falls inside it: then :func:`attribute` tags the encoded lines sample by sample.
+    """
+    if not message.samples:
+        return None
+    times = [s.t for s in message.samples]
+    who = attributions.lookup(message.device_id, min(times))
+    if not who.holds(max(times)):
+        return None
+    key = _tagged_key(_sample_series(message), who)
+    return key, (_NONE if who.reason is None else ((SAMPLE, message.device_id, who.reason, len(times)),))
+
+
 # --- receipts: which patient-hours got data, for the monitor's incremental evaluation --------------------------------
 
 RECEIPT: Final = "receipt"
@@ -335,16 +352,25 @@ def receipt_lines(lines: list[str], samples: int, received_ms: int) -> list[str]
     else:
         return []
     out: list[str] = []
+    seen = tags = None
     for text in candidates:
         key = text[: text.index(" ")]
-        at = key.find(",patient=")
-        if at < 0:
+        if key != seen:  # a message's first and last sample usually share their series
+            seen, tags = key, _receipt_tags(key)
+        if tags is None:
             continue  # not attributed: the monitor cannot use it
-        clinic = key.find(",clinic=")
-        patient = key[at + 9 :].split(",", 1)[0]
-        tags = f"clinic={key[clinic + 8 :].split(',', 1)[0]},patient={patient}" if clinic >= 0 else f"patient={patient}"
         hour = int(text[text.rindex(" ") + 1 :]) // _HOUR_NS * _HOUR_NS
         line = f"{RECEIPT},{tags} received_ms={received_ms}i {hour}"
         if line not in out:
             out.append(line)
     return out
+
+
+def _receipt_tags(key: str) -> str | None:
+    """``clinic=...,patient=...`` of an attributed series key (None if it names no patient)."""
+    at = key.find(",patient=")
+    if at < 0:
+        return None
+    clinic = key.find(",clinic=")
+    patient = key[at + 9 :].split(",", 1)[0]
+    return f"clinic={key[clinic + 8 :].split(',', 1)[0]},patient={patient}" if clinic >= 0 else f"patient={patient}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -91,6 +92,51 @@ def test_telemetry_lines_schema() -> None:
                      "1000000000000000")  # fmt: skip
     assert second == ("sample,device=sock-0001,kind=sock ankle_mmhg=24.0,calf_mmhg=18.25,worn=true,worn_s=60.0,"
                       "skin_temp_c=32.5,seq=7i,battery_pct=81i 1000060000000000")  # fmt: skip
+
+
+def reference_sample_lines(message: Telemetry, max_gap_s: float = 120.0) -> list[str]:
+    """The schema of a ``sample`` line written out plainly, one sample and one field at a time."""
+    samples = sorted(message.samples, key=lambda s: s.t)
+    spans = wear_seconds([s.t for s in samples], message.kind, max_gap_s)
+    lines = []
+    for i, (sample, span) in enumerate(zip(samples, spans, strict=True)):
+        fields = [f"{zone}_mmhg={msgspec.json.encode(value).decode()}" for zone, value in sample.pressure_mmhg.items()]
+        fields.append(
+            f"worn=true,worn_s={msgspec.json.encode(span).decode()}" if sample.worn else "worn=false,worn_s=0.0"
+        )
+        if sample.skin_temp_c is not None:
+            fields.append(f"skin_temp_c={msgspec.json.encode(sample.skin_temp_c).decode()}")
+        fields.append(f"seq={message.seq}i")
+        if i == len(samples) - 1 and message.battery_pct is not None:
+            fields.append(f"battery_pct={message.battery_pct}i")
+        lines.append(f"sample,device={message.device_id},kind={message.kind} {','.join(fields)} {sample.t * 10**6}")
+    return lines
+
+
+zones = st.sampled_from(["foot", "ankle", "calf", "knee", "thigh"])
+mmhg = st.floats(0.0, 250.0, allow_nan=False)
+samples = st.builds(
+    Sample,
+    t=st.integers(1, 2**40),  # 0 would be written "0000000": the same number, another text
+    worn=st.booleans(),
+    pressure_mmhg=st.dictionaries(zones, mmhg, max_size=5),
+    skin_temp_c=st.none() | st.floats(15.0, 45.0, allow_nan=False),
+)
+
+
+@given(
+    st.builds(
+        Telemetry,
+        v=st.just(1),
+        device_id=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{2,20}", fullmatch=True),
+        kind=st.sampled_from(["sock", "boot"]),
+        seq=st.integers(0, 2**63 - 1),
+        samples=st.lists(samples, min_size=1, max_size=12),
+        battery_pct=st.none() | st.integers(0, 100),
+    )
+)
+def test_telemetry_lines_are_the_schema_written_out_sample_by_sample(message: Telemetry) -> None:
+    assert telemetry_lines(message) == reference_sample_lines(message)
 
 
 def test_wear_seconds_caps_gaps_and_uses_nominal_period() -> None:
