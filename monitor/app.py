@@ -40,7 +40,7 @@ from devices.registry.db import make_engine, migrate, session_factory
 from devices.registry.service import SYSTEM, Actor, Registry
 from ingest.encode import escape_key, escape_string
 from ingest.reattribute import Influx, ReattributionError, reattribute, targets
-from monitor import figures
+from monitor import figures, summaries
 from monitor import queries as q
 from monitor.compliance import (
     WINDOW_DAYS,
@@ -52,7 +52,6 @@ from monitor.compliance import (
     local_days,
     outage_days,
     pipeline_hours,
-    raw_day_stats,
     safety_flags,
     windowed,
 )
@@ -74,12 +73,16 @@ from monitor.model import BootRx, DayResult, DayStats, LegStats, PatientContext,
 from monitor.registry import load_contexts
 from monitor.settings import MonitorSettings
 from monitor.state import DayFlags, Episode, Outbox, State
+from monitor.summaries import Report
 
 log = logging.getLogger(__name__)
 CHART_DAYS = 14
 MONITOR_ACTOR = Actor("monitor", "admin")  # in the registry's audit trail for the re-attributions it carries out
 # Receipts are asked for from a little before the previous evaluation: one written while it ran is not missed.
 RECEIPT_MARGIN_MS = 120_000
+# A retention policy drops whole shard groups (7 days for a 13-month policy): days this close to the retention's
+# edge are not rebuilt either, their raw samples may already be gone.
+RETENTION_GRACE_DAYS = 8
 
 
 @dataclass(slots=True)
@@ -96,7 +99,10 @@ class Counters:
     failed: int = 0
     digests: int = 0
     last_evaluation_s: float = 0.0
-    last_read_days: dict[int, int] = field(default_factory=dict)
+    last_read_days: dict[int, int] = field(default_factory=dict)  # days read back -> patients (last evaluation)
+    last_rebuilt: int = 0  # patient-days rebuilt from raw samples by the last evaluation
+    rebuilt: int = 0
+    summaries_read: int = 0
     lease_held: bool = False
     problems: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Recipients whose last e-mail failed for good (refused by the server, unusable address, not composable), with
@@ -231,6 +237,9 @@ class Monitor:
         self._receipts_since_ms = 0
         self._full_at = 0.0
         self._healthy: set[int] = set()
+        self._policy_ready = False  # the summaries' retention policy exists
+        self._deferred: dict[str, date] = {}  # unfinished days with readings newer than their summary
+        self._peaks: dict[str, tuple[date, float]] = {}  # today's highest boot pressure, from the safety checks
 
     def stop(self) -> None:
         """Finish the current step, give up the lease, return from :meth:`run`."""
@@ -286,6 +295,9 @@ class Monitor:
         self._note_problems(contexts)
         judged = [c for c in contexts if c.rx is not None]
         try:
+            if not self._policy_ready:
+                await summaries.ensure_policy(self.reader, self.settings.influx_database)
+                self._policy_ready = True
             stats = await self._day_stats(judged, now_ms)
             seen = await self._last_seen(judged, now_ms)
             healthy = await self._pipeline_hours(now_ms)
@@ -307,8 +319,10 @@ class Monitor:
         return True
 
     async def _day_stats(self, judged: Sequence[PatientContext], now_ms: int | None) -> dict[str, list[DayStats]]:
-        """Every judged patient's last ``days_back`` days with their windows: from the cache, re-read from InfluxDB
-        for the days that got data since the last evaluation; everything re-read every ``full_every_s``."""
+        """Every judged patient's last ``days_back`` days with their windows, from the day summaries
+        (``monitor.summaries``): all of them every ``full_every_s`` (and first); in between, only the days whose
+        receipts are newer than the last evaluation, and patients whose context changed. Stale summaries are
+        rebuilt from the raw samples and written back on the way."""
         now = now_ms if now_ms is not None else int(time.time() * 1000)
         span = self.settings.days_back + WINDOW_DAYS - 1
         full = time.monotonic() - self._full_at > self.settings.full_every_s or not self._raw
@@ -317,57 +331,74 @@ class Monitor:
             back = {c.patient: span for c in judged}
             self._full_at = time.monotonic()
         else:
-            changed = await self._changed_since(judged, since, now)
-            back = {c.patient: self._days_to_read(c, changed.get(c.patient), now, span) for c in judged}
+            start = now - (span + 2) * 86_400_000
+            changed = await summaries.receipts(self.reader, self.settings.influx_database, judged, start,
+                                               now + 300_000, since_ms=since)  # fmt: skip
+            back = {}
+            for ctx in judged:
+                earliest = min(changed.get(ctx.patient, {}), default=None)
+                pending = self._deferred.get(ctx.patient)
+                wanted = self._days_to_read(ctx, earliest, pending, now, span)
+                if wanted is not None:
+                    back[ctx.patient] = wanted
         buckets: dict[int, list[PatientContext]] = defaultdict(list)
         for ctx in judged:
-            buckets[back[ctx.patient]].append(ctx)
+            if ctx.patient in back:
+                buckets[back[ctx.patient]].append(ctx)
+        report = Report()
         for days_back, members in sorted(buckets.items()):
-            fresh = await raw_day_stats(self.reader, self.settings.influx_database, members, days_back, now_ms)
+            fresh = await summaries.load(self.reader, self.settings.influx_database, members, days_back, now,
+                                         write=True, today_every_ms=int(self.settings.today_every_s * 1000),
+                                         horizon_ms=self._horizon_ms(now), report=report)  # fmt: skip
             for ctx in members:
                 cached = self._raw.get(ctx.patient)
                 days = dict(cached[1]) if cached and cached[0] == ctx and days_back < span else {}
-                days.update({d.day: d for d in fresh.get(ctx.patient, [])})
+                days.update(fresh.get(ctx.patient, {}))
                 self._raw[ctx.patient] = (ctx, days)
+        self._deferred = dict(report.deferred)
         self.counters.last_read_days = dict(sorted((k, len(v)) for k, v in buckets.items()))
+        self.counters.last_rebuilt = report.rebuilt
+        self.counters.summaries_read += report.read
+        self.counters.rebuilt += report.rebuilt
         out = {}
         for ctx in judged:
-            wanted = [day for day, _, _ in local_days(ctx.timezone, span, now)]
-            days = self._raw[ctx.patient][1]
-            self._raw[ctx.patient] = (ctx, {d: days[d] for d in wanted})
-            out[ctx.patient] = windowed(ctx, [days[d] for d in wanted])
+            span_days = local_days(ctx.timezone, span, now)
+            have = self._raw[ctx.patient][1]
+            kept = {d: have.get(d) or DayStats(d, start, end, end <= now) for d, start, end in span_days}
+            self._raw[ctx.patient] = (ctx, kept)
+            out[ctx.patient] = windowed(ctx, [self._with_peak(ctx, kept[d]) for d, _, _ in span_days])
         return out
 
-    def _days_to_read(self, ctx: PatientContext, earliest_ms: int | None, now: int, span: int) -> int:
-        """How many days back to re-read for ``ctx``: everything when its context changed or its cache has gaps,
-        else from the earliest day with new data, and at least yesterday (its completion) and today."""
+    def _with_peak(self, ctx: PatientContext, day: DayStats) -> DayStats:
+        """Today's figures with the highest pressure the safety checks saw (they read it before any summary)."""
+        seen = self._peaks.get(ctx.patient)
+        if day.complete or seen is None or seen[0] != day.day:
+            return day
+        return replace(day, peak_mmhg=max(seen[1], day.peak_mmhg or 0.0))
+
+    def _horizon_ms(self, now_ms: int) -> int | None:
+        """Days starting before this may have lost their raw samples to the retention policy: never rebuilt."""
+        if not self.settings.raw_retention_days:
+            return None
+        return now_ms - (self.settings.raw_retention_days - RETENTION_GRACE_DAYS) * 86_400_000
+
+    def _days_to_read(self, ctx: PatientContext, earliest_ms: int | None, pending: date | None, now: int,
+                      span: int) -> int | None:  # fmt: skip
+        """How many days back to read for ``ctx`` (``None``: nothing): everything when its context changed or its
+        cache has gaps, else from the earliest day with new readings (or a deferred unfinished day), and at least
+        yesterday and today after a change of day."""
         cached = self._raw.get(ctx.patient)
         if cached is None or cached[0] != ctx:
             return span
         zone = ZoneInfo(ctx.timezone)
         today = datetime.fromtimestamp(now / 1000, zone).date()
-        wanted = [day for day, _, _ in local_days(ctx.timezone, span, now)]
-        missing = [d for d in wanted if d not in cached[1]]
-        oldest = min(missing, default=today - timedelta(days=1))
+        missing = [d for d, _, _ in local_days(ctx.timezone, span, now) if d not in cached[1]]
+        found = [d for d in (min(missing, default=None), pending) if d is not None]
         if earliest_ms is not None:
-            oldest = min(oldest, datetime.fromtimestamp(earliest_ms / 1000, zone).date())
-        return min(span, max(1, (today - oldest).days))
-
-    async def _changed_since(self, judged: Sequence[PatientContext], since_ms: int, now: int) -> dict[str, int]:
-        """Per patient, the earliest hour (epoch ms) that received data after ``since_ms`` (the ingester's receipts)."""
-        if not judged:
-            return {}
-        start = now - (self.settings.days_back + WINDOW_DAYS + 1) * 86_400_000
-        statement = (f"SELECT min(received_ms) FROM receipt WHERE received_ms > {int(since_ms)} AND "
-                     f"{q.patient_filter([c.patient for c in judged])} AND {q.time_range(start, now + 300_000)} "
-                     "GROUP BY time(1h), patient fill(none)")  # fmt: skip
-        earliest: dict[str, int] = {}
-        for series in await self.reader.run(self.settings.influx_database, [statement]):
-            for s in series:
-                patient = (s.get("tags") or {}).get("patient")
-                if patient and s["values"]:
-                    earliest[patient] = min(int(row[0]) for row in s["values"])
-        return earliest
+            found.append(datetime.fromtimestamp(earliest_ms / 1000, zone).date())
+        if not found:
+            return None
+        return min(span, max(0, (today - min(found)).days))
 
     async def reattribute_pending(self) -> int:
         """Carry out the re-attributions asked through the API (``POST /devices/{id}/reattributions``): rewrite the
