@@ -26,13 +26,12 @@ import signal
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import aiohttp
 import msgspec
 from sqlalchemy import select
 
@@ -55,7 +54,7 @@ from monitor.compliance import (
     safety_flags,
     windowed,
 )
-from monitor.evaluate import Ending, Live, MailData, Outcome, evaluate
+from monitor.evaluate import Ending, Live, MailData, Outcome, evaluate, open_urgent
 from monitor.letters import Letters, also_to
 from monitor.mail import (
     FLAG_TITLE,
@@ -237,6 +236,8 @@ class Monitor:
         self._receipts_since_ms = 0
         self._full_at = 0.0
         self._healthy: set[int] = set()
+        self._holding = asyncio.Event()  # set while this replica holds the lease: the workers run
+        self._writing = asyncio.Lock()  # the evaluation and the safety checks write the state one at a time
         self._policy_ready = False  # the summaries' retention policy exists
         self._deferred: dict[str, date] = {}  # unfinished days with readings newer than their summary
         self._peaks: dict[str, tuple[date, float]] = {}  # today's highest boot pressure, from the safety checks
@@ -246,13 +247,22 @@ class Monitor:
         self._stop.set()
 
     async def run(self) -> None:
-        """Work while holding the lease, until :meth:`stop`."""
-        next_full = next_safety = 0.0
+        """Work while holding the lease, until :meth:`stop`: three tasks, so none waits for another.
+
+        - the evaluation (every ``interval_s``; a full one can take a minute at 10,000 patients);
+        - the safety checks (every ``safety_interval_s``): today's boot pressures, an over-pressure opens its
+          episode and queues its e-mail at once, whatever the evaluation is doing;
+        - the lease, the digest and the outbox (this loop), so e-mails go out during an evaluation too.
+
+        The state database is written under one lock (:attr:`_writing`), held for the writes only.
+        """
         log.info("monitor %s: influx=%s db=%s registry=%s state=%s smtp=%s:%d every %gs (safety %gs)",
                  self.replica, self.settings.influx_url, self.settings.influx_database,
                  self.settings.registry_database_url.split("@")[-1], self.settings.state_database_url.split("@")[-1],
                  self.settings.smtp_host, self.settings.smtp_port, self.settings.interval_s,
                  self.settings.safety_interval_s)  # fmt: skip
+        workers = [asyncio.create_task(self._every(self._evaluation_round, "evaluation")),
+                   asyncio.create_task(self._every(self._safety_round, "safety check"))]  # fmt: skip
         try:
             while not self._stop.is_set():
                 held = False
@@ -261,24 +271,45 @@ class Monitor:
                     if held != self.counters.lease_held:
                         log.info("monitor %s %s the lease", self.replica, "holds" if held else "does not hold")
                     self.counters.lease_held = held
+                    self._holding.set() if held else self._holding.clear()
                     if held:
-                        now = time.monotonic()
-                        if now >= next_full:
-                            ok = await self.evaluate_once()
-                            next_full = now + (self.settings.interval_s if ok else min(10.0, self.settings.interval_s))
-                            next_safety = now + self.settings.safety_interval_s
-                        elif now >= next_safety:
-                            await self.safety_once()
-                            next_safety = now + self.settings.safety_interval_s
                         await self.digest_if_due()
                         await self.send_due()
                 except Exception:  # e.g. the state database restarting: log, wait, try again; never exit
                     self.counters.lease_held = held = False
+                    self._holding.clear()
                     log.exception("monitor %s: this round failed; trying again shortly", self.replica)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), timeout=self._pause(held))
         finally:
+            self._holding.clear()
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
             await asyncio.to_thread(self.state.release_lease, self.replica)
+
+    async def _every(self, step: Callable[[], Awaitable[float]], name: str) -> None:
+        """Run ``step`` while the lease is held, waiting the seconds it returns between runs; never exits on error."""
+        while not self._stop.is_set():
+            await self._holding.wait()
+            try:
+                pause = await step()
+            except Exception:  # logged with its traceback: one failed round must not stop the task
+                log.exception("monitor %s: %s failed; trying again shortly", self.replica, name)
+                pause = min(10.0, self.settings.interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=pause)
+
+    async def _evaluation_round(self) -> float:
+        started = time.monotonic()
+        ok = await self.evaluate_once()
+        wait = self.settings.interval_s if ok else min(10.0, self.settings.interval_s)
+        return max(0.0, wait - (time.monotonic() - started))
+
+    async def _safety_round(self) -> float:
+        started = time.monotonic()
+        await self.safety_once()
+        return max(0.0, self.settings.safety_interval_s - (time.monotonic() - started))
 
     def _pause(self, held: bool) -> float:
         if not held:
@@ -296,8 +327,7 @@ class Monitor:
         judged = [c for c in contexts if c.rx is not None]
         try:
             if not self._policy_ready:
-                await summaries.ensure_policy(self.reader, self.settings.influx_database)
-                self._policy_ready = True
+                await self.ensure_retention()
             stats = await self._day_stats(judged, now_ms)
             seen = await self._last_seen(judged, now_ms)
             healthy = await self._pipeline_hours(now_ms)
@@ -317,6 +347,20 @@ class Monitor:
         log.info("evaluated %d patients (%d judged) in %.2fs", len(contexts), len(judged),
                  self.counters.last_evaluation_s)  # fmt: skip
         return True
+
+    async def ensure_retention(self) -> None:
+        """The retention policies (``monitor.summaries.ensure_policy``): summaries and flags for ever, raw samples for
+        ``raw_retention_days``. Without the InfluxDB admin right this needs, a warning says what to run, and the
+        monitor goes on (an admin or deploy/influxdb/compression-users.sh sets them)."""
+        try:
+            await summaries.ensure_policy(self.reader, self.settings.influx_database, self.settings.raw_retention_days)
+        except InfluxQueryError as exc:
+            if "authoriz" not in str(exc):
+                raise
+            log.warning("cannot set the retention policies (%s): an InfluxDB admin must create the retention policy "
+                        "%r (DURATION INF) and give the default one %d days (deploy/influxdb/compression-users.sh)",
+                        exc, q.SUMMARY_RP, self.settings.raw_retention_days)  # fmt: skip
+        self._policy_ready = True
 
     async def _day_stats(self, judged: Sequence[PatientContext], now_ms: int | None) -> dict[str, list[DayStats]]:
         """Every judged patient's last ``days_back`` days with their windows, from the day summaries
@@ -434,24 +478,45 @@ class Monitor:
                         "dropped, the holder evaluates", self.replica, self.settings.lease_s)  # fmt: skip
         return held
 
-    async def safety_once(self, now_ms: int | None = None) -> None:
-        """Re-check today's boot pressures only, against the last full evaluation's days."""
-        boots = [c for c in self._contexts if isinstance(c.rx, BootRx) and c.patient in self._results]
+    async def safety_once(self, now_ms: int | None = None) -> int:
+        """Today's boot pressures of every boot patient: an over-pressure opens its episode and queues its e-mail now,
+        independently of the evaluation (before the first one too). Returns how many episodes it opened; resolving
+        them is the evaluation's (a safety episode ends after a clear day)."""
+        contexts = self._contexts or await asyncio.to_thread(load_contexts, self.registry)
+        boots = [c for c in contexts if isinstance(c.rx, BootRx)]
         if not boots:
-            return
+            return 0
         try:
             peaks = await self._today_peaks(boots, now_ms)
-            seen = await self._last_seen(boots, now_ms)
         except InfluxQueryError as exc:
             log.warning("safety check skipped, InfluxDB unreadable: %s", exc)
-            return
+            return 0
+        now = (now_ms if now_ms is not None else int(time.time() * 1000)) / 1000
+        urgent = []
         for ctx in boots:
-            days = self._results[ctx.patient]
-            if days and not days[-1].stats.complete and ctx.patient in peaks:
-                today = replace(days[-1].stats, peak_mmhg=max(peaks[ctx.patient], days[-1].stats.peak_mmhg or 0.0))
-                days[-1] = DayResult(ctx.patient, today, None)
+            if ctx.patient not in peaks:
+                continue
+            today = datetime.fromtimestamp(now, ZoneInfo(ctx.timezone)).date()
+            known = self._peaks.get(ctx.patient)
+            peak = max(peaks[ctx.patient], known[1] if known and known[0] == today else 0.0)
+            self._peaks[ctx.patient] = (today, peak)
+            days = self._results.get(ctx.patient)
+            if days and not days[-1].stats.complete and days[-1].stats.day == today:
+                stats = replace(days[-1].stats, peak_mmhg=max(peak, days[-1].stats.peak_mmhg or 0.0))
+                days[-1] = DayResult(ctx.patient, stats, None)
+            found = safety_flags(ctx, DayStats(today, 0, 0, False, peak_mmhg=peak))
+            urgent += [(ctx, today, flag) for flag in found]
+        opened = 0
+        if urgent and await self._still_holding():
+            async with self._writing:
+                mail = ChartMailData(self._results)
+                for ctx, today, flag in urgent:
+                    if await asyncio.to_thread(open_urgent, self.state, ctx, today, flag, mail):
+                        opened += 1
+                        log.info("episode opened: %s %s (safety check)", ctx.patient, flag)
         self.counters.safety_checks += 1
-        await self._apply(seen, now_ms, only=boots)
+        self.counters.opened += opened
+        return opened
 
     async def _apply(self, seen: Mapping[str, int], now_ms: int | None, only: Sequence[PatientContext] = ()) -> None:
         contexts = list(only) or [c for c in self._contexts if c.patient in self._results]
@@ -461,9 +526,10 @@ class Monitor:
             allowance = int((now - c.max_silence_hours * 3600) * 1000)
             share = healthy_share(self._healthy, allowance, int(now * 1000))
             live[c.patient] = replace(live[c.patient], outage=share < self.settings.pipeline_healthy_share)
-        outcome: Outcome = await asyncio.to_thread(
-            evaluate, self.state, contexts, self._results, live, self.settings.resolve_after_days,
-            ChartMailData(self._results))  # fmt: skip
+        async with self._writing:
+            outcome: Outcome = await asyncio.to_thread(
+                evaluate, self.state, contexts, self._results, live, self.settings.resolve_after_days,
+                ChartMailData(self._results))  # fmt: skip
         if outcome.held_back:
             log.warning("silence held back for %d patient(s): the pipeline was down for part of their silence (no "
                         "heartbeat from the ingester, nothing stored from anyone); alerts follow once it works "
@@ -559,29 +625,22 @@ class Monitor:
         self.counters.problems = {c.patient: c.problems for c in contexts if c.problems}
 
     async def _write_flags(self, contexts: Sequence[PatientContext]) -> None:
-        """``flag_day`` (one point per patient-day, every flag a boolean field) and ``flag_episode`` points."""
-        lines = []
+        """``flag_day`` (one point per patient-day, every flag a boolean field) and ``flag_episode`` points, kept for
+        ever (retention policy ``forever``, like the summaries); ``registry_problem`` and ``patient_info`` (the
+        present) in the default one."""
+        lasting = []
         for ctx in contexts:
             for r in self._results.get(ctx.patient, []):
                 if r.flags is not None:
-                    lines.append(_flag_day_line(ctx, r))
-        lines += await asyncio.to_thread(self._episode_lines, [c.patient for c in contexts])
+                    lasting.append(_flag_day_line(ctx, r))
+        lasting += await asyncio.to_thread(self._episode_lines, [c.patient for c in contexts])
         hour_ms = int(time.time() // 3600 * 3600 * 1000)
-        lines += [_problem_line(ctx, hour_ms) for ctx in self._contexts if ctx.problems]
-        lines += await asyncio.to_thread(self._patient_info_lines, contexts, hour_ms)
-        if not lines:
-            return
+        present = [_problem_line(ctx, hour_ms) for ctx in self._contexts if ctx.problems]
+        present += await asyncio.to_thread(self._patient_info_lines, contexts, hour_ms)
         try:
-            async with aiohttp.ClientSession(headers=self.reader.headers(),
-                                             timeout=aiohttp.ClientTimeout(total=60)) as http:  # fmt: skip
-                for i in range(0, len(lines), 5000):
-                    async with http.post(f"{self.settings.influx_url.rstrip('/')}/write",
-                                         params={"db": self.settings.influx_database, "precision": "ms"},
-                                         data="\n".join(lines[i:i + 5000]).encode()) as resp:  # fmt: skip
-                        if resp.status >= 300:
-                            log.warning("writing flags to InfluxDB: %d %s", resp.status, (await resp.text())[:300])
-                            return
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            await summaries.write_lines(self.reader, self.settings.influx_database, lasting, q.SUMMARY_RP)
+            await summaries.write_lines(self.reader, self.settings.influx_database, present, None)
+        except InfluxQueryError as exc:
             log.warning("writing flags to InfluxDB failed (kept in the state database; next evaluation retries): %s",
                         exc)  # fmt: skip
 

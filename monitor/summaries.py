@@ -161,11 +161,25 @@ def from_rows(day: date, start_ms: int, end_ms: int, now_ms: int, row: Mapping[s
 # --- InfluxDB ----------------------------------------------------------------------------------------------------
 
 
-async def ensure_policy(reader: InfluxReader, database: str) -> None:
-    """The database and its ``forever`` retention policy (infinite), where summaries and flags are kept."""
+async def ensure_policy(reader: InfluxReader, database: str, raw_days: int | None = None) -> None:
+    """The database, its ``forever`` retention policy (infinite: summaries and flags) and, with ``raw_days``, the
+    default retention policy's duration (the raw samples': ``raw_days`` days, 0 for ever). Idempotent; needs an
+    InfluxDB admin (``deploy/influxdb/compression-users.sh`` does the same at the first start)."""
     await reader.run(database, [f'CREATE DATABASE "{database}"',
                                 f'CREATE RETENTION POLICY "{q.SUMMARY_RP}" ON "{database}" DURATION INF '
                                 "REPLICATION 1"])  # fmt: skip
+    if raw_days is None:
+        return
+    (series,) = await reader.run(database, [f'SHOW RETENTION POLICIES ON "{database}"'])
+    policies = [dict(zip(s["columns"], v, strict=True)) for s in series for v in s["values"]]
+    default = next((p for p in policies if p.get("default")), None)
+    if default is None or default["name"] == q.SUMMARY_RP:
+        raise InfluxQueryError(f"database {database} has no default retention policy for the raw samples")
+    wanted = f"{raw_days * 24}h0m0s" if raw_days else "0s"
+    if default.get("duration") != wanted:
+        duration = f"{raw_days}d" if raw_days else "INF"
+        await reader.run(database, [f'ALTER RETENTION POLICY "{default["name"]}" ON "{database}" '
+                                    f"DURATION {duration}"])  # fmt: skip
 
 
 async def write_lines(reader: InfluxReader, database: str, lines: Sequence[str], rp: str | None = q.SUMMARY_RP) -> None:
