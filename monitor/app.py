@@ -71,7 +71,7 @@ from monitor.mail import (
 from monitor.model import BootRx, DayResult, DayStats, LegStats, PatientContext, SockRx, split_flag
 from monitor.registry import load_contexts
 from monitor.settings import MonitorSettings
-from monitor.state import DayFlags, Episode, Outbox, State
+from monitor.state import DayFlags, Episode, Outbox, State, shard_lease, shard_of
 from monitor.summaries import Report
 
 log = logging.getLogger(__name__)
@@ -236,6 +236,7 @@ class Monitor:
         self._receipts_since_ms = 0
         self._full_at = 0.0
         self._healthy: set[int] = set()
+        self._shards: set[int] | None = None  # the shards held (None: not run by run(); every patient is ours)
         self._holding = asyncio.Event()  # set while this replica holds the lease: the workers run
         self._writing = asyncio.Lock()  # the evaluation and the safety checks write the state one at a time
         self._policy_ready = False  # the summaries' retention policy exists
@@ -267,9 +268,12 @@ class Monitor:
             while not self._stop.is_set():
                 held = False
                 try:
-                    held = await asyncio.to_thread(self.state.acquire_lease, self.replica, self.settings.lease_s)
-                    if held != self.counters.lease_held:
-                        log.info("monitor %s %s the lease", self.replica, "holds" if held else "does not hold")
+                    shards = await asyncio.to_thread(self._take_share)
+                    held = bool(shards)
+                    if shards != self._shards:
+                        log.info("monitor %s holds %s", self.replica,
+                                 f"shards {sorted(shards)} of {self.settings.shards}" if shards else "no lease")
+                    self._shards = shards
                     self.counters.lease_held = held
                     self._holding.set() if held else self._holding.clear()
                     if held:
@@ -286,7 +290,29 @@ class Monitor:
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
-            await asyncio.to_thread(self.state.release_lease, self.replica)
+            await asyncio.to_thread(self.state.release_all, self.replica)
+
+    def _take_share(self) -> set[int]:
+        """The shards of clinics this replica works on now (``State.share``; one shard: the single lease)."""
+        if self.settings.shards == 1:
+            return {0} if self.state.acquire_lease(self.replica, self.settings.lease_s) else set()
+        return self.state.share(self.replica, self.settings.shards, self.settings.lease_s)
+
+    def _renew(self) -> bool:
+        """Renew this replica's leases; False when it lost one (another replica works on those clinics now)."""
+        if self.settings.shards == 1:
+            return self.state.acquire_lease(self.replica, self.settings.lease_s)
+        shards = self._shards if self._shards is not None else set(range(self.settings.shards))
+        return bool(shards) and all([self.state.acquire_lease(self.replica, self.settings.lease_s,
+                                                              shard_lease(i, self.settings.shards))
+                                     for i in sorted(shards)])  # fmt: skip
+
+    def _mine(self, contexts: list[PatientContext]) -> list[PatientContext]:
+        """The patients of the clinics of this replica's shards (all of them with one shard, or when called
+        directly rather than from :meth:`run`)."""
+        if self.settings.shards == 1 or self._shards is None:
+            return contexts
+        return [c for c in contexts if shard_of(c.clinic, self.settings.shards) in self._shards]
 
     async def _every(self, step: Callable[[], Awaitable[float]], name: str) -> None:
         """Run ``step`` while the lease is held, waiting the seconds it returns between runs; never exits on error."""
@@ -322,7 +348,7 @@ class Monitor:
         """Evaluate every patient; False (and nothing changed) when InfluxDB cannot be read."""
         started = time.monotonic()
         await self.reattribute_pending()
-        contexts = self._with_delivery_problems(await asyncio.to_thread(load_contexts, self.registry))
+        contexts = self._with_delivery_problems(self._mine(await asyncio.to_thread(load_contexts, self.registry)))
         self._note_problems(contexts)
         judged = [c for c in contexts if c.rx is not None]
         try:
@@ -471,7 +497,7 @@ class Monitor:
 
     async def _still_holding(self) -> bool:
         """Renew the lease after the slow part of an evaluation; if another replica took it meanwhile, apply nothing."""
-        held = await asyncio.to_thread(self.state.acquire_lease, self.replica, self.settings.lease_s)
+        held = await asyncio.to_thread(self._renew)
         if not held:
             self.counters.lease_held = False
             log.warning("monitor %s lost the lease during an evaluation (longer than lease_s=%gs); its result is "
@@ -482,7 +508,7 @@ class Monitor:
         """Today's boot pressures of every boot patient: an over-pressure opens its episode and queues its e-mail now,
         independently of the evaluation (before the first one too). Returns how many episodes it opened; resolving
         them is the evaluation's (a safety episode ends after a clear day)."""
-        contexts = self._contexts or await asyncio.to_thread(load_contexts, self.registry)
+        contexts = self._mine(self._contexts or await asyncio.to_thread(load_contexts, self.registry))
         boots = [c for c in contexts if isinstance(c.rx, BootRx)]
         if not boots:
             return 0
@@ -770,7 +796,7 @@ class Monitor:
         # long; and the lease is renewed before each, so a replica that lost it stops sending at once.
         claim_s = 3 * self.settings.smtp_timeout_s + 5.0
         while not self._stop.is_set():
-            if not await asyncio.to_thread(self.state.acquire_lease, self.replica, self.settings.lease_s):
+            if not await asyncio.to_thread(self._renew):
                 self.counters.lease_held = False
                 break
             rows = await asyncio.to_thread(self.state.claim_due, self.replica, 1, claim_s)

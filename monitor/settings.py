@@ -33,6 +33,7 @@ class MonitorSettings(BaseSettings):
     resolve_after_days: int = Field(default=2, ge=1, le=14, description="Hysteresis: clear days in a row before an episode resolves (a value hovering at a threshold opens one episode, not fifty).")
     pipeline_healthy_share: float = Field(default=0.9, gt=0, le=1, description="Share of a span (a day, or the silence allowance for today) the pipeline must have been healthy in (the ingester's heartbeat or any patient's readings stored for that hour) for missing data to be the patients'; below it, silence, under-use and missed-session alerts are held back as an outage.")
     lease_s: float = Field(default=30.0, gt=1, description="Seconds a replica's lease lasts; only the holder evaluates and sends, another replica takes over when it lapses.")
+    shards: int = Field(default=1, ge=1, le=256, description="Shards the clinics are divided into (by a hash of the clinic's code), each with its own lease in the state database: replicas share them (each takes its fair share) and take over a dead replica's when its leases lapse. 1: one lease, one replica works at a time.")
     replica_id: str | None = Field(default=None, description="This replica's name in the lease (default: host name and process id).")
     smtp_host: str = Field(default="127.0.0.1", description="SMTP server for alert e-mails.")
     smtp_port: int = Field(default=587, ge=1, le=65535, description="SMTP port (587 with STARTTLS, 465 with implicit TLS, 25 or a catcher's port without TLS).")
