@@ -532,17 +532,20 @@ class Monitor:
                 days[-1] = DayResult(ctx.patient, stats, None)
             found = safety_flags(ctx, DayStats(today, 0, 0, False, peak_mmhg=peak))
             urgent += [(ctx, today, flag) for flag in found]
-        opened = 0
+        keys: list[str] = []
         if urgent and await self._still_holding():
             async with self._writing:
                 mail = ChartMailData(self._results)
                 for ctx, today, flag in urgent:
-                    if await asyncio.to_thread(open_urgent, self.state, ctx, today, flag, mail):
-                        opened += 1
+                    key = await asyncio.to_thread(open_urgent, self.state, ctx, today, flag, mail)
+                    if key is not None:
+                        keys.append(key)
                         log.info("episode opened: %s %s (safety check)", ctx.patient, flag)
         self.counters.safety_checks += 1
-        self.counters.opened += opened
-        return opened
+        self.counters.opened += len(keys)
+        if any(keys):
+            await self.send_due([k for k in keys if k])  # at once, ahead of whatever else waits in the outbox
+        return len(keys)
 
     async def _apply(self, seen: Mapping[str, int], now_ms: int | None, only: Sequence[PatientContext] = ()) -> None:
         contexts = list(only) or [c for c in self._contexts if c.patient in self._results]
@@ -788,8 +791,9 @@ class Monitor:
 
     # --- sending ------------------------------------------------------------------------------------------------
 
-    async def send_due(self) -> int:
-        """Send every due e-mail of the outbox; failures are retried later with backoff. Returns how many went."""
+    async def send_due(self, keys: Sequence[str] | None = None) -> int:
+        """Send every due e-mail of the outbox (only those of ``keys`` when given: the safety checks send their own
+        at once, not behind a queue of others); failures are retried later with backoff. Returns how many went."""
         sent = 0
         # One e-mail at a time, each claimed just before its attempt for as long as an attempt can last (compose,
         # then at most 3 x smtp_timeout_s): a replica killed mid-send holds back that one e-mail only, and not for
@@ -799,36 +803,43 @@ class Monitor:
             if not await asyncio.to_thread(self._renew):
                 self.counters.lease_held = False
                 break
-            rows = await asyncio.to_thread(self.state.claim_due, self.replica, 1, claim_s)
+            rows = await asyncio.to_thread(self.state.claim_due, self.replica, 1, claim_s, keys)
             if not rows:
                 break
-            # The evidence and what physios did about the episode (monitor/letters.py), looked up once and kept.
-            row = await self.letters.enrich(rows[0], self._contexts, self._results)
-            try:
-                message = await asyncio.to_thread(self._compose, row)
-            except Exception as exc:  # noqa: BLE001 (logged with its traceback once per cause) a row that cannot become an e-mail: kept as failed, the others go on
-                self._failed_for_good(row, f"cannot compose: {type(exc).__name__}: {str(exc)[:200]}", exc)
-                await asyncio.to_thread(self.state.mark_retry, row.id, f"cannot compose: {exc!r}", 0.0, True)
-                continue
-            try:
-                # The envelope recipient is the outbox row's (the registry's checked address), given explicitly.
-                await self.sender.send(message, [row.recipient, *also_to(row)])
-            except MailError as exc:
-                delay = next_attempt(row.attempts + 1)
-                await asyncio.to_thread(self.state.mark_retry, row.id, str(exc), delay, not exc.temporary)
-                if exc.temporary:
-                    self.counters.retries += 1
-                    log.warning("e-mail %s to %s not sent (attempt %d), retry in %.0fs: %s", row.dedupe_key,
-                                row.recipient, row.attempts + 1, delay, exc)  # fmt: skip
-                    break  # the server is away: the rest waits for the next round
-                self._failed_for_good(row, str(exc)[:300])
-                continue
-            await asyncio.to_thread(self.state.mark_sent, row.id)
-            self.counters.undeliverable.pop(row.recipient, None)
-            sent += 1
-            log.info("e-mail %s sent to %s", row.dedupe_key, row.recipient)
+            outcome = await self._deliver(rows[0])
+            if outcome == "retry":
+                break  # the server is away: the rest waits for the next round
+            sent += outcome == "sent"
         self.counters.sent += sent
         return sent
+
+    async def _deliver(self, claimed: Outbox) -> str:
+        """Compose and send one claimed e-mail: ``sent``, ``retry`` (a temporary failure) or ``failed`` (for good)."""
+        # The evidence and what physios did about the episode (monitor/letters.py), looked up once and kept.
+        row = await self.letters.enrich(claimed, self._contexts, self._results)
+        try:
+            message = await asyncio.to_thread(self._compose, row)
+        except Exception as exc:  # noqa: BLE001 (logged with its traceback once per cause) a row that cannot become an e-mail: kept as failed, the others go on
+            self._failed_for_good(row, f"cannot compose: {type(exc).__name__}: {str(exc)[:200]}", exc)
+            await asyncio.to_thread(self.state.mark_retry, row.id, f"cannot compose: {exc!r}", 0.0, True)
+            return "failed"
+        try:
+            # The envelope recipient is the outbox row's (the registry's checked address), given explicitly.
+            await self.sender.send(message, [row.recipient, *also_to(row)])
+        except MailError as exc:
+            delay = next_attempt(row.attempts + 1)
+            await asyncio.to_thread(self.state.mark_retry, row.id, str(exc), delay, not exc.temporary)
+            if exc.temporary:
+                self.counters.retries += 1
+                log.warning("e-mail %s to %s not sent (attempt %d), retry in %.0fs: %s", row.dedupe_key,
+                            row.recipient, row.attempts + 1, delay, exc)  # fmt: skip
+                return "retry"
+            self._failed_for_good(row, str(exc)[:300])
+            return "failed"
+        await asyncio.to_thread(self.state.mark_sent, row.id)
+        self.counters.undeliverable.pop(row.recipient, None)
+        log.info("e-mail %s sent to %s", row.dedupe_key, row.recipient)
+        return "sent"
 
     def _compose(self, row: Outbox) -> Any:
         sender, url, page = self.settings.mail_from, self.settings.dashboard_url, self.settings.workspace_url

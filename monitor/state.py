@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -210,15 +210,18 @@ class State:
         session.add(Outbox(dedupe_key=dedupe_key, kind=kind, recipient=recipient, data=data))
         return True
 
-    def claim_due(self, holder: str, limit: int = 50, claim_s: float = 120.0) -> list[Outbox]:
-        """Claim unsent e-mails whose next attempt is due (a claim keeps another replica off them)."""
+    def claim_due(self, holder: str, limit: int = 50, claim_s: float = 120.0,
+                  keys: Sequence[str] | None = None) -> list[Outbox]:  # fmt: skip
+        """Claim unsent e-mails whose next attempt is due (a claim keeps another replica off them); only those of
+        ``keys`` (outbox keys) when given."""
         now = datetime.now(UTC)
         with self.transaction() as session:
-            rows = list(session.scalars(
-                select(Outbox).where(Outbox.sent_at.is_(None), Outbox.failed_at.is_(None),
-                                     Outbox.next_attempt_at <= now,
-                                     (Outbox.claimed_until.is_(None)) | (Outbox.claimed_until < now))
-                .order_by(Outbox.id).limit(limit)))  # fmt: skip
+            query = select(Outbox).where(Outbox.sent_at.is_(None), Outbox.failed_at.is_(None),
+                                         Outbox.next_attempt_at <= now,
+                                         (Outbox.claimed_until.is_(None)) | (Outbox.claimed_until < now))  # fmt: skip
+            if keys is not None:
+                query = query.where(Outbox.dedupe_key.in_(list(keys)))
+            rows = list(session.scalars(query.order_by(Outbox.id).limit(limit)))
             claimed = []
             for row in rows:
                 done = session.execute(
