@@ -100,6 +100,7 @@ class Counters:
     last_evaluation_s: float = 0.0
     last_read_days: dict[int, int] = field(default_factory=dict)  # days read back -> patients (last evaluation)
     last_rebuilt: int = 0  # patient-days rebuilt from raw samples by the last evaluation
+    last_applied: int = 0  # patients whose episodes the last evaluation (or safety check) re-judged
     rebuilt: int = 0
     summaries_read: int = 0
     lease_held: bool = False
@@ -240,6 +241,10 @@ class Monitor:
         self._holding = asyncio.Event()  # set while this replica holds the lease: the workers run
         self._writing = asyncio.Lock()  # the evaluation and the safety checks write the state one at a time
         self._policy_ready = False  # the summaries' retention policy exists
+        # Per patient, what the last applied evaluation judged by and showed (``_fingerprints``): unchanged ones
+        # are not applied again.
+        self._marks: dict[str, tuple[int, int]] = {}
+        self._info_hour_ms = 0  # the hour everyone's patient_info was last written
         self._deferred: dict[str, date] = {}  # unfinished days with readings newer than their summary
         self._peaks: dict[str, tuple[date, float]] = {}  # today's highest boot pressure, from the safety checks
 
@@ -365,14 +370,19 @@ class Monitor:
             return False
         self._contexts = contexts
         self._healthy = healthy
-        self._results = {c.patient: outage_days(flags_for(c, stats.get(c.patient, [])), healthy,
-                                                self.settings.pipeline_healthy_share) for c in judged}  # fmt: skip
+        self._results = await asyncio.to_thread(self._judge, judged, stats, healthy)
         await self._apply(seen, now_ms)
         self.counters.evaluations += 1
         self.counters.last_evaluation_s = time.monotonic() - started
         log.info("evaluated %d patients (%d judged) in %.2fs", len(contexts), len(judged),
                  self.counters.last_evaluation_s)  # fmt: skip
         return True
+
+    def _judge(self, judged: Sequence[PatientContext], stats: Mapping[str, list[DayStats]],
+               healthy: set[int]) -> dict[str, list[DayResult]]:  # fmt: skip
+        """Each patient's days with their flags (pure; in a worker thread, off the loop the safety checks share)."""
+        share = self.settings.pipeline_healthy_share
+        return {c.patient: outage_days(flags_for(c, stats.get(c.patient, [])), healthy, share) for c in judged}
 
     async def ensure_retention(self) -> None:
         """The retention policies (``monitor.summaries.ensure_policy``): summaries and flags for ever, raw samples for
@@ -430,9 +440,15 @@ class Monitor:
         self.counters.last_rebuilt = report.rebuilt
         self.counters.summaries_read += report.read
         self.counters.rebuilt += report.rebuilt
+        return await asyncio.to_thread(self._windows, judged, span, now)
+
+    def _windows(self, judged: Sequence[PatientContext], span: int, now: int) -> dict[str, list[DayStats]]:
+        """Each patient's cached days of the window, with their 7-day windows filled in (pure CPU: in a thread)."""
         out = {}
+        days_of: dict[str, list[tuple[date, int, int]]] = {}
         for ctx in judged:
-            span_days = local_days(ctx.timezone, span, now)
+            span_days = days_of.get(ctx.timezone) or days_of.setdefault(ctx.timezone, local_days(ctx.timezone, span,
+                                                                                                  now))  # fmt: skip
             have = self._raw[ctx.patient][1]
             kept = {d: have.get(d) or DayStats(d, start, end, end <= now) for d, start, end in span_days}
             self._raw[ctx.patient] = (ctx, kept)
@@ -548,6 +564,12 @@ class Monitor:
         return len(keys)
 
     async def _apply(self, seen: Mapping[str, int], now_ms: int | None, only: Sequence[PatientContext] = ()) -> None:
+        """Apply the results: episodes and e-mails (``evaluate``), the workspace's figures, the dashboards' points.
+
+        Only for the patients whose judged days, today's flags or context changed since the last evaluation
+        (``evaluate``), or whose figures did (``figures.record``): at 10,000 patients most of a steady evaluation
+        changes nothing, and re-applying it would cost seconds of SQL. Everyone is written to InfluxDB's
+        ``patient_info`` once an hour."""
         contexts = list(only) or [c for c in self._contexts if c.patient in self._results]
         now = (now_ms if now_ms is not None else int(time.time() * 1000)) / 1000
         live = {c.patient: self._live(c, seen.get(c.patient), now) for c in contexts}
@@ -555,16 +577,21 @@ class Monitor:
             allowance = int((now - c.max_silence_hours * 3600) * 1000)
             share = healthy_share(self._healthy, allowance, int(now * 1000))
             live[c.patient] = replace(live[c.patient], outage=share < self.settings.pipeline_healthy_share)
+        marks = await asyncio.to_thread(self._fingerprints, contexts, live, seen)
+        judge = [c for c in contexts if self._marks.get(c.patient, (None, None))[0] != marks[c.patient][0]]
+        refigure = [c for c in contexts if self._marks.get(c.patient, (None, None))[1] != marks[c.patient][1]]
         async with self._writing:
             outcome: Outcome = await asyncio.to_thread(
-                evaluate, self.state, contexts, self._results, live, self.settings.resolve_after_days,
+                evaluate, self.state, judge, self._results, live, self.settings.resolve_after_days,
                 ChartMailData(self._results))  # fmt: skip
         if outcome.held_back:
             log.warning("silence held back for %d patient(s): the pipeline was down for part of their silence (no "
                         "heartbeat from the ingester, nothing stored from anyone); alerts follow once it works "
                         "again", len(outcome.held_back))  # fmt: skip
         # The workspace's figures (monitor/figures.py): one row per patient, the numbers this evaluation used.
-        await asyncio.to_thread(figures.record, self.state, contexts, self._results, seen)
+        await asyncio.to_thread(figures.record, self.state, refigure, self._results, seen)
+        self._marks.update({c.patient: marks[c.patient] for c in contexts})
+        self.counters.last_applied = len(judge)
         self.counters.opened += len(outcome.opened)
         self.counters.resolved += len(outcome.resolved)
         for patient, flag in outcome.opened:
@@ -572,7 +599,25 @@ class Monitor:
         for patient, flag in outcome.resolved:
             log.info("episode resolved: %s %s", patient, flag)
         if self.settings.write_flags:
-            await self._write_flags(contexts)
+            hour_ms = int(time.time() // 3600 * 3600 * 1000)
+            everyone = hour_ms != self._info_hour_ms
+            await self._write_flags(judge, contexts if everyone else refigure, hour_ms)
+            self._info_hour_ms = hour_ms
+
+    def _fingerprints(self, contexts: Sequence[PatientContext], live: Mapping[str, Live],
+                      seen: Mapping[str, int]) -> dict[str, tuple[int, int]]:  # fmt: skip
+        """Per patient, a hash of what ``evaluate`` judges by (context, judged days, today's live flags) and one of
+        what the figures show besides (today's and every day's figures, the last contact)."""
+        out = {}
+        for c in contexts:
+            days = self._results.get(c.patient, [])
+            judged = hash((c, live[c.patient], tuple((r.stats.day, r.flags, r.judged, round(r.stats.wear_s))
+                                                      for r in days if r.flags is not None)))  # fmt: skip
+            shown = hash((judged, seen.get(c.patient), tuple(
+                (d.wear_s, d.points, d.battery_min_pct, d.peak_mmhg, d.sessions_started, d.above_range_s,
+                 d.below_range_s, d.reversed_gradient_s, d.ankle_median_mmhg) for d in (r.stats for r in days))))
+            out[c.patient] = (judged, shown)
+        return out
 
     def _live(self, ctx: PatientContext, last_seen_ms: int | None, now_s: float) -> Live:
         days = self._results.get(ctx.patient, [])
@@ -653,19 +698,19 @@ class Monitor:
                 log.warning("patient %s (%s): %s", ctx.patient, ctx.clinic, "; ".join(ctx.problems))
         self.counters.problems = {c.patient: c.problems for c in contexts if c.problems}
 
-    async def _write_flags(self, contexts: Sequence[PatientContext]) -> None:
-        """``flag_day`` (one point per patient-day, every flag a boolean field) and ``flag_episode`` points, kept for
-        ever (retention policy ``forever``, like the summaries); ``registry_problem`` and ``patient_info`` (the
-        present) in the default one."""
+    async def _write_flags(self, judged: Sequence[PatientContext], shown: Sequence[PatientContext],
+                           hour_ms: int) -> None:  # fmt: skip
+        """``flag_day`` (one point per patient-day, every flag a boolean field) and ``flag_episode`` points of the
+        ``judged`` patients, kept for ever (retention policy ``forever``, like the summaries); ``registry_problem``
+        and the ``shown`` patients' ``patient_info`` (the present) in the default one."""
         lasting = []
-        for ctx in contexts:
+        for ctx in judged:
             for r in self._results.get(ctx.patient, []):
                 if r.flags is not None:
                     lasting.append(_flag_day_line(ctx, r))
-        lasting += await asyncio.to_thread(self._episode_lines, [c.patient for c in contexts])
-        hour_ms = int(time.time() // 3600 * 3600 * 1000)
+        lasting += await asyncio.to_thread(self._episode_lines, [c.patient for c in judged])
         present = [_problem_line(ctx, hour_ms) for ctx in self._contexts if ctx.problems]
-        present += await asyncio.to_thread(self._patient_info_lines, contexts, hour_ms)
+        present += await asyncio.to_thread(self._patient_info_lines, shown, hour_ms)
         try:
             await summaries.write_lines(self.reader, self.settings.influx_database, lasting, q.SUMMARY_RP)
             await summaries.write_lines(self.reader, self.settings.influx_database, present, None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -61,6 +62,7 @@ SUSTAINED_S: Final = 1800.0  # rolled_down: more than 30 worn minutes with a rev
 RTM_MIN_DAYS: Final = 16  # US remote therapeutic monitoring bills a 30-day period with 16+ days of data
 DAY_MS: Final = 86_400_000
 FUTURE_ALLOWANCE_MS: Final = DEFAULT_MAX_FUTURE_MS  # the ingester stores points at most this far ahead of its clock
+LARGE_ANSWER: Final = 1 << 20  # bytes of a query's answer from which it is parsed in a worker thread
 
 
 # --- InfluxDB ---------------------------------------------------------------------------------------------------------
@@ -105,8 +107,11 @@ class InfluxReader:
                     form = {"db": database, "q": statement, "epoch": "ms"}
                     try:
                         async with session.post(f"{self.url.rstrip('/')}/query", data=form) as resp:
-                            body = await resp.json(content_type=None)
+                            raw = await resp.read()
                             status = resp.status
+                        # A large answer (a full evaluation's summaries) is parsed off the event loop, which the
+                        # safety checks share.
+                        body = json.loads(raw) if len(raw) < LARGE_ANSWER else await asyncio.to_thread(json.loads, raw)
                     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                         raise InfluxQueryError(f"InfluxDB query failed: {exc!r}") from exc
                 if status != 200 or not isinstance(body, dict):

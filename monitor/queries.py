@@ -206,10 +206,12 @@ SUMMARY: Final = "day_summary"
 PATIENT_ROW: Final = "all"  # the ``leg`` tag of a patient's own row; a leg's row carries the leg's name
 
 
-def summary_rows(patients: Iterable[str], start_ms: int, end_ms: int) -> str:
-    """Every day summary row (the patient's and each leg's) of these patients in a range, as stored."""
-    return (f'SELECT * FROM "{SUMMARY_RP}"."{SUMMARY}" WHERE {patient_filter(patients)} AND '
-            f"{time_range(start_ms, end_ms)} GROUP BY patient, leg")  # fmt: skip
+def summary_rows(patients: Iterable[str], start_ms: int, end_ms: int, fields: Iterable[str], legs: bool) -> str:
+    """The day summaries of these patients in a range: the patients' own rows (``legs`` False) or their legs'."""
+    where = f"leg != '{PATIENT_ROW}'" if legs else f"leg = '{PATIENT_ROW}'"
+    select = ", ".join(f'"{f}"' for f in fields)
+    return (f'SELECT {select} FROM "{SUMMARY_RP}"."{SUMMARY}" WHERE {where} AND {patient_filter(patients)} AND '
+            f"{time_range(start_ms, end_ms)} GROUP BY patient{', leg' if legs else ''}")  # fmt: skip
 
 
 def summary_wear(patients: Iterable[str], start_ms: int, end_ms: int) -> str:

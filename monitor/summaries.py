@@ -199,33 +199,50 @@ async def write_lines(reader: InfluxReader, database: str, lines: Sequence[str],
         raise InfluxQueryError(f"InfluxDB write failed: {exc!r}") from exc
 
 
+READ_CHUNK: Final = 1000  # patients per statement when summaries are read: answers of a few MB each
+_PATIENT_FIELDS: Final = (*_INTS, *_FLOATS, *_OPTIONAL, *(f"{z}_median_mmhg" for z in ZONES), "session_durations_s",
+                          "worn_devices", "legs", "basis", "end_ms", "summarised_ms", "format")  # fmt: skip
+_LEG_FIELDS: Final = (*_LEG_INTS, *_LEG_FLOATS, *_LEG_OPTIONAL)
+
+
 async def read(reader: InfluxReader, database: str, contexts: Sequence[PatientContext], start_ms: int, end_ms: int,
                now_ms: int) -> dict[str, dict[int, Stored]]:  # fmt: skip
     """Every stored summary of these patients in ``[start_ms, end_ms)``: per patient, by the day's start (ms)."""
     if not contexts:
         return {}
-    by_code = {c.patient: c for c in contexts}
+    codes = sorted(c.patient for c in contexts)
+    chunks = [codes[i : i + READ_CHUNK] for i in range(0, len(codes), READ_CHUNK)]
+    statements = [q.summary_rows(chunk, start_ms, end_ms, fields, legs) for chunk in chunks
+                  for fields, legs in ((_PATIENT_FIELDS, False), (_LEG_FIELDS, True))]  # fmt: skip
     try:
-        (series,) = await reader.run(database, [q.summary_rows(by_code, start_ms, end_ms)])
+        answers = await reader.run(database, statements)
     except InfluxQueryError as exc:
         if "retention policy not found" in str(exc):
             return {}  # no summary was ever written to this database
         raise
+    return await asyncio.to_thread(_stored, answers, {c.patient: c for c in contexts}, now_ms)
+
+
+def _stored(answers: Sequence[list[dict[str, Any]]], contexts: Mapping[str, PatientContext],
+            now_ms: int) -> dict[str, dict[int, Stored]]:  # fmt: skip
     rows: dict[tuple[str, int], dict[str, dict[str, Any]]] = defaultdict(dict)
-    for s in series:
-        tags = s.get("tags") or {}
-        patient, leg = tags.get("patient", ""), tags.get("leg", "")
-        columns = s["columns"]
-        for values in s["values"]:
-            row = dict(zip(columns, values, strict=True))
-            rows[(patient, int(row["time"]))][leg] = row
+    for series in answers:
+        for s in series:
+            tags = s.get("tags") or {}
+            patient, leg = tags.get("patient", ""), tags.get("leg", q.PATIENT_ROW)
+            columns = s["columns"]
+            for values in s["values"]:
+                row = dict(zip(columns, values, strict=True))
+                rows[(patient, int(row["time"]))][leg] = row
     out: dict[str, dict[int, Stored]] = defaultdict(dict)
+    zones: dict[str, ZoneInfo] = {}
     for (patient, start), legs in rows.items():
-        ctx = by_code.get(patient)
+        ctx = contexts.get(patient)
         if ctx is None or q.PATIENT_ROW not in legs:
             continue
         row = legs[q.PATIENT_ROW]
-        day = datetime.fromtimestamp(start / 1000, ZoneInfo(ctx.timezone)).date()
+        zone = zones.get(ctx.timezone) or zones.setdefault(ctx.timezone, ZoneInfo(ctx.timezone))
+        day = datetime.fromtimestamp(start / 1000, zone).date()
         end = int(row.get("end_ms") or start + 86_400_000)
         out[patient][start] = from_rows(day, start, end, now_ms, row, legs)
     return dict(out)
