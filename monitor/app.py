@@ -82,6 +82,7 @@ RECEIPT_MARGIN_MS = 120_000
 # A retention policy drops whole shard groups (7 days for a 13-month policy): days this close to the retention's
 # edge are not rebuilt either, their raw samples may already be gone.
 RETENTION_GRACE_DAYS = 8
+REBUILD_AT_LEAST = 500  # patients whose summaries one evaluation may rebuild, whatever today's share
 
 
 @dataclass(slots=True)
@@ -101,6 +102,7 @@ class Counters:
     last_read_days: dict[int, int] = field(default_factory=dict)  # days read back -> patients (last evaluation)
     last_rebuilt: int = 0  # patient-days rebuilt from raw samples by the last evaluation
     last_applied: int = 0  # patients whose episodes the last evaluation (or safety check) re-judged
+    last_deferred: int = 0  # patients whose stale summaries wait for a later evaluation (the rebuild limit)
     rebuilt: int = 0
     summaries_read: int = 0
     lease_held: bool = False
@@ -245,6 +247,11 @@ class Monitor:
         # are not applied again.
         self._marks: dict[str, tuple[int, int]] = {}
         self._info_hour_ms = 0  # the hour everyone's patient_info was last written
+        # Work saved between evaluations: patients whose days were read again (their windows are recomputed), each
+        # patient's windowed days and the key they were made for, and the results judged from them.
+        self._touched: set[str] = set()
+        self._windowed: dict[str, tuple[Any, list[DayStats]]] = {}
+        self._judged: dict[str, tuple[list[DayStats], int, list[DayResult]]] = {}
         self._deferred: dict[str, date] = {}  # unfinished days with readings newer than their summary
         self._peaks: dict[str, tuple[date, float]] = {}  # today's highest boot pressure, from the safety checks
 
@@ -380,9 +387,20 @@ class Monitor:
 
     def _judge(self, judged: Sequence[PatientContext], stats: Mapping[str, list[DayStats]],
                healthy: set[int]) -> dict[str, list[DayResult]]:  # fmt: skip
-        """Each patient's days with their flags (pure; in a worker thread, off the loop the safety checks share)."""
+        """Each patient's days with their flags (pure; in a worker thread, off the loop the safety checks share).
+        A patient whose windowed days are last time's, with the same pipeline health, keeps last time's results."""
         share = self.settings.pipeline_healthy_share
-        return {c.patient: outage_days(flags_for(c, stats.get(c.patient, [])), healthy, share) for c in judged}
+        health = hash(frozenset(healthy))
+        out = {}
+        for c in judged:
+            days = stats.get(c.patient, [])
+            before = self._judged.get(c.patient)
+            if before is not None and before[0] is days and before[1] == health:
+                out[c.patient] = before[2]
+                continue
+            out[c.patient] = outage_days(flags_for(c, days), healthy, share)
+            self._judged[c.patient] = (days, health, out[c.patient])
+        return out
 
     async def ensure_retention(self) -> None:
         """The retention policies (``monitor.summaries.ensure_policy``): summaries and flags for ever, raw samples for
@@ -426,33 +444,58 @@ class Monitor:
             if ctx.patient in back:
                 buckets[back[ctx.patient]].append(ctx)
         report = Report()
+        limit = self._rebuild_limit(len(judged))
         for days_back, members in sorted(buckets.items()):
             fresh = await summaries.load(self.reader, self.settings.influx_database, members, days_back, now,
                                          write=True, today_every_ms=int(self.settings.today_every_s * 1000),
-                                         horizon_ms=self._horizon_ms(now), report=report)  # fmt: skip
+                                         horizon_ms=self._horizon_ms(now), report=report,
+                                         limit=max(0, limit - report.patients))  # fmt: skip
             for ctx in members:
                 cached = self._raw.get(ctx.patient)
                 days = dict(cached[1]) if cached and cached[0] == ctx and days_back < span else {}
                 days.update(fresh.get(ctx.patient, {}))
                 self._raw[ctx.patient] = (ctx, days)
+                self._touched.add(ctx.patient)
         self._deferred = dict(report.deferred)
         self.counters.last_read_days = dict(sorted((k, len(v)) for k, v in buckets.items()))
         self.counters.last_rebuilt = report.rebuilt
+        self.counters.last_deferred = len(report.deferred)
         self.counters.summaries_read += report.read
         self.counters.rebuilt += report.rebuilt
         return await asyncio.to_thread(self._windows, judged, span, now)
 
+    def _rebuild_limit(self, patients: int) -> int:
+        """Patients whose summaries one evaluation rebuilds at most: today's are due every ``today_every_s`` for
+        everyone, so each evaluation takes its share of them (at least 500); the rest wait for the next ones (a
+        finished day waiting is not judged until then, ``DayStats.pending``)."""
+        if self.settings.today_every_s <= 0:
+            return patients
+        share = patients * self.settings.interval_s / self.settings.today_every_s
+        return max(REBUILD_AT_LEAST, int(share * 1.5) + 1)
+
     def _windows(self, judged: Sequence[PatientContext], span: int, now: int) -> dict[str, list[DayStats]]:
-        """Each patient's cached days of the window, with their 7-day windows filled in (pure CPU: in a thread)."""
+        """Each patient's cached days of the window, with their 7-day windows filled in (pure CPU: in a thread).
+        A patient whose days were not read again, on the same days and with the same peak, keeps last time's."""
         out = {}
         days_of: dict[str, list[tuple[date, int, int]]] = {}
         for ctx in judged:
             span_days = days_of.get(ctx.timezone) or days_of.setdefault(ctx.timezone, local_days(ctx.timezone, span,
                                                                                                   now))  # fmt: skip
+            complete = tuple(end <= now for _, _, end in span_days)
+            key = (ctx, span_days[0][0], complete, self._peaks.get(ctx.patient))
+            kept_before = self._windowed.get(ctx.patient)
+            if ctx.patient not in self._touched and kept_before is not None and kept_before[0] == key:
+                out[ctx.patient] = kept_before[1]
+                continue
             have = self._raw[ctx.patient][1]
-            kept = {d: have.get(d) or DayStats(d, start, end, end <= now) for d, start, end in span_days}
+            kept = {}
+            for d, start, end in span_days:
+                day = have.get(d) or DayStats(d, start, end, end <= now)
+                kept[d] = day if day.complete == (end <= now) else replace(day, complete=end <= now)
             self._raw[ctx.patient] = (ctx, kept)
             out[ctx.patient] = windowed(ctx, [self._with_peak(ctx, kept[d]) for d, _, _ in span_days])
+            self._windowed[ctx.patient] = (key, out[ctx.patient])
+        self._touched.clear()
         return out
 
     def _with_peak(self, ctx: PatientContext, day: DayStats) -> DayStats:

@@ -561,8 +561,8 @@ def day_flags(ctx: PatientContext, day: DayStats) -> tuple[str, ...] | None:
     usable prescription (``ctx.problems`` says why; a silent day is still silent).
     """
     rx = ctx.rx_on(day.day)
-    if not day.complete or (ctx.versions and rx is None):
-        return None  # incomplete, or before (between) the prescription's versions: not the patient's to judge
+    if not day.complete or day.pending or (ctx.versions and rx is None):
+        return None  # incomplete, its summary awaiting a rebuild, or before (between) the prescription's versions
     if day.points == 0 and not rest_day(ctx, day):
         return (SILENT,)
     flags: list[str] = []
@@ -630,7 +630,7 @@ def judged_flags(ctx: PatientContext, day: DayStats) -> frozenset[str]:
     session lengths only with a session that ended, over-pressure only with samples (a session ran).
     """
     rx = ctx.rx_on(day.day)
-    if ctx.versions and rx is None:
+    if day.pending or (ctx.versions and rx is None):
         return frozenset()
     if rest_day(ctx, day):
         return frozenset({BOOT_MISSED_SESSIONS})

@@ -28,7 +28,7 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from typing import Any, Final
 from zoneinfo import ZoneInfo
@@ -78,6 +78,7 @@ class Report:
 
     read: int = 0  # summaries read
     rebuilt: int = 0  # patient-days rebuilt from raw samples
+    patients: int = 0  # patients whose days were rebuilt
     # patient -> the unfinished day whose new readings wait for ``today_every_ms`` (the caller asks again later)
     deferred: dict[str, date] = field(default_factory=dict)
 
@@ -108,7 +109,7 @@ def lines_for(ctx: PatientContext, s: DayStats, summarised_ms: int) -> list[str]
     values = [f"{name}={int(getattr(s, name))}i" for name in _INTS]
     values += [f"{name}={_num(getattr(s, name))}" for name in _FLOATS]
     values += [f"{name}={_num(v)}" for name in _OPTIONAL if (v := getattr(s, name)) is not None]
-    values += [f"{z}_median_mmhg={_num(v)}" for z, v in sorted(s.zone_medians.items()) if z in ZONES]
+    values += [f"median_{z}_mmhg={_num(v)}" for z, v in sorted(s.zone_medians.items()) if z in ZONES]
     values.append(f"session_durations_s={escape_string(','.join(repr(float(d)) for d in s.session_durations_s))}")
     values.append(f"worn_devices={escape_string(','.join(sorted(s.worn_devices)))}")
     values.append(f"legs={escape_string(','.join(sorted(name or UNRECORDED for name in s.legs)))}")
@@ -142,7 +143,7 @@ def from_rows(day: date, start_ms: int, end_ms: int, now_ms: int, row: Mapping[s
         setattr(s, name, float(row.get(name) or 0.0))
     for name in _OPTIONAL:
         setattr(s, name, _opt(row.get(name)))
-    s.zone_medians = {z: float(row[f"{z}_median_mmhg"]) for z in ZONES if row.get(f"{z}_median_mmhg") is not None}
+    s.zone_medians = {z: float(row[f"median_{z}_mmhg"]) for z in ZONES if row.get(f"median_{z}_mmhg") is not None}
     s.session_durations_s = [float(d) for d in _split(row.get("session_durations_s"))]
     s.worn_devices = set(_split(row.get("worn_devices")))
     for name in _split(row.get("legs")):
@@ -200,7 +201,7 @@ async def write_lines(reader: InfluxReader, database: str, lines: Sequence[str],
 
 
 READ_CHUNK: Final = 1000  # patients per statement when summaries are read: answers of a few MB each
-_PATIENT_FIELDS: Final = (*_INTS, *_FLOATS, *_OPTIONAL, *(f"{z}_median_mmhg" for z in ZONES), "session_durations_s",
+_PATIENT_FIELDS: Final = (*_INTS, *_FLOATS, *_OPTIONAL, *(f"median_{z}_mmhg" for z in ZONES), "session_durations_s",
                           "worn_devices", "legs", "basis", "end_ms", "summarised_ms", "format")  # fmt: skip
 _LEG_FIELDS: Final = (*_LEG_INTS, *_LEG_FLOATS, *_LEG_OPTIONAL)
 
@@ -321,10 +322,14 @@ async def rebuild(reader: InfluxReader, database: str, wanted: Mapping[str, date
 
 async def load(reader: InfluxReader, database: str, contexts: Sequence[PatientContext], days_back: int,
                now_ms: int, *, write: bool = False, today_every_ms: int = 0, horizon_ms: int | None = None,
-               report: Report | None = None) -> dict[str, dict[date, DayStats]]:  # fmt: skip
+               report: Report | None = None, limit: int | None = None) -> dict[str, dict[date, DayStats]]:  # fmt: skip
     """Each patient's statistics of the local days from ``days_back`` days ago to today (windows not filled in),
     from the stored summaries; stale or missing ones are rebuilt from the raw samples first (and written back
-    when ``write``: the monitor writes, the workspace and the exports only read)."""
+    when ``write``: the monitor writes, the workspace and the exports only read).
+
+    ``limit``: rebuild the days of at most that many patients, those with a stale finished day first (oldest
+    first); the others' stale finished days come back ``pending`` (not judged until rebuilt) and, like their
+    unfinished day, are listed in ``report.deferred`` for the caller to ask again."""
     report = report if report is not None else Report()
     if not contexts:
         return {}
@@ -349,7 +354,10 @@ async def load(reader: InfluxReader, database: str, contexts: Sequence[PatientCo
                 report.deferred[ctx.patient] = when
             result[when] = found.stats if found else DayStats(when, day_start, day_end, day_end <= now_ms)
         out[ctx.patient] = result
+    if limit is not None and len(wanted) > limit:
+        wanted = _within(wanted, out, limit, report)
     if wanted:
+        report.patients += len(wanted)
         fresh = await rebuild(reader, database, wanted, contexts, now_ms, write)
         for code, rebuilt in fresh.items():
             report.rebuilt += len(rebuilt)
@@ -357,6 +365,23 @@ async def load(reader: InfluxReader, database: str, contexts: Sequence[PatientCo
             if code in report.deferred and report.deferred[code] in rebuilt:
                 del report.deferred[code]  # rebuilt with an earlier stale day after all
     return out
+
+
+def _within(wanted: dict[str, date], out: dict[str, dict[date, DayStats]], limit: int,
+            report: Report) -> dict[str, date]:  # fmt: skip
+    """The ``limit`` patients to rebuild now (a stale finished day first, the oldest first); the others deferred,
+    their stale finished days marked pending."""
+    def urgency(code: str) -> tuple[bool, date]:
+        first = wanted[code]
+        return (out[code][first].complete is False, first)
+
+    ordered = sorted(wanted, key=urgency)
+    for code in ordered[limit:]:
+        report.deferred[code] = wanted[code]
+        for when, stats in out[code].items():
+            if when >= wanted[code] and stats.complete:
+                out[code][when] = replace(stats, pending=True)
+    return {code: wanted[code] for code in ordered[:limit]}
 
 
 async def day_stats(influx: InfluxReader | str, database: str, contexts: Sequence[PatientContext], days_back: int,
