@@ -377,10 +377,13 @@ def clinic_overview() -> dict[str, Any]:
         .height(9)
         .span(24)
         .datasource(influx_ref())
-        .description("sum(worn_s) per patient and local day of the clinic (monitor.queries.daily_samples).")
+        .description(
+            "The monitor's wear per patient and local day of the clinic, from its day summaries: the union of the "
+            "garments' worn time, never their sum (monitor.queries.summary_wear)."
+        )
         .with_target(
             InfluxQL(
-                derive(q.daily_samples, select="sum(worn_s) / 3600 AS wear_h", where="clinic =~ /^$clinic$/"), "A"
+                derive(q.summary_wear, select="wear_s / 3600 AS wear_h", where="clinic =~ /^$clinic$/"), "A"
             ).alias("$tag_patient")
         )
         .draw_style(common.GraphDrawStyle.BARS)
@@ -428,13 +431,14 @@ def patient() -> dict[str, Any]:
             _influx_annotation(
                 "Flagged days",
                 "red",
-                f"SELECT flags FROM flag_day WHERE {_ONE} AND flags != 'compliant' AND flags != '' AND $timeFilter",
+                f'SELECT flags FROM "{q.SUMMARY_RP}".flag_day WHERE {_ONE} '
+                "AND flags != 'compliant' AND flags != '' AND $timeFilter",
                 text="flags",
             ),
             _influx_annotation(
                 "Episodes started",
                 "orange",
-                f'SELECT "id", "open", last_day FROM flag_episode WHERE {_ONE} AND $timeFilter '
+                f'SELECT "id", "open", last_day FROM "{q.SUMMARY_RP}".flag_episode WHERE {_ONE} AND $timeFilter '
                 'GROUP BY "flag", "severity"',
                 text="last_day",
                 tags="flag,severity",
@@ -519,8 +523,11 @@ def patient() -> dict[str, Any]:
         .datasource(influx_ref())
         .unit("m")
         .min(0)
-        .description("monitor.queries.daily_reversed: worn minutes with calf − ankle > 3 mmHg.")
-        .with_target(InfluxQL(derive(q.daily_reversed, select="sum(worn_s) / 60 AS reversed_min"), "A"))
+        .description("Per leg, from the day summaries (monitor.queries.summary_legs): worn minutes with calf − ankle "
+                     "> 3 mmHg.")
+        .with_target(
+            InfluxQL(derive(q.summary_legs, select="reversed_gradient_s / 60 AS reversed_min"), "A").alias("$tag_leg")
+        )
         .draw_style(common.GraphDrawStyle.BARS)
         .fill_opacity(70)
         .thresholds(_thresholds([(None, "green"), (30, "red")]))
@@ -536,12 +543,13 @@ def patient() -> dict[str, Any]:
         .unit("h")
         .min(0)
         .description(
-            "monitor.queries.daily_samples: sum(worn_s) per local day of the clinic, the monitor's wear; "
-            "the dashed line is the prescribed hours a day (patient_info)."
+            "monitor.queries.summary_wear: the monitor's wear per local day of the clinic from its day summaries (the "
+            "union of both stockings' worn time, never their sum); the dashed line is the prescribed hours a day "
+            "(patient_info)."
         )
         .targets(
             [
-                InfluxQL(derive(q.daily_samples, select="sum(worn_s) / 3600 AS wear_h"), "A"),
+                InfluxQL(derive(q.summary_wear, select="wear_s / 3600 AS wear_h"), "A"),
                 InfluxQL(
                     f"SELECT last(wear_target_h) AS wear_target_h FROM patient_info WHERE {_ONE} AND $timeFilter",
                     "TARGET",
@@ -575,12 +583,8 @@ def patient() -> dict[str, Any]:
         .datasource(influx_ref())
         .min(0)
         .decimals(0)
-        .description("monitor.queries.daily_events, session_start only.")
-        .with_target(
-            InfluxQL(
-                derive(q.daily_events, select='count("count") AS sessions', where="\"type\" = 'session_start'"), "A"
-            ).alias("sessions")
-        )
+        .description("monitor.queries.summary_sessions: sessions started per local day, from the day summaries.")
+        .with_target(InfluxQL(derive(q.summary_sessions, select="sessions_started AS sessions"), "A").alias("sessions"))
         .draw_style(common.GraphDrawStyle.BARS)
         .fill_opacity(70)
     )
@@ -605,7 +609,7 @@ def patient() -> dict[str, Any]:
         .description("flag_episode, written by the monitor: open episodes first.")
         .with_target(
             InfluxQL(
-                f'SELECT "open", start_day, last_day, end_day FROM flag_episode WHERE {_ONE} '
+                f'SELECT "open", start_day, last_day, end_day FROM "{q.SUMMARY_RP}".flag_episode WHERE {_ONE} '
                 'AND $timeFilter GROUP BY "flag", "severity"',
                 "A",
             ).table()

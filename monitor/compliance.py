@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -61,6 +62,7 @@ SUSTAINED_S: Final = 1800.0  # rolled_down: more than 30 worn minutes with a rev
 RTM_MIN_DAYS: Final = 16  # US remote therapeutic monitoring bills a 30-day period with 16+ days of data
 DAY_MS: Final = 86_400_000
 FUTURE_ALLOWANCE_MS: Final = DEFAULT_MAX_FUTURE_MS  # the ingester stores points at most this far ahead of its clock
+LARGE_ANSWER: Final = 1 << 20  # bytes of a query's answer from which it is parsed in a worker thread
 
 
 # --- InfluxDB ---------------------------------------------------------------------------------------------------------
@@ -105,8 +107,11 @@ class InfluxReader:
                     form = {"db": database, "q": statement, "epoch": "ms"}
                     try:
                         async with session.post(f"{self.url.rstrip('/')}/query", data=form) as resp:
-                            body = await resp.json(content_type=None)
+                            raw = await resp.read()
                             status = resp.status
+                        # A large answer (a full evaluation's summaries) is parsed off the event loop, which the
+                        # safety checks share.
+                        body = json.loads(raw) if len(raw) < LARGE_ANSWER else await asyncio.to_thread(json.loads, raw)
                     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                         raise InfluxQueryError(f"InfluxDB query failed: {exc!r}") from exc
                 if status != 200 or not isinstance(body, dict):
@@ -158,8 +163,12 @@ class _Zone:
 
 
 def plan_zone(timezone: str, contexts: Sequence[PatientContext], days: list[tuple[date, int, int]],
-              now_ms: int, medians: bool = False) -> _Zone:  # fmt: skip
-    """The statements that give every patient of one time zone their daily statistics."""
+              now_ms: int, medians: bool = False, week_median: bool = False) -> _Zone:  # fmt: skip
+    """The statements that give every patient of one time zone their daily statistics.
+
+    ``medians``: each day's median ankle pressure per garment and every zone's median per patient (display
+    figures kept in the day summaries); ``week_median``: the exact median of the last complete 7 days (display).
+    """
     zone = _Zone(timezone, days)
     # Today ends now: nothing stamped later than the ingester's future allowance can be stored yet (an
     # evaluation "as of" a past moment, as the graded tests step through stored history, sees only the past).
@@ -184,9 +193,11 @@ def plan_zone(timezone: str, contexts: Sequence[PatientContext], days: list[tupl
             zone.add(q.daily_above(members, high, timezone, span_start, span_end, per_device=True), "above")
             zone.add(q.daily_below(members, low, timezone, span_start, span_end, per_device=True), "below")
             zone.add(q.daily_not_below(members, low, timezone, span_start, span_end, per_device=True), "not_below")
+        if medians:
+            zone.add(q.daily_zone_medians(codes, timezone, start, end), "zone_medians")
         # The exact weekly median for display: the window ending with the last complete day.
         complete = [d for d in days if d[2] <= now_ms]
-        if complete and medians:
+        if complete and week_median:
             last = complete[-1]
             window_start = days[max(0, days.index(last) - WINDOW_DAYS + 1)][1]
             zone.add(q.ankle_median(codes, window_start, last[2], per_device=True), "median_7d")
@@ -255,6 +266,8 @@ def _apply(zone: _Zone, reader: str, series: list[dict[str, Any]], stats: dict[s
             s.peak_mmhg = max(values) if values else None
         elif reader == "ends" and row.get("duration_s") is not None:
             s.session_durations_s.append(float(row["duration_s"]))
+        elif reader == "zone_medians":
+            s.zone_medians = {z: float(row[z]) for z in ZONES if row.get(z) is not None}
 
 
 def _apply_leg(reader: str, row: Mapping[str, Any], s: DayStats, leg: LegStats, device: str) -> None:
@@ -358,27 +371,23 @@ async def day_stats(
 
     Days are the local days of the patient's clinic (``ctx.timezone``); the
     last one, today, is incomplete (``complete=False``). The 7-day windows
-    (:func:`with_windows`) are filled in, with 6 more days fetched before the
+    (:func:`with_windows`) are filled in, with 6 more days read before the
     first one so every returned day has its whole window.
 
-    The whole range is recomputed from InfluxDB on every call: that is what
-    makes late data count (store-and-forward backlogs land on their own past
-    days, and those days' statistics and flags change on the next call). The
-    monitor's incremental mode (:func:`raw_day_stats` for the days with new
-    data, merged into its cache, then :func:`windowed`) gives the same answer.
+    Read from the day summaries (``monitor.summaries``); a day whose summary
+    is missing or stale (its receipts are newer, the registry's band or legs
+    changed) is computed from the raw samples here, exactly as the summary
+    would be (:func:`raw_day_stats`), but not written: the monitor writes
+    summaries, the workspace and the exports only read. So late data counts
+    the moment it is stored, and every reader gives the monitor's figures.
 
-    Async, on aiohttp: the statements of every time zone run concurrently
-    (``InfluxReader.concurrency`` at a time) and the monitor's loop stays
-    responsive; each statement covers a whole time zone (or one pressure band
-    of it), so the number of requests does not grow with the patients.
-
-    ``medians`` adds the display-only medians (``ankle_median_mmhg`` per day,
-    ``ankle_median_7d_mmhg`` of the last complete day); they cost as much as
-    the rest together, and no flag needs them.
+    ``medians`` adds the exact median ankle pressure of the last complete 7
+    days (``ankle_median_7d_mmhg``), a display figure read from the raw samples
+    (no summary can hold it); each day's own medians are in its summary.
     """
-    raw = await raw_day_stats(influx, database, contexts, days_back + WINDOW_DAYS - 1, now_ms, medians)
-    by_code = {c.patient: c for c in contexts}
-    return {code: windowed(by_code[code], days) for code, days in raw.items()}
+    from monitor import summaries  # summaries build on this module
+
+    return await summaries.day_stats(influx, database, contexts, days_back, now_ms, medians)
 
 
 def windowed(ctx: PatientContext, days: list[DayStats]) -> list[DayStats]:
@@ -394,8 +403,10 @@ async def raw_day_stats(
     days_back: int,
     now_ms: int | None = None,
     medians: bool = False,
+    week_median: bool = False,
 ) -> dict[str, list[DayStats]]:
-    """Per patient, the statistics of each local day from ``days_back`` days ago to today, windows not filled in.
+    """Per patient, the statistics of each local day from ``days_back`` days ago to today, windows not filled in,
+    computed from the raw samples: what a day summary is built from (``monitor.summaries``).
 
     Only these days are read from InfluxDB (the tag index narrows each
     statement to the given patients, the time range to these days), so asking
@@ -406,7 +417,7 @@ async def raw_day_stats(
     by_zone: dict[str, list[PatientContext]] = defaultdict(list)
     for ctx in contexts:
         by_zone[ctx.timezone].append(ctx)
-    zones = [plan_zone(tz, members, local_days(tz, days_back, now_ms), now_ms, medians)
+    zones = [plan_zone(tz, members, local_days(tz, days_back, now_ms), now_ms, medians, week_median)
              for tz, members in sorted(by_zone.items())]  # fmt: skip
     answers = await reader.run(database, [s for z in zones for s in z.statements])
     out: dict[str, list[DayStats]] = {}
@@ -550,8 +561,8 @@ def day_flags(ctx: PatientContext, day: DayStats) -> tuple[str, ...] | None:
     usable prescription (``ctx.problems`` says why; a silent day is still silent).
     """
     rx = ctx.rx_on(day.day)
-    if not day.complete or (ctx.versions and rx is None):
-        return None  # incomplete, or before (between) the prescription's versions: not the patient's to judge
+    if not day.complete or day.pending or (ctx.versions and rx is None):
+        return None  # incomplete, its summary awaiting a rebuild, or before (between) the prescription's versions
     if day.points == 0 and not rest_day(ctx, day):
         return (SILENT,)
     flags: list[str] = []
@@ -619,7 +630,7 @@ def judged_flags(ctx: PatientContext, day: DayStats) -> frozenset[str]:
     session lengths only with a session that ended, over-pressure only with samples (a session ran).
     """
     rx = ctx.rx_on(day.day)
-    if ctx.versions and rx is None:
+    if day.pending or (ctx.versions and rx is None):
         return frozenset()
     if rest_day(ctx, day):
         return frozenset({BOOT_MISSED_SESSIONS})

@@ -104,6 +104,23 @@ def evaluate(
     return out
 
 
+def open_urgent(state: State, ctx: PatientContext, today: date, flag: str, mail_data: MailData) -> str | None:
+    """A safety flag seen today (the safety checks, between evaluations): open its episode and queue its e-mail in
+    one transaction, unless one is open already (then it runs to today). Returns the e-mail's outbox key when it
+    opened one now ("" without a physio to tell), else ``None``. The evaluation finds the same run later and keeps
+    the episode; it alone resolves episodes."""
+    with state.transaction() as session:
+        current = session.scalars(select(Episode).where(Episode.open_key == f"{ctx.patient}:{flag}")).first()
+        if current is not None:
+            current.last_day = max(current.last_day, today)
+            return None
+        episode = _episode(ctx, Run(flag, today, today, None), open_=True)
+        session.add(episode)
+        session.flush()
+        episode.notified = _notify(session, state, ctx, episode, "opened", mail_data)
+        return f"opened:{episode.id}" if episode.notified else ""
+
+
 # Why an episode ended (``Episode.note`` starts with one of these; the resolving e-mail says it in words).
 ENDED_BY_DATA = "data"  # days with data showed the flag gone
 ENDED_BY_LATE_DATA = "late_data"  # data that arrived late erased the run

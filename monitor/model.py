@@ -230,6 +230,8 @@ class DayStats:
     wear_sum_s: float = 0.0  # the garments' worn seconds added up (more than wear_s when two were worn at once)
     worn_devices: set[str] = field(default_factory=set)  # garments with worn samples that day
     pipeline_outage: bool = False  # the pipeline was down for part of the day: missing data is not the patient's
+    zone_medians: dict[str, float] = field(default_factory=dict)  # zone -> median pressure while worn (display)
+    pending: bool = False  # its summary is stale and waits for a rebuild: the day is not judged until then
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,6 +175,13 @@ def ankle_median(patients: Iterable[str], start_ms: int, end_ms: int, *, per_dev
             f"{_by(per_device)}")  # fmt: skip
 
 
+def daily_zone_medians(patients: Iterable[str], timezone: str, start_ms: int, end_ms: int) -> str:
+    """Per patient and local day: the median pressure of every zone over the worn samples (display, kept in the
+    day summaries)."""
+    select = ", ".join(f"median({zone}_mmhg) AS {zone}" for zone in ZONES)
+    return _daily(select, "sample", ["worn = true", patient_filter(patients), time_range(start_ms, end_ms)], timezone)
+
+
 def worn_spans(patient: str, start_ms: int, end_ms: int) -> str:
     """Every worn sample's ``worn_s`` of one patient in a range: the spans whose union is the time in any garment
     (read only for days when several garments were worn, ``monitor.compliance``)."""
@@ -190,3 +197,49 @@ def pipeline_hours(start_ms: int, end_ms: int) -> list[str]:
     where = time_range(start_ms, end_ms)
     return [f"SELECT count(received_ms) AS n FROM receipt WHERE {where} GROUP BY time(1h) fill(none)",
             f"SELECT count(connected) AS n FROM ingest_health WHERE {where} GROUP BY time(1h) fill(none)"]  # fmt: skip
+
+
+# --- day summaries (monitor.summaries): what the monitor, the dashboards and the exports read ------------------------
+
+SUMMARY_RP: Final = "forever"  # a retention policy of infinite duration: summaries and flags outlive the raw samples
+SUMMARY: Final = "day_summary"
+PATIENT_ROW: Final = "all"  # the ``leg`` tag of a patient's own row; a leg's row carries the leg's name
+
+
+def summary_rows(patients: Iterable[str], start_ms: int, end_ms: int, fields: Iterable[str], legs: bool) -> str:
+    """The day summaries of these patients in a range: the patients' own rows (``legs`` False) or their legs'."""
+    where = f"leg != '{PATIENT_ROW}'" if legs else f"leg = '{PATIENT_ROW}'"
+    select = ", ".join(f'"{f}"' for f in fields)
+    return (f'SELECT {select} FROM "{SUMMARY_RP}"."{SUMMARY}" WHERE {where} AND {patient_filter(patients)} AND '
+            f"{time_range(start_ms, end_ms)} GROUP BY patient{', leg' if legs else ''}")  # fmt: skip
+
+
+def summary_wear(patients: Iterable[str], start_ms: int, end_ms: int) -> str:
+    """Per patient and local day (a point at local midnight): worn seconds, the union of the garments' worn time
+    (days with samples only)."""
+    return (f'SELECT wear_s FROM "{SUMMARY_RP}"."{SUMMARY}" WHERE leg = \'{PATIENT_ROW}\' AND samples > 0 AND '
+            f"{patient_filter(patients)} AND {time_range(start_ms, end_ms)} GROUP BY patient")  # fmt: skip
+
+
+def summary_legs(patients: Iterable[str], start_ms: int, end_ms: int) -> str:
+    """Per patient, leg and local day: each leg's worn, out-of-band and reversed-gradient seconds."""
+    return (f"SELECT wear_s, above_range_s, below_range_s, reversed_gradient_s FROM \"{SUMMARY_RP}\".\"{SUMMARY}\" "
+            f"WHERE leg != '{PATIENT_ROW}' AND worn_samples > 0 AND {patient_filter(patients)} AND "
+            f"{time_range(start_ms, end_ms)} GROUP BY patient, leg")  # fmt: skip
+
+
+def summary_sessions(patients: Iterable[str], start_ms: int, end_ms: int) -> str:
+    """Per patient and local day: boot sessions started and the day's peak chamber pressure."""
+    return (f'SELECT sessions_started, peak_mmhg FROM "{SUMMARY_RP}"."{SUMMARY}" WHERE leg = \'{PATIENT_ROW}\' '
+            f"AND points > 0 AND {patient_filter(patients)} AND {time_range(start_ms, end_ms)} "
+            "GROUP BY patient")  # fmt: skip
+
+
+def receipt_days(patients: Iterable[str], timezone: str, start_ms: int, end_ms: int,
+                 since_ms: int | None = None) -> str:  # fmt: skip
+    """Per patient and local day: when the ingester last stored a reading of that day (its ``receipt`` points);
+    with ``since_ms``, only the days that received one after it."""
+    where = [patient_filter(patients), time_range(start_ms, end_ms)]
+    if since_ms is not None:
+        where.insert(0, f"received_ms > {int(since_ms)}")
+    return _daily("max(received_ms) AS received_ms", "receipt", where, timezone)

@@ -18,7 +18,8 @@ Why each table exists:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -109,6 +110,16 @@ class Lease(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+def shard_lease(shard: int, shards: int) -> str:
+    """The lease of one shard of the clinics: ``monitor`` when there is one shard (the single-lease layout)."""
+    return "monitor" if shards == 1 else f"monitor:{shard}"
+
+
+def shard_of(clinic: str, shards: int) -> int:
+    """The shard a clinic belongs to: a stable hash of its code (every replica computes the same)."""
+    return zlib.crc32(clinic.encode()) % shards
+
+
 class State:
     """The state database: sessions, the lease, and the outbox's claim/sent bookkeeping."""
 
@@ -151,6 +162,41 @@ class State:
         except IntegrityError:
             return False  # another replica inserted the first lease at the same moment
 
+    def share(self, holder: str, shards: int, seconds: float) -> set[int]:
+        """Take this replica's share of the ``shards`` shard leases and renew them; returns the shards it holds.
+
+        Each live replica announces itself (a ``replica:<holder>`` row renewed every round, lapsing after
+        ``seconds``); each takes up to its fair share, ``ceil(shards / live replicas)``, of the free or lapsed
+        shards and gives back what it holds beyond it, so a new replica gets work within a round and a dead
+        one's shards are taken over once their leases lapse.
+        """
+        self.acquire_lease(holder, seconds, f"replica:{holder}")
+        now = datetime.now(UTC)
+        with self._factory() as session:
+            rows = list(session.scalars(select(Lease)))
+        live = {r.holder for r in rows if r.name.startswith("replica:") and r.expires_at >= now} | {holder}
+        fair = -(-shards // len(live))
+        mine = sorted(i for i in range(shards) for r in rows
+                      if r.name == shard_lease(i, shards) and r.holder == holder and r.expires_at >= now)  # fmt: skip
+        held: set[int] = set()
+        for i in mine:
+            if len(held) < fair and self.acquire_lease(holder, seconds, shard_lease(i, shards)):
+                held.add(i)
+            elif len(held) >= fair:
+                self.release_lease(holder, shard_lease(i, shards))  # beyond the fair share: another replica's now
+        for i in range(shards):
+            if len(held) >= fair:
+                break
+            if i not in held and self.acquire_lease(holder, seconds, shard_lease(i, shards)):
+                held.add(i)
+        return held
+
+    def release_all(self, holder: str) -> None:
+        """Give up every lease of ``holder`` (its shards and its presence): the others take over at once."""
+        with self.transaction() as session:
+            session.execute(update(Lease).where(Lease.holder == holder)
+                            .values(expires_at=datetime(1970, 1, 1, tzinfo=UTC)))  # fmt: skip
+
     def release_lease(self, holder: str, name: str = "monitor") -> None:
         """Give the lease up (clean shutdown), so another replica takes over at once."""
         with self.transaction() as session:
@@ -164,15 +210,18 @@ class State:
         session.add(Outbox(dedupe_key=dedupe_key, kind=kind, recipient=recipient, data=data))
         return True
 
-    def claim_due(self, holder: str, limit: int = 50, claim_s: float = 120.0) -> list[Outbox]:
-        """Claim unsent e-mails whose next attempt is due (a claim keeps another replica off them)."""
+    def claim_due(self, holder: str, limit: int = 50, claim_s: float = 120.0,
+                  keys: Sequence[str] | None = None) -> list[Outbox]:  # fmt: skip
+        """Claim unsent e-mails whose next attempt is due (a claim keeps another replica off them); only those of
+        ``keys`` (outbox keys) when given."""
         now = datetime.now(UTC)
         with self.transaction() as session:
-            rows = list(session.scalars(
-                select(Outbox).where(Outbox.sent_at.is_(None), Outbox.failed_at.is_(None),
-                                     Outbox.next_attempt_at <= now,
-                                     (Outbox.claimed_until.is_(None)) | (Outbox.claimed_until < now))
-                .order_by(Outbox.id).limit(limit)))  # fmt: skip
+            query = select(Outbox).where(Outbox.sent_at.is_(None), Outbox.failed_at.is_(None),
+                                         Outbox.next_attempt_at <= now,
+                                         (Outbox.claimed_until.is_(None)) | (Outbox.claimed_until < now))  # fmt: skip
+            if keys is not None:
+                query = query.where(Outbox.dedupe_key.in_(list(keys)))
+            rows = list(session.scalars(query.order_by(Outbox.id).limit(limit)))
             claimed = []
             for row in rows:
                 done = session.execute(

@@ -10,10 +10,8 @@ the lead can re-point it when the components change (docs/records.md, "Adapters"
   ``.supersedes`` from the prescription's ``legs`` and ``supersedes_id``.
 - :class:`MonitorSource` -- the day figures, by the monitor's own computation (``monitor.compliance.day_stats`` and
   ``flags_for`` over the monitor's ``PatientContext``), and the episodes from the monitor's state database.
-  *Re-point* when issue 13 lands: read the persisted day summaries (per patient, leg and local day) instead of
-  recomputing; when issue 11 lands, ``LegStats`` become ``LegFigures`` and each day carries its own version's target.
-  The per-zone medians other than the ankle's are the one figure the monitor does not compute yet: one InfluxQL
-  statement here, built from ``monitor.queries``' helpers (the day summaries should carry them).
+  ``day_stats`` reads the monitor's day summaries (``monitor.summaries``, kept for ever), the per-zone medians
+  included, so an export of a period older than the raw samples' retention still has its figures.
 - Episode actions (acknowledge, snooze, note, hand-over) are the physios' workspace's (``monitor.actions``, not
   merged yet): read from its ``episode_actions`` table when the state database has one.
 """
@@ -32,7 +30,6 @@ from sqlalchemy import MetaData, Table, inspect, select
 from devices.protocol import ZONES
 from devices.registry import schemas as s
 from devices.registry.service import Actor, Registry
-from monitor import queries as q
 from monitor.compliance import InfluxReader, day_stats, flags_for, local_midnight_ms
 from monitor.model import BootRx, DayStats, PatientContext, SockRx
 from monitor.registry import load_contexts
@@ -146,25 +143,8 @@ class MonitorSource:
         stats = (await day_stats(self.reader, self.database, [ctx], days_back, now_ms=end_ms, medians=True)).get(
             ctx.patient, [])  # fmt: skip
         results = [r for r in flags_for(ctx, stats) if period.start <= r.stats.day <= last]
-        medians = await self._zone_medians(ctx, period.start, last) if isinstance(ctx.rx, SockRx) else {}
-        return [_day(ctx, r.stats, r.flags or (), medians.get(r.stats.day, {}), zone) for r in results]
-
-    async def _zone_medians(self, ctx: PatientContext, first: date, last: date) -> dict[date, dict[str, float]]:
-        """Each day's median pressure per zone over the worn samples (one statement, grouped by local day)."""
-        zone = ZoneInfo(ctx.timezone)
-        start, end = local_midnight_ms(first, zone), local_midnight_ms(last + timedelta(days=1), zone)
-        select_ = ", ".join(f"median({z}_mmhg) AS {z}" for z in ZONES)
-        statement = (f"SELECT {select_} FROM sample WHERE worn = true AND {q.patient_filter([ctx.patient])} AND "
-                     f"{q.time_range(start, end)} GROUP BY time({q.DAY}), patient fill(none) "
-                     f"{q.tz_clause(ctx.timezone)}")  # fmt: skip
-        out: dict[date, dict[str, float]] = {}
-        for series in (await self.reader.run(self.database, [statement]))[0]:
-            columns = series["columns"]
-            for values in series["values"]:
-                row = dict(zip(columns, values, strict=True))
-                day = datetime.fromtimestamp(int(row["time"]) / 1000, zone).date()
-                out[day] = {z: float(row[z]) for z in ZONES if row.get(z) is not None}
-        return out
+        socks = isinstance(ctx.rx, SockRx)
+        return [_day(ctx, r.stats, r.flags or (), r.stats.zone_medians if socks else {}, zone) for r in results]
 
     def episodes(self, code: str) -> list[EpisodeRecord]:
         """Every episode of the patient, oldest first, with what was done about it."""

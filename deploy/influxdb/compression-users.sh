@@ -11,6 +11,11 @@
 #                          (flag_day, flag_episode, registry_problem).
 #   INFLUXDB_GRAFANA_USER  read only (READ ON it): the dashboards.
 #
+# and the retention policies (docs/schema.md): "forever" (infinite) for the
+# monitor's day summaries and flags, and the raw samples' default policy
+# kept COMPRESSION_MONITOR_RAW_RETENTION_DAYS days (396; 0: for ever). The
+# monitor sets the same at its start when its user may.
+#
 # Idempotent, and runnable by hand on a volume made before these users existed:
 #   docker compose exec influxdb bash /docker-entrypoint-initdb.d/compression-users.sh
 # Passwords: no quotes and no backslashes (they go into InfluxQL strings).
@@ -34,3 +39,13 @@ compression_user() {  # name password privilege
 
 compression_user "${INFLUXDB_MONITOR_USER:?}" "${INFLUXDB_MONITOR_PASSWORD:?}" ALL
 compression_user "${INFLUXDB_GRAFANA_USER:?}" "${INFLUXDB_GRAFANA_PASSWORD:?}" READ
+
+$INFLUX_CMD "CREATE RETENTION POLICY \"forever\" ON \"$INFLUXDB_DB\" DURATION INF REPLICATION 1"
+raw_days="${COMPRESSION_MONITOR_RAW_RETENTION_DAYS:-396}"
+case $raw_days in
+    0) raw_duration=INF ;;
+    *[!0-9]*) echo "compression-users.sh: COMPRESSION_MONITOR_RAW_RETENTION_DAYS must be a number of days" >&2; return 1 ;;
+    *) raw_duration="${raw_days}d" ;;
+esac
+$INFLUX_CMD "ALTER RETENTION POLICY \"autogen\" ON \"$INFLUXDB_DB\" DURATION $raw_duration"
+echo "compression-users.sh: raw samples kept $raw_duration, summaries and flags for ever"

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -56,6 +57,10 @@ def _request(db: InfluxDB, path: str, user: tuple[str, str], data: dict[str, str
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
+
+
+# Points a day old: inside the raw retention the users script sets (13 months), as every live point is.
+RECENT_NS = (int(time.time()) - 86_400) * 1_000_000_000
 
 
 def query(db: InfluxDB, statement: str, user: tuple[str, str], database: str = "") -> tuple[int, str]:
@@ -104,7 +109,7 @@ def two_organisations(
     for name in ("org_a", "org_b"):
         assert query(db, f'CREATE DATABASE "{name}"', ADMIN)[0] == 200
         orgs[name] = make_users(db, tmp_path_factory.mktemp(name), name, f"{name}_")
-        line = f"sample,clinic={name}-clinic,patient=PT-{name.upper()} ankle_mmhg=24 1700000000000000000"
+        line = f"sample,clinic={name}-clinic,patient=PT-{name.upper()} ankle_mmhg=24 {RECENT_NS}"
         assert write(db, name, line, ADMIN) == 204
     return orgs
 
@@ -132,7 +137,7 @@ def test_it_reads_nothing_of_another_organisation(secured_influx: InfluxDB, two_
 
 def test_it_can_neither_write_nor_widen_its_rights(secured_influx: InfluxDB, two_organisations: Orgs) -> None:
     grafana_a = two_organisations["org_a"]["grafana"]
-    assert write(secured_influx, "org_a", "sample,patient=PT-FAKE ankle_mmhg=1 1700000000000000000", grafana_a) == 403
+    assert write(secured_influx, "org_a", f"sample,patient=PT-FAKE ankle_mmhg=1 {RECENT_NS}", grafana_a) == 403
     widen = [
         f'GRANT READ ON "org_b" TO "{grafana_a[0]}"',
         f'GRANT ALL PRIVILEGES TO "{grafana_a[0]}"',
@@ -149,10 +154,10 @@ def test_it_can_neither_write_nor_widen_its_rights(secured_influx: InfluxDB, two
 def test_the_monitors_user_writes_its_own_database_only(secured_influx: InfluxDB, two_organisations: Orgs) -> None:
     monitor_a = two_organisations["org_a"]["monitor"]
     assert (
-        write(secured_influx, "org_a", "flag_day,patient=PT-ORG_A under_use=1i 1700000000000000000", monitor_a) == 204
+        write(secured_influx, "org_a", f"flag_day,patient=PT-ORG_A under_use=1i {RECENT_NS}", monitor_a) == 204
     )
     assert (
-        write(secured_influx, "org_b", "flag_day,patient=PT-ORG_B under_use=1i 1700000000000000000", monitor_a) == 403
+        write(secured_influx, "org_b", f"flag_day,patient=PT-ORG_B under_use=1i {RECENT_NS}", monitor_a) == 403
     )
     status, body = query(secured_influx, "SELECT * FROM sample", monitor_a, "org_b")
     assert "PT-ORG_B" not in body and (status == 403 or "not authorized" in body), body

@@ -215,4 +215,8 @@ def test_patient_wear_hours_per_day_are_the_monitors(seeded: Seeded) -> None:
         target = flat(run(seeded, expand(panel["targets"][1]["query"], ctx)))
         if ctx_patient.kind == "sock":
             assert target[0]["wear_target_h"] == ctx_patient.rx.wear_hours_per_day  # type: ignore[union-attr]
+        if seeded.scenario[patient] == "bilateral":  # a stocking on each leg: the union of their wear, not the sum
+            legs = [r.stats for r in seeded.results[patient] if len(r.stats.legs) == 2 and r.stats.complete]
+            assert legs and all(got[d.start_ms] * 3600 < d.wear_sum_s - 3600 for d in legs), "both legs summed"
+            assert all(got[d.start_ms] < ctx_patient.rx.wear_hours_per_day for d in legs)  # type: ignore[union-attr]
     assert compared >= DAYS * len(seeded.contexts) // 2

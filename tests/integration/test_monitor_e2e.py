@@ -303,10 +303,12 @@ async def test_episodes_mails_digest_and_bad_input(world: World, tmp_path: Path,
         assert await mon.send_due() == 0
         # Now: P-UNDER resolved (days -3, -2 compliant), P-LATE under-use, P-BOOT's over-pressure today.
         assert await mon.evaluate_once(now_ms=world.now_ms)
-        # P-PUMP's over-pressure arrives; the next safety check (not a full evaluation) opens it.
+        # P-PUMP's over-pressure arrives; the next safety check (not a full evaluation) opens it and sends its
+        # e-mail at once, ahead of the three the evaluation queued.
         write_lines(world.influx_url, world.database, [world.late_overpressure])
-        await mon.safety_once(now_ms=world.now_ms)
-        assert await mon.send_due() == 4
+        assert await mon.safety_once(now_ms=world.now_ms) == 1
+        assert [m for m in smtp.received() if "P-PUMP" in str(m.message["Subject"])]
+        assert await mon.send_due() == 3
         for _ in range(2):  # re-evaluations and checks send nothing new
             assert await mon.evaluate_once(now_ms=world.now_ms)
             await mon.safety_once(now_ms=world.now_ms)
@@ -600,7 +602,9 @@ def test_kill_9_mid_run_and_restart_sends_each_mail_once(world: World, tmp_path:
             smtp.released.set()
         assert len(smtp.received()) == 2
         sent = [sent for _, sent in outbox(state_path)]
-        assert sent.count(True) == 2 and len(sent) == len(EXPECTED_NOW)
+        # The safety checks queue (and send) the urgent e-mails while the evaluation runs, so how many others were
+        # queued at the kill depends on timing; what follows must send each of them exactly once.
+        assert sent.count(True) == 2 and 3 <= len(sent) <= len(EXPECTED_NOW)
         second = MonitorProcess(values, tmp_path / "second.log", "second")
         try:
             wait_until(lambda: len(smtp.received()) >= len(EXPECTED_NOW), 40, "the rest of the e-mails", [second])

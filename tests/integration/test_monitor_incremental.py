@@ -4,6 +4,7 @@ and the answer is the same as a full recomputation, late store-and-forward data 
 from __future__ import annotations
 
 import urllib.request
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -17,7 +18,7 @@ from devices.registry.db import make_engine, migrate, session_factory
 from devices.registry.service import SYSTEM, Registry
 from ingest.encode import receipt_lines
 from monitor.app import Monitor
-from monitor.compliance import day_stats
+from monitor.compliance import day_stats, raw_day_stats
 from monitor.settings import MonitorSettings
 from tests.integration.conftest import Names
 
@@ -78,22 +79,41 @@ async def test_late_data_is_reread_alone_and_gives_the_full_answer(
     monitor = Monitor(settings)
     assert await monitor.evaluate_once()
     assert monitor.counters.last_read_days == {SPAN: 1}, "the first evaluation reads the whole window"
+    assert monitor.counters.last_rebuilt == 12, "the days with readings (11 back to today) summarised from raw"
     assert await monitor.evaluate_once()
-    assert monitor.counters.last_read_days == {1: 1}, "nothing new: only yesterday and today are read again"
+    assert monitor.counters.last_read_days == {} and monitor.counters.last_rebuilt == 0, "nothing new: nothing read"
 
     # A backlog for 5 days ago: 45 worn minutes above the class at night -> too_tight on that day.
     late_day = today - timedelta(days=5)
-    write(influx, names.database, worn_minutes(late_day, 22, 45, 40.0, int(datetime.now(UTC).timestamp() * 1000)))
+    late = worn_minutes(late_day, 22, 45, 40.0, int(datetime.now(UTC).timestamp() * 1000))
+    write(influx, names.database, late)
     assert await monitor.evaluate_once()
     assert monitor.counters.last_read_days == {5: 1}, "re-read from the late day on, not the whole window"
     flags = {r.stats.day: r.flags for r in monitor._results["PT-INC1"]}
     assert flags[late_day.date()] == ("too_tight",)
 
+    # The same backlog delivered again (a redelivery): same points, new receipts; the day is rebuilt, unchanged.
+    before = [r.stats for r in monitor._results["PT-INC1"]]
+    write(influx, names.database, worn_minutes(late_day, 22, 45, 40.0, int(datetime.now(UTC).timestamp() * 1000)))
+    assert await monitor.evaluate_once()
+    assert monitor.counters.last_rebuilt > 0
+    assert [r.stats for r in monitor._results["PT-INC1"]] == before
+
+    # Equal to a full recomputation from the raw samples, field by field (legs, medians, counts included) ...
+    ctx = monitor._contexts[0]
+    raw = await raw_day_stats(monitor.reader, names.database, [ctx], SPAN, medians=True)
+    assert list(monitor._raw["PT-INC1"][1].values()) == raw["PT-INC1"]
+    # ... and to what a new replica reads from the stored summaries: it rebuilds only the days from the late one
+    # on, whose receipts are within summaries.MARGIN_MS of their summary (a reading may still have been on its way).
+    fresh = Monitor(settings.model_copy(update={"state_database_url": f"sqlite:///{tmp_path / 'other.db'}"}))
+    assert await fresh.evaluate_once()
+    assert fresh.counters.summaries_read == 12 and fresh.counters.last_rebuilt == 6
+    assert [r.stats for r in fresh._results["PT-INC1"]] == before
     full = await day_stats(monitor.reader, names.database, monitor._contexts[:1], settings.days_back)
-    assert [(d.day, d.wear_s, d.above_range_s, d.samples) for d in full["PT-INC1"]] == [
-        (r.stats.day, r.stats.wear_s, r.stats.above_range_s, r.stats.samples) for r in monitor._results["PT-INC1"]
-    ]
+    # The read-only path of the workspace and the exports (no ingest heartbeat here: the monitor marks an outage).
+    assert [replace(d, pipeline_outage=d.complete) for d in full["PT-INC1"]] == before
     monitor.state.close()
+    fresh.state.close()
 
 
 async def test_registry_problems_are_flagged_for_the_clinic(

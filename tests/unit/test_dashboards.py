@@ -89,17 +89,18 @@ def test_variables_clinic_physio_patient(generated: dict[str, dict[str, Any]]) -
 
 
 def test_queries_are_derived_from_the_monitors() -> None:
-    """The wear panels use monitor.queries' statement, with Grafana's macros in place of its concrete values."""
+    """The wear panels use monitor.queries' statement over the day summaries (the union of the legs' wear, as the
+    monitor judges it), with Grafana's macros in place of its concrete values."""
     from monitor import queries as q
 
     patient = build.patient()
     (wear,) = [p for p in panels(patient) if p["title"].startswith("Wear per local day")]
     text = wear["targets"][0]["query"]
-    concrete = q.daily_samples(["PT-1"], "America/Edmonton", 1000, 2000)
+    concrete = q.summary_wear(["PT-1"], 1000, 2000)
     assert text.split(" FROM ")[1].replace("patient =~ /^$patient$/", "patient =~ /^(PT\\-1)$/").replace(
-        "$timeFilter", "time >= 1000ms AND time < 2000ms").replace("$tz", "America/Edmonton") == concrete.split(
-        " FROM ")[1]  # fmt: skip
-    assert "GROUP BY time(1d), patient fill(none) tz('$tz')" in text
+        "$timeFilter", "time >= 1000ms AND time < 2000ms") == concrete.split(" FROM ")[1]  # fmt: skip
+    assert f'FROM "{q.SUMMARY_RP}"."{q.SUMMARY}" WHERE leg = \'all\'' in text
+    assert "FROM sample" not in text and "sum(" not in text, "the summaries, never a sum over raw samples"
 
 
 def test_every_promql_metric_exists_in_the_ingester() -> None:
