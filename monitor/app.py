@@ -54,6 +54,7 @@ from monitor.compliance import (
     safety_flags,
     windowed,
 )
+from monitor.evaluate import CHUNK as EVALUATE_CHUNK
 from monitor.evaluate import Ending, Live, MailData, Outcome, evaluate, open_urgent
 from monitor.letters import Letters, also_to
 from monitor.mail import (
@@ -69,7 +70,7 @@ from monitor.mail import (
     next_attempt,
 )
 from monitor.model import BootRx, DayResult, DayStats, LegStats, PatientContext, SockRx, split_flag
-from monitor.registry import load_contexts
+from monitor.registry import Contexts
 from monitor.settings import MonitorSettings
 from monitor.state import DayFlags, Episode, Outbox, State, shard_lease, shard_of
 from monitor.summaries import Report
@@ -224,6 +225,7 @@ class Monitor:
         engine = make_engine(settings.registry_database_url)
         migrate(engine)
         self.registry = Registry(session_factory(engine))
+        self.contexts = Contexts(self.registry)  # the registry read again only when it changed
         self.reader = InfluxReader(settings.influx_url, settings.influx_username, settings.influx_password,
                                    settings.influx_token)  # fmt: skip
         self.sender = SmtpSender.from_settings(settings)
@@ -360,7 +362,7 @@ class Monitor:
         """Evaluate every patient; False (and nothing changed) when InfluxDB cannot be read."""
         started = time.monotonic()
         await self.reattribute_pending()
-        contexts = self._with_delivery_problems(self._mine(await asyncio.to_thread(load_contexts, self.registry)))
+        contexts = self._with_delivery_problems(self._mine(await asyncio.to_thread(self.contexts.get)))
         self._note_problems(contexts)
         judged = [c for c in contexts if c.rx is not None]
         try:
@@ -567,7 +569,7 @@ class Monitor:
         """Today's boot pressures of every boot patient: an over-pressure opens its episode and queues its e-mail now,
         independently of the evaluation (before the first one too). Returns how many episodes it opened; resolving
         them is the evaluation's (a safety episode ends after a clear day)."""
-        contexts = self._mine(self._contexts or await asyncio.to_thread(load_contexts, self.registry))
+        contexts = self._mine(self._contexts or await asyncio.to_thread(self.contexts.get))
         boots = [c for c in contexts if isinstance(c.rx, BootRx)]
         if not boots:
             return 0
@@ -623,10 +625,13 @@ class Monitor:
         marks = await asyncio.to_thread(self._fingerprints, contexts, live, seen)
         judge = [c for c in contexts if self._marks.get(c.patient, (None, None))[0] != marks[c.patient][0]]
         refigure = [c for c in contexts if self._marks.get(c.patient, (None, None))[1] != marks[c.patient][1]]
-        async with self._writing:
-            outcome: Outcome = await asyncio.to_thread(
-                evaluate, self.state, judge, self._results, live, self.settings.resolve_after_days,
-                ChartMailData(self._results))  # fmt: skip
+        outcome = Outcome()
+        mail = ChartMailData(self._results)
+        for i in range(0, len(judge), EVALUATE_CHUNK):  # the lock is free between chunks: safety checks get in
+            async with self._writing:
+                outcome.add(await asyncio.to_thread(evaluate, self.state, judge[i : i + EVALUATE_CHUNK],
+                                                    self._results, live, self.settings.resolve_after_days,
+                                                    mail))  # fmt: skip
         if outcome.held_back:
             log.warning("silence held back for %d patient(s): the pipeline was down for part of their silence (no "
                         "heartbeat from the ingester, nothing stored from anyone); alerts follow once it works "
@@ -766,13 +771,15 @@ class Monitor:
         the adherence summary, open episodes by severity, an ``attention`` score); one point per patient and hour,
         overwritten by every evaluation of that hour (docs/schema.md)."""
         wanted = {c.patient for c in contexts}
+        episodes: dict[str, list[Episode]] = defaultdict(list)
         with self.state.transaction() as session:
-            episodes = [e for e in session.scalars(select(Episode).where(Episode.open_key.is_not(None)))
-                        if e.patient in wanted]  # fmt: skip
+            for e in session.scalars(select(Episode).where(Episode.open_key.is_not(None))):
+                if e.patient in wanted:
+                    episodes[e.patient].append(e)
         lines = []
         for ctx in contexts:
             results = self._results.get(ctx.patient, [])
-            opened = [e for e in episodes if e.patient == ctx.patient]
+            opened = episodes.get(ctx.patient, [])
             counts = {sev: sum(1 for e in opened if e.severity == sev) for sev in ("critical", "warning", "info")}
             fields: dict[str, str] = {f"open_{sev}": f"{n}i" for sev, n in counts.items()}
             fields["open_flags"] = '"' + ",".join(sorted({e.flag for e in opened})) + '"'
