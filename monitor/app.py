@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -279,11 +280,13 @@ class Monitor:
         workers = [asyncio.create_task(self._every(self._evaluation_round, "evaluation")),
                    asyncio.create_task(self._every(self._safety_round, "safety check"))]  # fmt: skip
         try:
+            renewed = -math.inf  # when the lease was last renewed (monotonic)
             while not self._stop.is_set():
                 held = False
                 try:
                     shards = await asyncio.to_thread(self._take_share)
                     held = bool(shards)
+                    renewed = time.monotonic() if held else -math.inf
                     if shards != self._shards:
                         log.info("monitor %s holds %s", self.replica,
                                  f"shards {sorted(shards)} of {self.settings.shards}" if shards else "no lease")
@@ -293,10 +296,17 @@ class Monitor:
                     if held:
                         await self.digest_if_due()
                         await self.send_due()
-                except Exception:  # e.g. the state database restarting: log, wait, try again; never exit
-                    self.counters.lease_held = held = False
-                    self._holding.clear()
-                    log.exception("monitor %s: this round failed; trying again shortly", self.replica)
+                except Exception as exc:  # e.g. the state database restarting: log, wait, try again; never exit
+                    if self._holding.is_set() and time.monotonic() - renewed < self.settings.lease_s / 2:
+                        # The lease renewed moments ago is still ours (a busy database): the work goes on.
+                        held = True
+                        log.warning("monitor %s: this round failed (%s); the lease renewed %.0f s ago is still "
+                                    "held, trying again shortly", self.replica, str(exc).splitlines()[0][:200],
+                                    time.monotonic() - renewed)  # fmt: skip
+                    else:
+                        self.counters.lease_held = held = False
+                        self._holding.clear()
+                        log.exception("monitor %s: this round failed; trying again shortly", self.replica)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), timeout=self._pause(held))
         finally:
@@ -454,8 +464,11 @@ class Monitor:
                                          limit=max(0, limit - report.patients))  # fmt: skip
             for ctx in members:
                 cached = self._raw.get(ctx.patient)
+                read = fresh.get(ctx.patient, {})
+                if cached and cached[0] == ctx and all(cached[1].get(d) == s for d, s in read.items()):
+                    continue  # the same summaries as last time (new readings of today, its rebuild deferred)
                 days = dict(cached[1]) if cached and cached[0] == ctx and days_back < span else {}
-                days.update(fresh.get(ctx.patient, {}))
+                days.update(read)
                 self._raw[ctx.patient] = (ctx, days)
                 self._touched.add(ctx.patient)
         self._deferred = dict(report.deferred)
@@ -470,6 +483,8 @@ class Monitor:
         """Patients whose summaries one evaluation rebuilds at most: today's are due every ``today_every_s`` for
         everyone, so each evaluation takes its share of them (at least 500); the rest wait for the next ones (a
         finished day waiting is not judged until then, ``DayStats.pending``)."""
+        if self.settings.rebuilds_per_evaluation:
+            return self.settings.rebuilds_per_evaluation
         if self.settings.today_every_s <= 0:
             return patients
         share = patients * self.settings.interval_s / self.settings.today_every_s
@@ -637,7 +652,10 @@ class Monitor:
                         "heartbeat from the ingester, nothing stored from anyone); alerts follow once it works "
                         "again", len(outcome.held_back))  # fmt: skip
         # The workspace's figures (monitor/figures.py): one row per patient, the numbers this evaluation used.
-        await asyncio.to_thread(figures.record, self.state, refigure, self._results, seen)
+        for i in range(0, len(refigure), EVALUATE_CHUNK):  # short transactions here too (10,000 rows took > 5 s)
+            async with self._writing:
+                await asyncio.to_thread(figures.record, self.state, refigure[i : i + EVALUATE_CHUNK], self._results,
+                                        seen)  # fmt: skip
         self._marks.update({c.patient: marks[c.patient] for c in contexts})
         self.counters.last_applied = len(judge)
         self.counters.opened += len(outcome.opened)
