@@ -215,16 +215,18 @@ async def latency_phase(args: argparse.Namespace, influx: Any, patients: list[mb
                 mb.influx_write(influx.url, [f"{head}foot_mmhg=121.5,ankle_mmhg=110.0,worn=true,worn_s=2.0,"
                                              f"seq=990000i {t}000000"])  # fmt: skip
                 seen = len(smtp.received())
-                while time.monotonic() - sent_at < args.trial_timeout_s:
+                mailed = False
+                while not mailed and time.monotonic() - sent_at < args.trial_timeout_s:
                     mails = smtp.received()
-                    if any(p.code in str(m.message["Subject"]) for m in mails[seen:]):
-                        break
-                    await asyncio.sleep(0.2)
+                    mailed = any(p.code in str(m.message["Subject"]) for m in mails[seen:])
+                    if not mailed:
+                        await asyncio.sleep(0.2)
                 took = time.monotonic() - sent_at
-                trials.append({"patient": p.code, "s": round(took, 2), "during_first_full_evaluation": during,
-                               "since_start_s": round(sent_at - started, 1),
+                trials.append({"patient": p.code, "s": round(took, 2) if mailed else None, "mailed": mailed,
+                               "during_first_full_evaluation": during, "since_start_s": round(sent_at - started, 1),
                                "evaluations_done": mon.counters.evaluations})  # fmt: skip
-                say(f"  trial {n}: {p.code} e-mailed after {took:.2f} s (during the first full evaluation: {during})")
+                outcome = f"e-mailed after {took:.2f} s" if mailed else f"NOT e-mailed within {took:.0f} s"
+                say(f"  trial {n}: {p.code} {outcome} (during the first full evaluation: {during})")
         finally:
             mon.stop()
             await asyncio.wait_for(task, 600)

@@ -644,9 +644,11 @@ class Monitor:
         mail = ChartMailData(self._results)
         for i in range(0, len(judge), EVALUATE_CHUNK):  # the lock is free between chunks: safety checks get in
             async with self._writing:
-                outcome.add(await asyncio.to_thread(evaluate, self.state, judge[i : i + EVALUATE_CHUNK],
-                                                    self._results, live, self.settings.resolve_after_days,
-                                                    mail))  # fmt: skip
+                part = await asyncio.to_thread(evaluate, self.state, judge[i : i + EVALUATE_CHUNK], self._results,
+                                               live, self.settings.resolve_after_days, mail)  # fmt: skip
+            outcome.add(part)
+            if part.urgent:  # a safety episode this evaluation opened: its e-mail now, not behind the others
+                await self.send_due(part.urgent)
         if outcome.held_back:
             log.warning("silence held back for %d patient(s): the pipeline was down for part of their silence (no "
                         "heartbeat from the ingester, nothing stored from anyone); alerts follow once it works "

@@ -57,9 +57,11 @@ class Outcome:
     recorded: list[tuple[str, str]] = field(default_factory=list)
     day_changes: int = 0
     held_back: list[str] = field(default_factory=list)
+    urgent: list[str] = field(default_factory=list)  # outbox keys of safety episodes opened: sent at once
 
     def add(self, other: Outcome) -> None:
         """Add what another part of the same evaluation changed (``CHUNK``)."""
+        self.urgent += other.urgent
         self.opened += other.opened
         self.resolved += other.resolved
         self.recorded += other.recorded
@@ -259,6 +261,8 @@ def _apply(
         session.flush()
         episode.notified = _notify(session, state, ctx, episode, "opened", mail_data)
         out.opened.append((ctx.patient, flag))
+        if flag in SAFETY and episode.notified:
+            out.urgent.append(f"opened:{episode.id}")
     elif decision.action == "update" and current is not None and decision.run is not None:
         current.start_day, current.last_day = decision.run.start, decision.run.last
     elif decision.action == "resolve" and current is not None:

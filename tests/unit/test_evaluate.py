@@ -123,3 +123,20 @@ def test_a_problem_followed_by_silence_is_not_resolved(state: State) -> None:
         data = [o.data for o in session.scalars(select(Outbox)) if o.kind == "resolved"]
     assert ended["under_use"] == (D0 + timedelta(7), "data") and ended["silent"] == (D0 + timedelta(7), "data")
     assert {d["reason"] for d in data} == {"data"}
+
+
+def test_an_over_pressure_the_evaluation_opens_is_marked_to_be_sent_at_once(state: State) -> None:
+    """A first evaluation queues many e-mails; the over-pressure's key comes back so the monitor sends it first."""
+    res = {code: results(code, "..x?") for code in ("P1", "P2")}
+    live = {"P1": Live(D0 + timedelta(days=3), safety=("boot_overpressure",)), "P2": Live(D0 + timedelta(days=3))}
+    outcome = evaluate(state, [ctx("P1"), ctx("P2")], res, live, resolve_after=2, mail_data=MailData())
+    assert sorted(outcome.opened) == [("P1", "boot_overpressure"), ("P1", "under_use"), ("P2", "under_use")]
+    with state.transaction() as session:
+        (episode,) = session.scalars(select(Episode).where(Episode.flag == "boot_overpressure")).all()
+    assert outcome.urgent == [f"opened:{episode.id}"]
+    assert f"opened:{episode.id}" in {o.dedupe_key for o in state_rows(state)}
+
+
+def state_rows(state: State) -> list[Outbox]:
+    with state.transaction() as session:
+        return list(session.scalars(select(Outbox)))
