@@ -248,7 +248,7 @@ class Monitor:
         self._policy_ready = False  # the summaries' retention policy exists
         # Per patient, what the last applied evaluation judged by and showed (``_fingerprints``): unchanged ones
         # are not applied again.
-        self._marks: dict[str, tuple[int, int]] = {}
+        self._marks: dict[str, tuple[int, int, int | None]] = {}
         self._info_hour_ms = 0  # the hour everyone's patient_info was last written
         # Work saved between evaluations: patients whose days were read again (their windows are recomputed), each
         # patient's windowed days and the key they were made for, and the results judged from them.
@@ -638,8 +638,12 @@ class Monitor:
             share = healthy_share(self._healthy, allowance, int(now * 1000))
             live[c.patient] = replace(live[c.patient], outage=share < self.settings.pipeline_healthy_share)
         marks = await asyncio.to_thread(self._fingerprints, contexts, live, seen)
-        judge = [c for c in contexts if self._marks.get(c.patient, (None, None))[0] != marks[c.patient][0]]
-        refigure = [c for c in contexts if self._marks.get(c.patient, (None, None))[1] != marks[c.patient][1]]
+        before = {c.patient: self._marks.get(c.patient, (None, None, None)) for c in contexts}
+        judge = [c for c in contexts if before[c.patient][0] != marks[c.patient][0]]
+        refigure = [c for c in contexts if before[c.patient][1] != marks[c.patient][1]]
+        # Only the last contact moved (every garment that sends, every minute): one UPDATE, not 10,000 rows.
+        reseen = {c.patient: seen[c.patient] for c in contexts if before[c.patient][1] == marks[c.patient][1]
+                  and before[c.patient][2] != marks[c.patient][2] and c.patient in seen}  # fmt: skip
         outcome = Outcome()
         mail = ChartMailData(self._results)
         for i in range(0, len(judge), EVALUATE_CHUNK):  # the lock is free between chunks: safety checks get in
@@ -658,6 +662,9 @@ class Monitor:
             async with self._writing:
                 await asyncio.to_thread(figures.record, self.state, refigure[i : i + EVALUATE_CHUNK], self._results,
                                         seen)  # fmt: skip
+        if reseen:
+            async with self._writing:
+                await asyncio.to_thread(figures.record_seen, self.state, reseen)
         self._marks.update({c.patient: marks[c.patient] for c in contexts})
         self.counters.last_applied = len(judge)
         self.counters.opened += len(outcome.opened)
@@ -673,18 +680,18 @@ class Monitor:
             self._info_hour_ms = hour_ms
 
     def _fingerprints(self, contexts: Sequence[PatientContext], live: Mapping[str, Live],
-                      seen: Mapping[str, int]) -> dict[str, tuple[int, int]]:  # fmt: skip
-        """Per patient, a hash of what ``evaluate`` judges by (context, judged days, today's live flags) and one of
-        what the figures show besides (today's and every day's figures, the last contact)."""
+                      seen: Mapping[str, int]) -> dict[str, tuple[int, int, int | None]]:  # fmt: skip
+        """Per patient, a hash of what ``evaluate`` judges by (context, judged days, today's live flags), one of
+        what the figures show besides (today's and every day's figures), and the last contact."""
         out = {}
         for c in contexts:
             days = self._results.get(c.patient, [])
             judged = hash((c, live[c.patient], tuple((r.stats.day, r.flags, r.judged, round(r.stats.wear_s))
                                                       for r in days if r.flags is not None)))  # fmt: skip
-            shown = hash((judged, seen.get(c.patient), tuple(
+            shown = hash((judged, tuple(
                 (d.wear_s, d.points, d.battery_min_pct, d.peak_mmhg, d.sessions_started, d.above_range_s,
                  d.below_range_s, d.reversed_gradient_s, d.ankle_median_mmhg) for d in (r.stats for r in days))))
-            out[c.patient] = (judged, shown)
+            out[c.patient] = (judged, shown, seen.get(c.patient))
         return out
 
     def _live(self, ctx: PatientContext, last_seen_ms: int | None, now_s: float) -> Live:

@@ -72,7 +72,7 @@ class Outcome:
 # Patients per call of ``evaluate`` (one transaction each): a write transaction holds SQLite's only write lock, so
 # the lease, the outbox and the safety checks get theirs between two chunks (a first evaluation of 10,000 patients
 # in one transaction held it for over 30 s, past SQLite's busy timeout: "database is locked").
-CHUNK = 200
+CHUNK = 50
 
 
 def evaluate(

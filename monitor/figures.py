@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
-from typing import Final
+from typing import Final, cast
 
-from sqlalchemy import Date, Float, Integer, String, select
+from sqlalchemy import Date, Float, Integer, String, Table, bindparam, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from devices.registry.models import UTCDateTime, utcnow
@@ -197,6 +197,19 @@ def record(state: State, contexts: Sequence[PatientContext], results: Mapping[st
     return len(fresh)
 
 
+def record_seen(state: State, seen: Mapping[str, int]) -> int:
+    """Write only the last contact (epoch ms) of these patients, whose other figures are stored and unchanged: one
+    statement for all of them. Returns how many."""
+    if not seen:
+        return 0
+    table = cast(Table, PatientFigures.__table__)
+    statement = update(table).where(table.c.patient == bindparam("code")).values(last_seen_at=bindparam("seen"))
+    with state.transaction() as session:
+        session.connection().execute(statement, [{"code": code, "seen": datetime.fromtimestamp(ms / 1000, UTC)}
+                                                 for code, ms in seen.items()])  # fmt: skip
+    return len(seen)
+
+
 def read(state: State, patients: Sequence[str]) -> dict[str, Figures]:
     """The stored figures of these patients (absent: the monitor has not evaluated them yet)."""
     out: dict[str, Figures] = {}
@@ -209,4 +222,4 @@ def read(state: State, patients: Sequence[str]) -> dict[str, Figures]:
     return out
 
 
-__all__ = ["Figures", "PatientFigures", "clear_days", "compute", "ensure_tables", "read", "record"]
+__all__ = ["Figures", "PatientFigures", "clear_days", "compute", "ensure_tables", "read", "record", "record_seen"]
