@@ -1,4 +1,4 @@
-"""The monitor reads the registry again only when that could change what it judges by (``monitor.registry.Contexts``)."""
+"""The monitor reads the registry again only when that could change what it judges by (``Contexts``)."""
 
 from __future__ import annotations
 
