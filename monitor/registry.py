@@ -18,6 +18,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from devices.registry import schemas as s
+from devices.registry.errors import NotFoundError
 from devices.registry.service import SYSTEM, Registry
 from monitor.model import BootRx, Garment, PatientContext, RxVersion, SockRx
 from monitor.recipients import AddressError, checked_address, display_name
@@ -25,22 +26,35 @@ from monitor.recipients import AddressError, checked_address, display_name
 
 def load_contexts(registry: Registry, now: datetime | None = None) -> list[PatientContext]:
     """Every patient of every clinic, with what the monitor needs (sorted by patient code)."""
-    now = now or datetime.now(UTC)
+    return _contexts(registry, now or datetime.now(UTC), None)
+
+
+def load_context(registry: Registry, code: str, now: datetime | None = None) -> PatientContext | None:
+    """One patient's context, as :func:`load_contexts` gives it (``None``: no such patient), reading that patient's
+    rows only (the workspace's patient page and the exports: not the whole registry for one patient)."""
+    try:
+        found = _contexts(registry, now or datetime.now(UTC), code)
+    except NotFoundError:
+        return None
+    return found[0] if found else None
+
+
+def _contexts(registry: Registry, now: datetime, code: str | None) -> list[PatientContext]:
     clinics = {c.code: c for c in registry.list_clinics(SYSTEM)}
     physios = {p.email: p for p in registry.list_physios(SYSTEM)}
     prescriptions: dict[str, list[s.PrescriptionOut]] = defaultdict(list)
-    for rx in registry.list_prescriptions(SYSTEM):
+    for rx in registry.list_prescriptions(SYSTEM, patient=code):
         prescriptions[rx.patient].append(rx)
     holding: dict[str, list[str]] = defaultdict(list)
     garments: dict[str, list[Garment]] = defaultdict(list)
     now_ms = int(now.timestamp() * 1000)
-    for a in registry.list_assignments(SYSTEM):
+    for a in registry.list_assignments(SYSTEM, patient=code):
         start, end = _ms(a.valid_from), _ms(a.valid_to) if a.valid_to else None
         garments[a.patient].append(Garment(a.device_id, a.leg or "", start, end))
         if start <= now_ms and (end is None or now_ms < end):
             holding[a.patient].append(a.device_id)
     contexts = []
-    for patient in registry.list_patients(SYSTEM):
+    for patient in _patients(registry, code):
         tz = clinics[patient.clinic].timezone
         today = now.astimezone(ZoneInfo(tz)).date()
         physio = physios.get(patient.physio) if patient.physio else None
@@ -52,6 +66,10 @@ def load_contexts(registry: Registry, now: datetime | None = None) -> list[Patie
                                 garments=tuple(garments[patient.code]),
                                 problems=ctx.problems + ((legs,) if legs else ())))  # fmt: skip
     return contexts
+
+
+def _patients(registry: Registry, code: str | None) -> list[s.PatientOut]:
+    return registry.list_patients(SYSTEM) if code is None else [registry.get_patient(SYSTEM, code)]
 
 
 class Contexts:

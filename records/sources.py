@@ -32,7 +32,7 @@ from devices.registry import schemas as s
 from devices.registry.service import Actor, Registry
 from monitor.compliance import InfluxReader, day_stats, flags_for, local_midnight_ms
 from monitor.model import BootRx, DayStats, PatientContext, SockRx
-from monitor.registry import load_contexts
+from monitor.registry import load_context
 from monitor.state import Episode, State
 from records.model import (
     LEGS,
@@ -129,7 +129,7 @@ class MonitorSource:
 
     def context(self, code: str) -> PatientContext | None:
         """The monitor's own view of the patient (clinic time zone, prescription, garments), as it evaluates them."""
-        return next((c for c in load_contexts(self.registry) if c.patient == code), None)
+        return load_context(self.registry, code)
 
     async def days(self, ctx: PatientContext, period: Period, now: datetime) -> list[DayFigures]:
         """The figures of every complete local day of ``period`` (today and later days are left out)."""

@@ -27,7 +27,7 @@ from monitor import figures as figs
 from monitor.compliance import InfluxQueryError, InfluxReader
 from monitor.mail import EpisodeMail
 from monitor.model import PatientContext
-from monitor.registry import load_contexts
+from monitor.registry import load_context
 from monitor.state import Episode
 from workspace import charts, series
 from workspace import prescriptions as rxs
@@ -96,7 +96,7 @@ def _registered(registry: Registry, session: WebSession, code: str) -> Registere
 
 
 def _context_of(registry: Registry, code: str) -> PatientContext | None:
-    return next((c for c in load_contexts(registry) if c.patient == code), None)
+    return load_context(registry, code)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 from devices.registry import schemas as s
 from devices.registry.db import make_engine, migrate, session_factory
 from devices.registry.service import SYSTEM, Registry
-from monitor.registry import Contexts, valid_until
+from monitor.registry import Contexts, load_context, load_contexts, valid_until
 
 # 15:00 in Edmonton (UTC-7 in December): the next local midnight is 07:00 UTC the next day.
 NOW = datetime(2026, 12, 4, 22, 0, tzinfo=UTC)
@@ -56,3 +56,14 @@ def test_a_local_midnight_or_an_assignment_ending_makes_it_read_again(registry: 
     assert contexts.get(ends)[0].devices == () and contexts.reads == 2
     contexts.get(MIDNIGHT)
     assert contexts.reads == 3
+
+
+def test_one_patients_context_is_the_one_of_the_whole_registry(registry: Registry) -> None:
+    registry.create_patient(SYSTEM, s.PatientIn(clinic="bow", code="PT-0002"))
+    registry.prescribe(SYSTEM, s.PrescriptionIn(patient="PT-0001", garment_kind="sock", valid_from=NOW.date()
+                                                - timedelta(days=3), class_system="explicit", ankle_min_mmhg=20,
+                                                ankle_max_mmhg=30, wear_hours_per_day=8))  # fmt: skip
+    everyone = {c.patient: c for c in load_contexts(registry, NOW)}
+    assert load_context(registry, "PT-0001", NOW) == everyone["PT-0001"]
+    assert load_context(registry, "PT-0002", NOW) == everyone["PT-0002"]
+    assert load_context(registry, "PT-9999", NOW) is None
