@@ -14,9 +14,9 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.orm import Session
 
 from monitor.compliance import day_flags
@@ -117,7 +117,8 @@ def evaluate(
             _episodes(session, state, ctx, episodes.get(ctx.patient, []), series, today, resolve_after, out,
                       mail_data)  # fmt: skip
         if new_days:
-            session.execute(insert(DayFlags), new_days)  # one executemany: the first run stores 30,000+ days
+            # One Core executemany (the ORM's bulk insert spent 8.6 s on 300,000 rows of a first evaluation).
+            session.connection().execute(insert(cast(Table, DayFlags.__table__)), new_days)
     return out
 
 
