@@ -16,7 +16,6 @@ first, to bound memory.
 
 from __future__ import annotations
 
-import base64
 import logging
 import re
 import time
@@ -27,6 +26,7 @@ from typing import Any, Final
 import aiohttp
 
 from ingest.encode import RECEIPT, escape_key, escape_string, format_float
+from ingest.write import auth_headers
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,7 @@ class Influx:
 
     def headers(self) -> dict[str, str]:
         """Authorization, if any."""
-        if self.token:
-            return {"Authorization": f"Token {self.token}"}
-        if self.username:
-            raw = f"{self.username}:{self.password or ''}".encode()
-            return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
-        return {}
+        return auth_headers(self.username, self.password, self.token)
 
 
 async def reattribute(influx: Influx, target: Target, now_ms: int | None = None) -> Rewritten:

@@ -63,6 +63,17 @@ class Backoff:
         return float(base * random.uniform(0.5, 1.0))
 
 
+def auth_headers(username: str | None, password: str | None, token: str | None) -> dict[str, str]:
+    """InfluxDB's Authorization header: ``Token`` (2.x/3.x) when a token is given, else Basic (1.x), else none.
+    The one place for it: the writer, the re-attribution and the monitor's reader all send it."""
+    if token:
+        return {"Authorization": f"Token {token}"}
+    if username:
+        credentials = f"{username}:{password or ''}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")}
+    return {}
+
+
 class InfluxWriter:
     """Writes batches of lines to one InfluxDB database."""
 
@@ -93,12 +104,7 @@ class InfluxWriter:
 
     def _auth_headers(self) -> dict[str, str]:
         s = self._settings
-        if s.influx_token:
-            return {"Authorization": f"Token {s.influx_token}"}
-        if s.influx_username:
-            credentials = f"{s.influx_username}:{s.influx_password or ''}".encode()
-            return {"Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")}
-        return {}
+        return auth_headers(s.influx_username, s.influx_password, s.influx_token)
 
     @property
     def session(self) -> aiohttp.ClientSession:

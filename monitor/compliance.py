@@ -20,7 +20,6 @@ ground truth computes and the integration tests grade against.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 from collections import defaultdict
@@ -33,6 +32,7 @@ from zoneinfo import ZoneInfo
 import aiohttp
 
 from devices.protocol import DEFAULT_MAX_FUTURE_MS, ZONES
+from ingest.write import auth_headers
 from monitor import queries as q
 from monitor.model import (
     BOOT_LONG_SESSIONS,
@@ -89,12 +89,7 @@ class InfluxReader:
 
     def headers(self) -> dict[str, str]:
         """Authorization, if any."""
-        if self.token:
-            return {"Authorization": f"Token {self.token}"}
-        if self.username:
-            raw = f"{self.username}:{self.password or ''}".encode()
-            return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
-        return {}
+        return auth_headers(self.username, self.password, self.token)
 
     async def run(self, database: str, statements: Sequence[str]) -> list[list[dict[str, Any]]]:
         """Each statement's series (``name``, ``tags``, ``columns``, ``values``; times in epoch ms), in order."""
