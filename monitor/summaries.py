@@ -136,13 +136,16 @@ def _opt(value: Any) -> float | None:
 def from_rows(day: date, start_ms: int, end_ms: int, now_ms: int, row: Mapping[str, Any],
               legs: Mapping[str, Mapping[str, Any]]) -> Stored:  # fmt: skip
     """A summary read back (the patient's row and its legs' rows) as the day's statistics."""
-    values: dict[str, Any] = {name: int(row.get(name) or 0) for name in _INTS}  # one constructor call: 300,000 rows
-    values.update((name, float(row.get(name) or 0.0)) for name in _FLOATS)
-    values.update((name, _opt(row.get(name))) for name in _OPTIONAL)
-    s = DayStats(day, start_ms, end_ms, end_ms <= now_ms, **values,
-                 zone_medians={z: float(v) for z in ZONES if (v := row.get(f"median_{z}_mmhg")) is not None},
-                 session_durations_s=[float(d) for d in _split(row.get("session_durations_s"))],
-                 worn_devices=set(_split(row.get("worn_devices"))))  # fmt: skip
+    s = DayStats(day, start_ms, end_ms, end_ms <= now_ms)
+    for name in _INTS:
+        setattr(s, name, int(row.get(name) or 0))
+    for name in _FLOATS:
+        setattr(s, name, float(row.get(name) or 0.0))
+    for name in _OPTIONAL:
+        setattr(s, name, _opt(row.get(name)))
+    s.zone_medians = {z: float(row[f"median_{z}_mmhg"]) for z in ZONES if row.get(f"median_{z}_mmhg") is not None}
+    s.session_durations_s = [float(d) for d in _split(row.get("session_durations_s"))]
+    s.worn_devices = set(_split(row.get("worn_devices")))
     for name in _split(row.get("legs")):
         leg_row = legs.get(name, {})
         leg = LegStats()
